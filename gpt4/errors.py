@@ -1,0 +1,13 @@
+"""Errors a user can cause and fix. The CLI prints their message (no traceback) and exits non-zero."""
+
+
+class GPT4Error(Exception):
+    """Base class: the message says what was wrong and what to do next."""
+
+
+class ModelNotFoundError(GPT4Error):
+    """An unknown model name, a missing file, or a model that is not installed."""
+
+
+class ModelFileError(GPT4Error):
+    """A model file that is truncated, corrupted, of an unsupported kind, or that does not match its config."""

@@ -1,0 +1,57 @@
+"""Choosing the next token: pure functions on a batch of logits (B, V), in transformers' order.
+
+    logit_bias -> repetition penalty -> presence/frequency penalties -> temperature -> top-k -> top-p -> min-p
+    -> sample (or argmax when not sampling)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+                    repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                    frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None) -> torch.Tensor:
+    """logits (B, V) float; seen (B, V) bool = in prompt or output; counts (B, V) = times generated so far.
+
+    repetition_penalty follows transformers/CTRL (divide positive scores, multiply negative ones, over prompt and
+    output); presence/frequency follow OpenAI (subtract, over generated tokens only).
+    """
+    if logit_bias:
+        ids = torch.tensor(list(logit_bias.keys()), device=logits.device)
+        logits[:, ids] += torch.tensor(list(logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    if repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if counts is not None and (presence_penalty or frequency_penalty):
+        logits = logits - presence_penalty * (counts > 0) - frequency_penalty * counts
+    return logits
+
+
+def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+         min_p: float | None = None) -> torch.Tensor:
+    """Reshape the distribution for sampling; removed tokens get -inf."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - top_p  # the low tail whose mass is at most 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    if min_p:
+        probs = logits.softmax(-1)
+        threshold = min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def choose(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,): argmax, or a draw from softmax(logits)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

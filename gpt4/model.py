@@ -1,0 +1,297 @@
+"""The one transformer: a decoder-only stack of scaled dot-product self-attention and MLP blocks.
+
+    tokens -> embeddings (+ learned positions) -> N x [x + Attn(Norm(x)); x + MLP(Norm(x))] -> Norm -> LM head
+
+Attention is softmax(Q K^T / sqrt(d_k)) V, computed by torch's scaled_dot_product_attention, causal, with
+rotary or learned positions and optional grouped-query attention. The switches in GPT4Config choose between the
+GPT-2 and Llama-family variants; nothing here knows foreign weight names (see gpt4/weights).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import GPT4Config
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, S, V)
+    loss: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions
+def rope_inverse_frequencies(config: GPT4Config) -> torch.Tensor:
+    """Per-pair rotation speeds (D/2,), with Llama-3 or linear context scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, slow low frequencies by `factor`, blend smoothly in between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelength - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, S, D) for integer positions (B, S)."""
+    angles = positions[..., None].float() * inv_freq  # (B, S, D/2), computed in fp32 like the references
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, S, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, S, D) by the position angles ("rotate half" layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 (as the references do), scale in the model dtype.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def make_norm(config: GPT4Config) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPT4Config, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        # q, k and v in one matmul: fewer, larger kernels (one weight read per step while decoding).
+        self.qkv_proj = nn.Linear(config.hidden_size, q_out + 2 * kv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.output_bias)
+        self.split_sizes = (q_out, kv_out, kv_out)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope, mask, cache, positions, kv_length):
+        B, S, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v, positions, kv_length)  # (B, Hkv, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, Hq, S, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT4Config):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        n_in = 2 if self.gated else 1  # SwiGLU: gate and up projections fused in one matmul
+        self.up_proj = nn.Linear(config.hidden_size, n_in * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        h = self.up_proj(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT4Config, layer_index: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, cache, positions, kv_length):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache, positions, kv_length))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+# --------------------------------------------------------------------------------------------------
+def attention_mask_for(positions: torch.Tensor, kv_length: int, sliding_window: int | None,
+                       key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask (B, 1, S, T): query at position p sees key slots j <= p (and j > p - window).
+
+    key_padding (B, T), 1 for real tokens, masks padded keys; every query still sees its own slot, so a
+    padded query never has an empty softmax (its output is ignored anyway).
+    """
+    slots = torch.arange(kv_length, device=positions.device)
+    query = positions[:, None, :, None]  # (B, 1, S, 1)
+    mask = slots <= query  # (B, 1, S, T)
+    if sliding_window is not None:
+        mask &= slots > query - sliding_window
+    if key_padding is not None:
+        mask &= key_padding[:, None, None, :].bool()
+        mask |= slots == query
+    return mask
+
+
+class GPT4LMHeadModel(nn.Module):
+    def __init__(self, config: GPT4Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_embedding == "learned" else None)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if config.position_embedding == "rope":
+            self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
+        self.generation_config = None
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2 style: N(0, 0.02), residual output projections scaled down by depth, zero biases.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, (Attention, MLP)):
+            out = module.o_proj if isinstance(module, Attention) else module.down_proj
+            nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                      kv_length: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, S, H).
+
+        input_ids (B, S). Without a cache: positions default to 0..S-1, or follow attention_mask (B, S) for
+        left-padded batches. With a cache: positions (B, S) say where each token goes; keys are read from
+        slots 0..kv_length-1 (default: up to the largest position).
+        """
+        B, S = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids hold a token id outside the vocabulary [0, {self.config.vocab_size}).")
+        mask = None
+        if cache is not None:
+            if positions is None:
+                raise ValueError("A forward pass with a KV cache needs explicit positions (B, S).")
+            if attention_mask is not None:
+                raise ValueError("With a KV cache, give per-row positions instead of an attention_mask.")
+            kv_length = kv_length or int(positions.max()) + 1
+            if kv_length > cache.max_length:
+                raise ValueError(f"Position {kv_length - 1} is past the cache's {cache.max_length} slots.")
+            mask = attention_mask_for(positions, kv_length, self.config.sliding_window)
+        elif attention_mask is not None:
+            if positions is None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = attention_mask_for(torch.arange(S, device=input_ids.device).expand(B, S), S,
+                                      self.config.sliding_window, key_padding=attention_mask)
+        elif self.config.sliding_window is not None and S > self.config.sliding_window:
+            mask = attention_mask_for(torch.arange(S, device=input_ids.device).expand(B, S), S,
+                                      self.config.sliding_window)
+        if positions is None:
+            positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        if int(positions.max()) >= self.config.max_position_embeddings and self.position_embeddings is not None:
+            raise ValueError(f"Position {int(positions.max())} exceeds the model's "
+                             f"{self.config.max_position_embeddings} learned positions.")
+
+        x = self.embed_tokens(input_ids)  # (B, S, H)
+        rope = None
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(positions)
+        else:
+            rope = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache, positions, kv_length)
+        return self.final_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_length: int | None = None) -> CausalLMOutput:
+        """logits (B, S, V); with labels (B, S) also the mean next-token cross-entropy (-100 = ignore).
+
+        `position_ids` is accepted as the transformers spelling of `positions`.
+        """
+        positions = positions if positions is not None else position_ids
+        logits = self.lm_head(self.hidden_states(input_ids, positions, cache, attention_mask, kv_length))
+        loss = None
+        if labels is not None:
+            # Predict token t+1 from tokens <= t, as transformers does.
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # ----------------------------------------------------------------------------------------------
+    # transformers-style entry points; the work is done in gpt4.weights and gpt4.generation.
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "GPT4LMHeadModel":
+        """Load a named model ('gpt4'), a local folder, a .gguf file or a Hugging Face hub id."""
+        from .weights import load_model
+
+        return load_model(name_or_path, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
+        """Write config.json + model.safetensors (+ tokenizer files) that transformers loads as is."""
+        from .weights import save_model
+
+        save_model(self, directory, **kwargs)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers-style generate: a tensor of ids gives prompt + new ids; a string gives new text."""
+        from .generation import generate
+
+        return generate(self, inputs, generation_config, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

