@@ -81,7 +81,7 @@ class Tokenizer:
             raise ModelFileError(f"{gguf.path}: tokenizer type {kind!r} is not supported (byte-level BPE "
                                  "'gpt2' only); use the model's Hugging Face folder instead.")
         tokens = list(gguf.require("tokenizer.ggml.tokens"))
-        merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges")]
+        merges = [tuple(m.split(" ", 1)) for m in gguf.get("tokenizer.ggml.merges") or []]
         types = gguf.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         vocab = {t: i for i, t in enumerate(tokens)}
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))

@@ -120,7 +120,8 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
         gguf = GGUFFile(path)
         config = gguf.config()
         state = _gguf_state(gguf, config)
-        tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer else None
+        has_vocab = gguf.get("tokenizer.ggml.model") is not None
+        tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
         gguf.close()
     else:
         config = _hf_config(path)

@@ -1,0 +1,57 @@
+"""GGUF loading: every common tensor type and both architectures agree with transformers' own GGUF loader."""
+
+import pytest
+import torch
+
+from gpt4 import GPT4LMHeadModel
+
+from .gguf_builder import write_tiny_gguf
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+
+QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _compare(path):
+    ours = GPT4LMHeadModel.from_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    return ours
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_llama_gguf_of_each_tensor_type_matches_transformers(qtype, tmp_path):
+    _compare(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype, seed=QTYPES.index(qtype)))
+
+
+def test_qwen2_gguf_with_biases_matches_transformers(tmp_path):
+    model = _compare(write_tiny_gguf(tmp_path / "tiny-qwen2.gguf", qtype="Q8_0", arch="qwen2"))
+    assert model.config.model_type == "qwen2" and model.config.attention_bias
+
+
+def test_tied_gguf_shares_embedding_and_head(tmp_path):
+    model = _compare(write_tiny_gguf(tmp_path / "tiny-tied.gguf", qtype="Q4_K", tied=True))
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_gguf_without_vocabulary_loads_without_tokenizer(tmp_path):
+    model = GPT4LMHeadModel.from_pretrained(write_tiny_gguf(tmp_path / "bare.gguf", with_tokenizer=False))
+    assert model.tokenizer is None
+
+
+def test_gguf_model_saves_to_a_folder_transformers_loads(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q6_K")
+    ours = GPT4LMHeadModel.from_pretrained(path)
+    ours.save_pretrained(tmp_path / "saved")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    again = GPT4LMHeadModel.from_pretrained(tmp_path / "saved")
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(again(ids).logits, ours(ids).logits)
+    assert again.tokenizer.encode("héllo") == ours.tokenizer.encode("héllo")
