@@ -28,6 +28,10 @@ class GGUFFile:
         try:
             self.reader = GGUFReader(self.path, "r")
         except (ValueError, KeyError, IndexError, struct.error, OverflowError, MemoryError, TypeError) as e:
+            if "GGMLQuantizationType" in str(e):
+                raise ModelFileError(f"{self.path} uses a tensor type unknown to the installed gguf package ({e}); "
+                                     "upgrade gguf (`pip install -U gguf`) or use a file with a common quant "
+                                     "type.") from e
             raise ModelFileError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                                  "the file is truncated or corrupted: download it again.") from e
         size = self.path.stat().st_size
