@@ -80,46 +80,34 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .generation import stream
+    from .chat import ChatSession
 
-    model = load(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
+    session = ChatSession(load(args), system=args.system, **sampling_kwargs(args))
     print("Chat with the model. /reset clears the history, /exit quits; Ctrl-C stops a reply.", file=sys.stderr)
     while True:
         try:
-            line = input("you> ")
+            text = input("you> ").strip()
         except EOFError:
             print()
             return
         except KeyboardInterrupt:
             print("\n(type /exit to quit)", file=sys.stderr)
             continue
-        text = line.strip()
-        if not text:
-            continue
         if text in ("/exit", "/quit"):
             return
         if text == "/reset":
-            history.clear()
+            session.reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        ids = model.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
-        budget = model.config.max_position_embeddings - args.max_new_tokens
-        while len(ids) > budget and len(history) > 1:  # forget the oldest turns, keep the system prompt
-            history.pop(0)
-            ids = model.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
-        reply = ""
+        if not text:
+            continue
         print("assistant> ", end="", flush=True)
         try:
-            for piece in stream(model, ids, **sampling_kwargs(args)):
-                reply += piece
+            for piece in session.send(text):
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print()
-        history.append({"role": "assistant", "content": reply})
 
 
 def cmd_models(args) -> None:

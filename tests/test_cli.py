@@ -1,0 +1,108 @@
+"""The command line: help texts, models, generate, chat (history, /reset, Ctrl-C), clear errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+GPT4 = [sys.executable, "-m", "gpt4"]
+
+
+def run(*args, input=None, timeout=180):
+    return subprocess.run([*GPT4, *args], capture_output=True, text=True, input=input, timeout=timeout)
+
+
+def test_help_of_every_verb():
+    out = run("--help")
+    assert out.returncode == 0
+    verbs = [v for v in ("generate", "chat", "models", "pull") if v in out.stdout]
+    assert verbs == ["generate", "chat", "models", "pull"]
+    for verb in verbs:
+        sub = run(verb, "--help")
+        assert sub.returncode == 0 and "usage: gpt4 " + verb in sub.stdout
+
+
+def test_models_lists_names_and_files():
+    out = run("models")
+    assert out.returncode == 0
+    assert "gpt4" in out.stdout and "SmolLM2-135M-Instruct.Q4_1.gguf" in out.stdout
+    assert "qwen2.5-coder-0.5b-instruct" in out.stdout
+
+
+def test_generate_streams_a_continuation():
+    out = run("generate", "The capital of France is", "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("The capital of France is") and len(out.stdout) > len("The capital of France is")
+
+
+def test_generate_reads_stdin_and_chat_flag():
+    out = run("generate", "--chat", "--max-new-tokens", "20", input="What is the capital of France?\n")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", "hi", "--model", "no-such-model"], "neither a known model name"),
+    (["generate", "hi", "--model", "/nonexistent/model.gguf"], "neither a known model name"),
+    (["pull", "nope"], "Unknown model name 'nope'"),
+])
+def test_user_errors_are_one_clear_line_without_traceback(args, fragment):
+    out = run(*args)
+    assert out.returncode == 1
+    assert fragment in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chat_keeps_history_resets_and_exits():
+    script = "Hello!\nWhat is the capital of France?\n/reset\n/exit\n"
+    out = run("chat", "--max-new-tokens", "24", input=script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("assistant>") == 2
+    assert "Paris" in out.stdout.split("assistant>")[2]
+    assert "(history cleared)" in out.stderr
+
+
+def test_chat_session_sends_history_and_resets(default_model):
+    from gpt4.chat import ChatSession
+
+    session = ChatSession(default_model, system="Be brief.", max_new_tokens=6)
+    first = "".join(session.send("My name is Ada."))
+    prompt = default_model.tokenizer.decode(session.prompt_ids())
+    assert "Be brief." in prompt and "My name is Ada." in prompt and first.strip() in prompt
+    session.send("And yours?").__next__()
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    session.reset()
+    assert "Ada" not in default_model.tokenizer.decode(session.prompt_ids())
+
+
+def test_chat_session_forgets_oldest_turns_when_context_is_full(default_model):
+    from gpt4.chat import ChatSession
+
+    session = ChatSession(default_model, max_new_tokens=8000)  # leaves ~190 tokens of the 8192 context
+    session.history = [{"role": "user", "content": f"turn {i} " + "word " * 40} for i in range(20)]
+    ids = session.prompt_ids()
+    assert len(ids) <= 192 and 0 < len(session.history) < 20
+    assert "turn 19" in default_model.tokenizer.decode(ids)
+
+
+def test_ctrl_c_stops_a_reply_but_not_the_session():
+    proc = subprocess.Popen([*GPT4, "chat", "--max-new-tokens", "400"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
+    try:
+        proc.stdin.write("Write a very long story about a dragon.\n")
+        proc.stdin.flush()
+        seen = ""
+        deadline = time.time() + 120
+        while "assistant>" not in seen and time.time() < deadline:
+            seen += os.read(proc.stdout.fileno(), 256).decode(errors="replace")
+        time.sleep(1.0)  # let the reply stream for a moment
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in seen + rest

@@ -1,0 +1,133 @@
+"""Generation: KV-cache decode equals recompute, batched equals one-by-one, sampling equals transformers'."""
+
+import pytest
+import torch
+
+from gpt4 import GenerationConfig
+from gpt4.generation import generate_tokens
+from gpt4.generation.sampling import apply_penalties, warp
+
+from .conftest import tiny_model
+
+
+def _greedy_by_recompute(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    ids, all_logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            all_logits.append(logits)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], all_logits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied", "qwen2", "mistral"])
+def test_kv_cache_decode_equals_full_recompute(family):
+    model = tiny_model(family)
+    prompt = [5, 17, 33, 2, 9, 41, 7]
+    want, _ = _greedy_by_recompute(model, prompt, 20)  # 27 tokens > mistral's window of 8
+    config = GenerationConfig(max_new_tokens=20, eos_token_id=None)
+    got = [step[0] for step in generate_tokens(model, [prompt], config)]
+    assert got == want
+
+
+def test_cached_logits_equal_recomputed_logits():
+    model = tiny_model("llama-gqa-untied")
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    tokens, logits = _greedy_by_recompute(model, prompt, 6)
+    cache = model.new_cache(1, 32)
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([prompt]), torch.arange(8)[None], cache)
+        torch.testing.assert_close(model.lm_head(h[:, -1])[0], logits[0], atol=1e-5, rtol=1e-5)
+        for i, t in enumerate(tokens[:-1]):
+            h = model.hidden_states(torch.tensor([[t]]), torch.tensor([[8 + i]]), cache)
+            torch.testing.assert_close(model.lm_head(h[:, -1])[0], logits[i + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied"])
+def test_batched_generation_equals_one_by_one(family):
+    model = tiny_model(family)
+    prompts = [[4, 8, 15, 16, 23, 42], [7], [1, 2, 3], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=None)
+    alone = [[s[0] for s in generate_tokens(model, [p], config)] for p in prompts]
+    together = [[] for _ in prompts]
+    for step in generate_tokens(model, prompts, config):
+        for row, token in zip(together, step):
+            row.append(token)
+    assert together == alone
+
+
+def test_tensor_api_with_left_padding_matches_unpadded_rows():
+    model = tiny_model("llama-gqa-untied")
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
+    assert out.shape == (2, 11) and torch.equal(out[:, :6], ids)
+    alone = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(out[0, 6:], alone[0, 3:])
+
+
+def test_rows_stop_at_eos_and_are_padded():
+    model = tiny_model("gpt2")
+    prompt = torch.tensor([[5, 6, 7]])
+    free = model.generate(prompt, max_new_tokens=8, eos_token_id=None)[0, 3:].tolist()
+    eos = free[2]
+    out = model.generate(prompt, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)[0, 3:].tolist()
+    assert out == free[:free.index(eos) + 1]
+
+
+def test_seeded_sampling_is_reproducible_and_num_return_sequences():
+    model = tiny_model("llama-gqa-untied")
+    prompt = torch.tensor([[5, 6, 7]])
+    kwargs = dict(do_sample=True, temperature=1.5, max_new_tokens=10, eos_token_id=None, seed=123,
+                  num_return_sequences=3)
+    a, b = model.generate(prompt, **kwargs), model.generate(prompt, **kwargs)
+    assert a.shape == (3, 13) and torch.equal(a, b)
+    assert len({tuple(r) for r in a.tolist()}) > 1  # three different samples
+    greedy = model.generate(prompt, max_new_tokens=10, eos_token_id=None)
+    top1 = model.generate(prompt, do_sample=True, top_k=1, max_new_tokens=10, eos_token_id=None, seed=1)
+    assert torch.equal(greedy, top1)
+
+
+def test_generation_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)
+    with pytest.raises(TypeError, match="Unknown generation arguments: max_tokens"):
+        GenerationConfig().update(max_tokens=3)
+
+
+# -- sampling parity with transformers' logits processors ---------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+def _logits(seed=0):
+    return torch.randn(3, 50, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("kwargs,processor", [
+    (dict(temperature=0.7), lambda: transformers.TemperatureLogitsWarper(0.7)),
+    (dict(top_k=7), lambda: transformers.TopKLogitsWarper(7)),
+    (dict(top_p=0.8), lambda: transformers.TopPLogitsWarper(0.8)),
+    (dict(min_p=0.1), lambda: transformers.MinPLogitsWarper(0.1)),
+])
+def test_warpers_match_transformers(kwargs, processor):
+    logits = _logits()
+    want = processor()(torch.zeros(3, 1, dtype=torch.long), logits.clone())
+    got = warp(logits.clone(), **kwargs)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+def test_repetition_penalty_matches_transformers():
+    logits = _logits(1)
+    history = torch.tensor([[1, 2, 3, 3], [4, 4, 4, 4], [0, 49, 10, 11]])
+    want = transformers.RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter(1, history, True)
+    torch.testing.assert_close(apply_penalties(logits.clone(), seen, None, repetition_penalty=1.3), want)
+
+
+def test_presence_frequency_penalties_and_logit_bias_follow_openai():
+    logits = torch.zeros(1, 5)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0, 0.0]])
+    out = apply_penalties(logits, None, counts, presence_penalty=0.5, frequency_penalty=0.25,
+                          logit_bias={4: -100.0})
+    assert out.tolist() == [[0.0, -0.75, -1.25, 0.0, -100.0]]
