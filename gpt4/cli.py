@@ -20,6 +20,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="gpt4",
                    help="named model (see `gpt4 models`), local folder, .gguf file or hub id (default: gpt4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantized linear layers (faster decoding, bf16 activations)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -45,7 +47,7 @@ def load(args):
     from .model import GPT4LMHeadModel
 
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    return GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype)
+    return GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant)
 
 
 def read_text_argument(value: str | None, what: str) -> str:

@@ -73,7 +73,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 (as the references do), scale in the model dtype.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Lower precision: normalise in fp32 (as the references do), scale in the model dtype.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -245,6 +247,15 @@ class GPT4LMHeadModel(nn.Module):
             raise ValueError(f"Position {int(positions.max())} exceeds the model's "
                              f"{self.config.max_position_embeddings} learned positions.")
 
+        return self._run(input_ids, positions, mask, cache, kv_length)
+
+    def decode_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      kv_length: int) -> torch.Tensor:
+        """The generation loop's lean path: inputs already checked, no host round trips; see hidden_states."""
+        return self._run(input_ids, positions, attention_mask_for(positions, kv_length, self.config.sliding_window),
+                         cache, kv_length)
+
+    def _run(self, input_ids, positions, mask, cache, kv_length) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, S, H)
         rope = None
         if self.position_embeddings is not None:

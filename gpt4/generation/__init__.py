@@ -179,7 +179,7 @@ def generate_tokens(model, prompts: list[list[int]], config: GenerationConfig,
             seen[torch.arange(B), next_ids] = True
         if counts is not None:
             counts[torch.arange(B), next_ids] += active.float()
-        h = model.hidden_states(next_ids[:, None], position[:, None], cache, kv_length=int(position.max()) + 1)
+        h = model.decode_hidden(next_ids[:, None], position[:, None], cache, kv_length=longest + step + 1)
         logits = model.lm_head(h[:, -1]).float()
         position += 1
 

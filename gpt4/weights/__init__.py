@@ -107,8 +107,12 @@ def _parse_dtype(dtype) -> torch.dtype:
 
 
 def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.device = "cpu",
-               gguf_file: str | None = None, revision: str | None = None, load_tokenizer: bool = True, **kwargs):
-    """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id."""
+               gguf_file: str | None = None, revision: str | None = None, load_tokenizer: bool = True,
+               quant: str = "none", **kwargs):
+    """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id.
+
+    quant="int8"|"int4" keeps the linear layers weight-only quantized (see gpt4.quant) for fast decoding.
+    """
     from ..generation import GenerationConfig
     from ..tokenizer import Tokenizer
 
@@ -129,6 +133,10 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
         tokenizer = Tokenizer.from_pretrained(path) if load_tokenizer and (path / "tokenizer.json").is_file() \
             else None
     model = build_model(config, state, dtype=dtype, device=device, source=str(path))
+    if quant != "none":
+        from ..quant import quantize_
+
+        quantize_(model, quant)
     model.tokenizer = tokenizer
     model.generation_config = GenerationConfig.for_model(config, tokenizer, path if kind == "hf" else None)
     return model.eval()
@@ -176,7 +184,7 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config) -> dict[str, torch.Tensor]:
     state = {}
     permuted = gguf.architecture in ("llama", "mistral")  # llama.cpp reorders q/k rows for these only
     tensors = [n for n in gguf.tensors if n not in names.GGUF_IGNORED]
-    for foreign in tqdm(tensors, desc="loading", unit="tensor", leave=False, disable=len(tensors) < 200):
+    for foreign in tqdm(tensors, desc="loading", unit="tensor", leave=False, disable=None if len(tensors) >= 200 else True):
         ours = names.rename(foreign, names.GGUF)
         if ours is None:
             raise ModelFileError(f"{gguf.path}: tensor {foreign!r} is not part of a {gguf.architecture} model "

@@ -1,0 +1,106 @@
+"""Weight-only quantized linear layers for fast CPU decoding (gpt-fast style), on PyTorch's own CPU kernels.
+
+    int8: per-output-channel symmetric int8 weights, `aten._weight_int8pack_mm` (bf16 activations)
+    int4: group-wise affine int4 weights, `aten._weight_int4pack_mm_for_cpu` (bf16 activations)
+
+Decoding one token reads every weight once, so its speed is set by bytes of weights: int8 halves bf16's bytes,
+int4 quarters them. Activations stay in bf16 (the kernels' fast path on AVX512-BF16/AMX CPUs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANT_MODES = ("none", "int8", "int4")
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype=torch.bfloat16):
+        super().__init__()
+        w = weight.detach().float()  # (out, in)
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
+        self.register_buffer("weight_int8", (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype), self.weight_int8,
+                                               self.scales)  # (N, out)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    """Affine int4 in groups along the input dimension: w = (q - 8) * scale + zero, q in 0..15."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, dtype=torch.bfloat16):
+        super().__init__()
+        out_features, in_features = q.shape  # q (out, in) int in 0..15; scales, zeros (out, in // group)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        # The kernel wants (in // group, out, 2): scale and zero of each group and output channel.
+        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32,
+                   dtype=torch.bfloat16) -> "Int4Linear":
+        w = weight.detach().float()
+        out_features, in_features = w.shape
+        groups = w.reshape(out_features, in_features // group_size, group_size)
+        lo, hi = groups.amin(-1), groups.amax(-1)  # (out, in // group)
+        scales = ((hi - lo) / 15).clamp(min=1e-12)
+        q = ((groups - lo[..., None]) / scales[..., None]).round().clamp(0, 15).reshape(out_features, in_features)
+        return cls(q, scales, lo + 8 * scales, group_size, bias, dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype),
+                                                       self.packed, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_(model: nn.Module, mode: str, group_size: int = 32, include_head: bool = True) -> nn.Module:
+    """Replace the model's nn.Linear layers in place with weight-only quantized ones; returns the model.
+
+    The LM head (tied to the embedding or not) is quantized too when include_head: it is the largest matrix.
+    The embedding table stays a lookup in the model dtype.
+    """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
+    if mode == "none":
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or (name == "lm_head" and not include_head):
+                continue
+            if mode == "int8":
+                new = Int8Linear(child.weight, child.bias)
+            else:
+                k = child.in_features
+                group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)
+                new = Int4Linear.from_float(child.weight, child.bias, group)
+            setattr(parent, name, new)
+    return model
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes read per decode step by the linear layers (weights + scales)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, (Int8Linear, Int4Linear)):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+    return total
+
+
+__all__ = ["Int8Linear", "Int4Linear", "quantize_", "QUANT_MODES", "linear_bytes"]

@@ -1,0 +1,43 @@
+"""Weight-only quantized linears: exact against their own dequantized weights, close to fp32 on the real model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt4 import GPT4LMHeadModel
+from gpt4.quant import Int4Linear, Int8Linear, linear_bytes, quantize_
+
+
+def test_int8_linear_equals_matmul_with_its_dequantized_weight():
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(5, 3, 64)
+    layer = Int8Linear(w, b)
+    want = F.linear(x.bfloat16().float(), layer.dequantized(), b)
+    torch.testing.assert_close(layer(x).float(), want, atol=0.15, rtol=0.02)
+    assert (layer.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # half a step at most, x2
+
+
+def test_int4_linear_equals_matmul_with_its_dequantized_weight():
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(4, 128)
+    layer = Int4Linear.from_float(w, None, group_size=32)
+    groups = w.reshape(96, 4, 32)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    dequant = (((groups - lo) / step).round() * step + lo).reshape(96, 128)
+    torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
+
+
+@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("int4", 0.6)])
+def test_quantized_default_model_stays_close_to_fp32(mode, min_agreement, default_model):
+    quantized = quantize_(GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16"), mode)
+    assert linear_bytes(quantized) < linear_bytes(default_model) / (3 if mode == "int8" else 5)
+    ids = torch.tensor([default_model.tokenizer.encode("The Eiffel Tower is located in the city of")])
+    with torch.no_grad():
+        a, b = default_model(ids).logits[0, -1], quantized(ids).logits[0, -1].float()
+    assert F.cosine_similarity(a, b, dim=0) > 0.97
+    assert a.argmax() == b.argmax()
+    want = default_model.generate(ids, max_new_tokens=16)[0, ids.shape[1]:]
+    got = quantized.generate(ids, max_new_tokens=16)[0, ids.shape[1]:]
+    first_difference = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), len(want))
+    assert first_difference / len(want) >= min_agreement
