@@ -1,0 +1,310 @@
+"""CPU inference benchmark: this engine against llama.cpp and transformers on the same model and prompts.
+
+Each engine runs in its own process (clean peak-RSS and load-time figures) and reports, for the same token ids:
+load time, prefill of a 512-token prompt, decode speed at context 16 and 512, total throughput of 8 concurrent
+sequences x 64 tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path).
+
+    python benchmarks/bench_inference.py                  # all engines found, 3 repeats
+    python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
+
+llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
+/work/llamacpp-venv/bin/python): CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36".
+Writes benchmarks/results/inference.json and inference.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEXT = (
+    "The history of computing is a story of abstraction. Early machines were programmed by rewiring panels; "
+    "then came stored programs, assemblers, compilers and operating systems, each hiding the layer below. "
+    "Princess Peach is a character in the Super Mario video game series. She rules the Mushroom Kingdom, and "
+    "in most games she is kidnapped by Bowser, the king of the Koopas, so that Mario must rescue her. "
+)
+STREAM_PROMPTS = [
+    "Write a short poem about the sea.", "Explain photosynthesis to a child.", "List three uses of copper.",
+    "What is the capital of Japan?", "Describe a cat in one sentence.", "Why is the sky blue?",
+    "Give a recipe for pancakes.", "Summarize the plot of Hamlet.",
+]
+NEW_TOKENS = 64
+
+
+def workload():
+    """Token ids shared by every engine (from our tokenizer of the same GGUF)."""
+    from gpt4 import GPT4LMHeadModel
+
+    tok = GPT4LMHeadModel.from_pretrained("gpt4", load_tokenizer=True).tokenizer
+    long_ids = (tok.encode(TEXT * 40))[:512]
+    streams = [(tok.encode(p) * 4)[:16] for p in STREAM_PROMPTS]
+    return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Engine workers (run in a child process): each returns a dict of timings.
+def _timed(fn, repeats):
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def worker_ours(work, repeats, dtype, quant):
+    import torch
+
+    from gpt4 import GPT4LMHeadModel
+    from gpt4.generation import GenerationConfig, generate_tokens
+
+    start = time.perf_counter()
+    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype=dtype, quant=quant)
+    load = time.perf_counter() - start
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
+
+    def decode(prompts):
+        out = [[] for _ in prompts]
+        for step in generate_tokens(model, prompts, config):
+            for row, t in zip(out, step):
+                row.append(t)
+        return out
+
+    def prefill():
+        with torch.inference_mode():
+            cache = model.new_cache(1, 513)
+            ids = torch.tensor([work["ctx512"]])
+            h = model.hidden_states(ids, torch.arange(512)[None], cache, kv_length=512)
+            return model.lm_head(h[:, -1]).argmax()
+
+    return _measure(load, prefill, lambda: decode([work["ctx16"]])[0], lambda: decode([work["ctx512"]])[0],
+                    lambda: decode(work["streams"]), repeats)
+
+
+def worker_transformers(work, repeats, dtype):
+    import torch
+    import transformers
+
+    from gpt4.models import resolve
+
+    path = resolve("gpt4")
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=getattr(torch, dtype)).eval()
+    load = time.perf_counter() - start
+
+    def decode(prompts):
+        ids = torch.tensor(prompts)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                             min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    def prefill():
+        with torch.inference_mode():
+            return model(torch.tensor([work["ctx512"]])).logits[0, -1].argmax()
+
+    return _measure(load, prefill, lambda: decode([work["ctx16"]])[0], lambda: decode([work["ctx512"]])[0],
+                    lambda: decode(work["streams"]), repeats)
+
+
+def worker_llamacpp(work, repeats):
+    import llama_cpp
+    import numpy as np
+
+    from_path = os.environ["GPT4_BENCH_GGUF"]
+    start = time.perf_counter()
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    if hasattr(params, "use_extra_bufts"):
+        params.use_extra_bufts = False  # AMX extra buffers segfault at load on this CPU (0.3.36)
+    model = llama_cpp.llama_model_load_from_file(from_path.encode(), params)
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 1024, 512, 512, 8
+    cparams.n_threads = cparams.n_threads_batch = 2
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    load = time.perf_counter() - start
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    memory = llama_cpp.llama_get_memory(ctx)
+
+    def run_batch(entries):
+        """entries: (token, position, sequence, want_logits); returns logits rows for the wanted entries."""
+        batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
+        for i, (token, pos, seq, want) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, want
+        batch.n_tokens = len(entries)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        rows = []
+        for i, (_, _, _, want) in enumerate(entries):
+            if want:
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+                rows.append(int(logits.argmax()))
+        llama_cpp.llama_batch_free(batch)
+        return rows
+
+    def decode(prompts):
+        llama_cpp.llama_memory_clear(memory, True)
+        entries = [(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)]
+        nxt = run_batch(entries)
+        out = [[t] for t in nxt]
+        for step in range(1, NEW_TOKENS):
+            nxt = run_batch([(out[s][-1], len(ids) + step - 1, s, True) for s, ids in enumerate(prompts)])
+            for row, t in zip(out, nxt):
+                row.append(t)
+        return out
+
+    def prefill():
+        llama_cpp.llama_memory_clear(memory, True)
+        ids = work["ctx512"]
+        return run_batch([(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
+
+    return _measure(load, prefill, lambda: decode([work["ctx16"]])[0], lambda: decode([work["ctx512"]])[0],
+                    lambda: decode(work["streams"]), repeats)
+
+
+def _measure(load, prefill, decode16, decode512, streams, repeats):
+    import resource
+
+    prefill_s, _ = _timed(prefill, repeats)
+    d16_s, tokens16 = _timed(decode16, repeats)
+    d512_s, _ = _timed(decode512, repeats)
+    streams_s, _ = _timed(streams, repeats)
+    return {
+        "load_s": load, "prefill512_s": prefill_s, "decode16_s": d16_s, "decode512_s": d512_s,
+        "streams_s": streams_s, "greedy16": tokens16,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+def run_engine(spec: str, repeats: int, llama_python: str) -> dict | None:
+    python = llama_python if spec == "llama.cpp" else sys.executable
+    if spec == "llama.cpp" and not Path(llama_python).exists():
+        print(f"llama.cpp: {llama_python} not found; build it with "
+              "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python==0.3.36 in a separate venv", file=sys.stderr)
+        return None
+    from gpt4.models import resolve
+
+    env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve("gpt4")), TQDM_DISABLE="1",
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        print(f"{spec} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
+    best = lambda xs: min(xs)  # noqa: E731
+    med = statistics.median
+    row = {"engine": name, "load_s": r["load_s"], "peak_rss_mb": r["peak_rss_mb"]}
+    for key, n in (("prefill512", 512), ("decode16", NEW_TOKENS), ("decode512", NEW_TOKENS),
+                   ("streams", 8 * NEW_TOKENS)):
+        row[f"{key}_best"] = n / best(r[f"{key}_s"])
+        row[f"{key}_median"] = n / med(r[f"{key}_s"])
+    if reference_tokens is not None:
+        same = next((i for i, (a, b) in enumerate(zip(reference_tokens, r["greedy16"])) if a != b),
+                    len(reference_tokens))
+        row["greedy_agree"] = f"{same}/{len(reference_tokens)}"
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", nargs="+", default=[
+        "llama.cpp", "transformers:float32", "transformers:bfloat16", "ours:float32:none", "ours:bfloat16:none",
+        "ours:bfloat16:int8", "ours:bfloat16:int4"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        work = json.loads(os.environ["GPT4_BENCH_WORK"])
+        kind, *rest = args.worker.split(":")
+        if kind == "ours":
+            result = worker_ours(work, args.repeats, rest[0], rest[1])
+        elif kind == "transformers":
+            result = worker_transformers(work, args.repeats, rest[0])
+        else:
+            result = worker_llamacpp(work, args.repeats)
+        print(json.dumps(result))
+        return
+
+    os.environ["GPT4_BENCH_WORK"] = json.dumps(workload())
+    results = {}
+    for spec in args.engines:
+        print(f"running {spec} ...", file=sys.stderr, flush=True)
+        r = run_engine(spec, args.repeats, args.llama_python)
+        if r is not None:
+            results[spec] = r
+    reference = results.get("ours:float32:none", {}).get("greedy16")
+    rows = [summarize(name, r, reference) for name, r in results.items()]
+    base = next((r for r in rows if r["engine"] == "llama.cpp"), None)
+    print_table(rows, base)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inference.json").write_text(json.dumps({"rows": rows, "raw": results}, indent=2) + "\n")
+    plot(rows, out / "inference.png")
+
+
+def print_table(rows, base):
+    cols = [("prefill512", "prefill 512 tok/s"), ("decode16", "decode ctx16 tok/s"),
+            ("decode512", "decode ctx512 tok/s"), ("streams", "8x64 streams tok/s")]
+    header = "| engine | " + " | ".join(c[1] + " (best / median)" for c in cols) + \
+        " | peak RSS MB | load s | greedy = fp32 |"
+    print(header)
+    print("|" + "---|" * (len(cols) + 4))
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            cell = f"{r[key + '_best']:.0f} / {r[key + '_median']:.0f}"
+            if base and r is not base:
+                cell += f" ({r[key + '_median'] / base[key + '_median']:.2f}x)"
+            cells.append(cell)
+        mem = f"{r['peak_rss_mb']:.0f}" + (f" ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x)" if base and r is not base
+                                           else "")
+        load = f"{r['load_s']:.2f}" + (f" ({r['load_s'] / base['load_s']:.1f}x)" if base and r is not base else "")
+        print(f"| {r['engine']} | " + " | ".join(cells) + f" | {mem} | {load} | {r.get('greedy_agree', '-')} |")
+    if base:
+        print("(ratios: engine / llama.cpp, medians)")
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return
+    keys = [("prefill512", "prefill 512"), ("decode16", "decode ctx16"), ("decode512", "decode ctx512"),
+            ("streams", "8 streams")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4))
+    for ax, (key, title) in zip(axes, keys):
+        ax.barh([r["engine"] for r in rows], [r[key + "_median"] for r in rows], color="tab:blue")
+        ax.set_title(f"{title} (tok/s, median)")
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"chart: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
