@@ -123,7 +123,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
     if kind == "gguf":
         gguf = GGUFFile(path)
         config = gguf.config()
-        state = _gguf_state(gguf, config)
+        state = _gguf_state(gguf, config, dtype)
         has_vocab = gguf.get("tokenizer.ggml.model") is not None
         tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
         gguf.close()
@@ -178,7 +178,7 @@ def build_model(config: GPT4Config, state: dict[str, torch.Tensor], dtype=torch.
     return model
 
 
-def _gguf_state(gguf: GGUFFile, config: GPT4Config) -> dict[str, torch.Tensor]:
+def _gguf_state(gguf: GGUFFile, config: GPT4Config, dtype=torch.float32) -> dict[str, torch.Tensor]:
     from tqdm import tqdm
 
     state = {}
@@ -194,7 +194,7 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config) -> dict[str, torch.Tensor]:
             t = permute_for_rope(t, config.num_attention_heads)
         elif permuted and ours.endswith("attn.k_proj.weight"):
             t = permute_for_rope(t, config.num_key_value_heads)
-        state[ours] = t
+        state[ours] = t.to(dtype)  # convert per tensor: never hold the whole model in fp32 for a bf16 load
     return names.fuse(state)
 
 

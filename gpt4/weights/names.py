@@ -86,8 +86,11 @@ def foreign_name(ours: str, table) -> str:
 
 
 def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Unfused names -> the model's state-dict names (q/k/v -> qkv_proj, gate/up -> up_proj)."""
-    out = dict(tensors)
+    """Unfused names -> the model's state-dict names (q/k/v -> qkv_proj, gate/up -> up_proj), in place.
+
+    In place so each part is freed as soon as its fused matrix exists (peak memory: one layer extra).
+    """
+    out = tensors
     layers = {int(m.group(1)) for k in tensors if (m := re.match(r"layers\.(\d+)\.", k))}
     for i in layers:
         for w in ("weight", "bias"):
