@@ -67,8 +67,9 @@ def _from_hub(repo_id: str, gguf_file: str | None, revision: str | None):
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # network, auth and not-found errors come in many types; all mean the same here
+        reason = (str(e).strip().splitlines() or [""])[0]
         raise ModelNotFoundError(
-            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). If you are offline, "
+            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}). If you are offline, "
             "download the model elsewhere and pass its local folder or .gguf file instead.") from e
     if gguf_file:
         return "gguf", folder / gguf_file
