@@ -58,3 +58,31 @@ def test_pull_checks_the_total_size(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "QWEN_CODER_SIZE", 12345)
     with pytest.raises(ModelNotFoundError, match="expected 12,345"):
         models.pull("qwen", install=False)
+
+
+def test_hub_ids_load_through_huggingface_hub(monkeypatch, tmp_path):
+    """The online path, exercised with local files: snapshot_download's folder is loaded like any folder."""
+    import huggingface_hub
+    import torch
+
+    from gpt4 import GPT4LMHeadModel
+
+    from .conftest import tiny_model
+
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "snapshot")
+    write_tiny_gguf(tmp_path / "snapshot" / "tiny.gguf")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = GPT4LMHeadModel.from_pretrained("someone/tiny-qwen", revision="main")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert calls[0][0] == "someone/tiny-qwen" and "*.safetensors" in calls[0][2]
+    from_gguf = GPT4LMHeadModel.from_pretrained("someone/tiny-gguf", gguf_file="tiny.gguf")
+    assert from_gguf.config.hidden_size == 256 and calls[1][2] == ["tiny.gguf"]
