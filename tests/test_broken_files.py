@@ -183,3 +183,31 @@ def test_bad_config_values_name_the_field():
         GPT4Config(norm="batchnorm")
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         GPT4Config(num_attention_heads=12, num_key_value_heads=5)
+
+
+@pytest.mark.parametrize("key,count", [(b"tokenizer.ggml.tokens", 1 << 40), (b"tokenizer.ggml.tokens", 300),
+                                       (b"tokenizer.ggml.token_type", 1 << 40),
+                                       (b"tokenizer.ggml.token_type", 1 << 20)])
+def test_corrupted_array_counts_fail_fast(key, count, good_gguf, tmp_path):
+    import time
+
+    data = bytearray(good_gguf)
+    at = data.index(key) + len(key) + 8  # after the value type and the array's item type
+    struct.pack_into("<Q", data, at, count)
+    path = tmp_path / "counts.gguf"
+    path.write_bytes(bytes(data))
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError, match="runs past the end of the file"):
+        GPT4LMHeadModel.from_pretrained(path)
+    assert time.perf_counter() - start < 5  # the gguf package alone crawls for ~20 s on these
+
+
+def test_tensor_with_absurd_rank(good_gguf, tmp_path):
+    data = bytearray(good_gguf)
+    name = b"token_embd.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    struct.pack_into("<I", data, at, 77)
+    path = tmp_path / "rank.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="has 77 dimensions"):
+        GPT4LMHeadModel.from_pretrained(path)

@@ -7,6 +7,7 @@ Parsing and dequantization use the `gguf` package; this module adds the checks a
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from pathlib import Path
 
@@ -154,24 +155,90 @@ def _int_or_none(value):
     return None if value is None else int(value)
 
 
+# Sizes of GGUF metadata value types (4: uint32 ... 12: float64); 8 is string, 9 is array.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
+
+
 def _check_header(path: Path) -> None:
-    """Magic, version and counts, before the gguf package trusts any length in the file."""
+    """Walk the header with every count, length and type checked before it is used (llama.cpp style).
+
+    The gguf package trusts the file's counts; a corrupted one can make it crawl through a huge array. This
+    pass costs a read of the header only and turns any inconsistency into one clear error.
+    """
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist or is not a file.")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(24)
-    if len(head) < 24:
-        raise ModelFileError(f"{path} is {size} bytes, too short to be a GGUF file; the file is truncated.")
-    if head[:4] != b"GGUF":
-        raise ModelFileError(f"{path} is not a GGUF file (its first bytes are {head[:4]!r}, expected b'GGUF').")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise ModelFileError(f"{path} is GGUF version {version}; versions 2 and 3 are supported.")
-    # Each tensor info and each key/value pair takes well over 8 bytes: larger counts are corruption.
-    if n_tensors * 8 > size or n_kv * 8 > size:
-        raise ModelFileError(f"{path} claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more than "
-                             f"its {size:,} bytes can hold; the file is corrupted.")
+        if len(head) < 24:
+            raise ModelFileError(f"{path} is {size} bytes, too short to be a GGUF file; the file is truncated.")
+        if head[:4] != b"GGUF":
+            raise ModelFileError(f"{path} is not a GGUF file (its first bytes are {head[:4]!r}, expected b'GGUF').")
+        version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+        if version not in (2, 3):
+            raise ModelFileError(f"{path} is GGUF version {version}; versions 2 and 3 are supported.")
+        # Each tensor info and each key/value pair takes well over 8 bytes: larger counts are corruption.
+        if n_tensors * 8 > size or n_kv * 8 > size:
+            raise ModelFileError(f"{path} claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more than "
+                                 f"its {size:,} bytes can hold; the file is corrupted.")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _walk_header(data, path, n_tensors, n_kv)
+
+
+def _walk_header(data, path: Path, n_tensors: int, n_kv: int) -> None:
+    size, pos = len(data), 24
+
+    def take(n, what):
+        nonlocal pos
+        if pos + n > size:
+            raise ModelFileError(f"{path}: {what} at byte {pos:,} runs past the end of the file ({size:,} bytes); "
+                                 "the file is truncated or corrupted: download it again.")
+        pos += n
+        return pos - n
+
+    def u32(what):
+        return struct.unpack_from("<I", data, take(4, what))[0]
+
+    def u64(what):
+        return struct.unpack_from("<Q", data, take(8, what))[0]
+
+    def string(what):
+        n = u64(what + " length")
+        start = take(n, what)
+        return data[start:start + n].decode("utf-8", "replace")
+
+    def value(kind, what):
+        if kind in _SCALAR_SIZES:
+            take(_SCALAR_SIZES[kind], what)
+        elif kind == 8:
+            take(u64(what + " length"), what)
+        elif kind == 9:
+            item, count = u32(what + " item type"), u64(what + " count")
+            if item in _SCALAR_SIZES:
+                take(count * _SCALAR_SIZES[item], what)
+            elif item == 8:
+                if count * 8 > size - pos:  # every string has at least its 8-byte length: cheap bound first
+                    take(count * 8, what)
+                for _ in range(count):
+                    take(u64(what + " string length"), what)
+            else:
+                raise ModelFileError(f"{path}: metadata {what} is an array of unknown type {item}; corrupted file.")
+        else:
+            raise ModelFileError(f"{path}: metadata {what} has unknown value type {kind}; the file is corrupted.")
+
+    for _ in range(n_kv):
+        key = string("a metadata key")
+        value(u32(f"{key!r} type"), repr(key))
+    for _ in range(n_tensors):
+        name = string("a tensor name")
+        n_dims = u32(f"tensor {name!r} rank")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise ModelFileError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to 4 allowed); corrupted file.")
+        elements = math.prod(u64(f"tensor {name!r} shape") for _ in range(n_dims))
+        if elements > 8 * size:  # no quant type packs more than 8 values into a byte
+            raise ModelFileError(f"{path}: tensor {name!r} claims {elements:,} values, more than the file can hold.")
+        take(4 + 8, f"tensor {name!r} type and offset")
 
 
 def permute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
