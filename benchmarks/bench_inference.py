@@ -71,11 +71,13 @@ def worker_ours(work, repeats, dtype, quant):
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
 
     def decode(prompts):
-        out = [[] for _ in prompts]
+        """Tokens of each row, and the seconds spent after the first token (prefill excluded)."""
+        out, start = [[] for _ in prompts], None
         for step in generate_tokens(model, prompts, config):
+            start = start or time.perf_counter()
             for row, t in zip(out, step):
                 row.append(t)
-        return out
+        return out, time.perf_counter() - start
 
     def prefill():
         with torch.inference_mode():
@@ -84,8 +86,7 @@ def worker_ours(work, repeats, dtype, quant):
             h = model.hidden_states(ids, torch.arange(512)[None], cache, kv_length=512)
             return model.lm_head(h[:, -1]).argmax()
 
-    return _measure(load, prefill, lambda: decode([work["ctx16"]])[0], lambda: decode([work["ctx512"]])[0],
-                    lambda: decode(work["streams"]), repeats)
+    return _measure(load, prefill, decode, work, repeats)
 
 
 def worker_transformers(work, repeats, dtype):
@@ -100,18 +101,25 @@ def worker_transformers(work, repeats, dtype):
                                                               dtype=getattr(torch, dtype)).eval()
     load = time.perf_counter() - start
 
+    def generate(ids, n):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
     def decode(prompts):
+        """transformers' generate does not split prefill from decode: time it with 1 and with 64 new tokens."""
         ids = torch.tensor(prompts)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        return out[:, ids.shape[1]:].tolist()
+        start = time.perf_counter()
+        generate(ids, 1)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        out = generate(ids, NEW_TOKENS)
+        return out[:, ids.shape[1]:].tolist(), time.perf_counter() - start - first
 
     def prefill():
         with torch.inference_mode():
             return model(torch.tensor([work["ctx512"]])).logits[0, -1].argmax()
 
-    return _measure(load, prefill, lambda: decode([work["ctx16"]])[0], lambda: decode([work["ctx512"]])[0],
-                    lambda: decode(work["streams"]), repeats)
+    return _measure(load, prefill, decode, work, repeats)
 
 
 def worker_llamacpp(work, repeats):
@@ -125,17 +133,23 @@ def worker_llamacpp(work, repeats):
     if hasattr(params, "use_extra_bufts"):
         params.use_extra_bufts = False  # AMX extra buffers segfault at load on this CPU (0.3.36)
     model = llama_cpp.llama_model_load_from_file(from_path.encode(), params)
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 1024, 512, 512, 8
-    cparams.n_threads = cparams.n_threads_batch = 2
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
+
+    def context(n_seq):
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 1024, 512, 512, n_seq
+        cparams.n_threads = cparams.n_threads_batch = 2
+        cparams.flash_attn_type = 0  # as llama-cpp-python's Llama class sets it: "auto" is far slower here
+        cparams.kv_unified = True  # one KV pool shared by the sequences (else each gets n_ctx / n_seq_max)
+        return llama_cpp.llama_init_from_model(model, cparams)
+
+    single = context(1)
     load = time.perf_counter() - start
+    multi = context(8)  # a second context for the 8-stream test, as llama.cpp's server would configure it
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    memory = llama_cpp.llama_get_memory(ctx)
 
-    def run_batch(entries):
-        """entries: (token, position, sequence, want_logits); returns logits rows for the wanted entries."""
+    def run_batch(ctx, entries):
+        """entries: (token, position, sequence, want_logits); returns the argmax for the wanted entries."""
         batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
         for i, (token, pos, seq, want) in enumerate(entries):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
@@ -151,37 +165,44 @@ def worker_llamacpp(work, repeats):
         return rows
 
     def decode(prompts):
-        llama_cpp.llama_memory_clear(memory, True)
+        ctx = single if len(prompts) == 1 else multi
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         entries = [(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)]
-        nxt = run_batch(entries)
-        out = [[t] for t in nxt]
+        nxt = run_batch(ctx, entries)
+        out, start = [[t] for t in nxt], time.perf_counter()
         for step in range(1, NEW_TOKENS):
-            nxt = run_batch([(out[s][-1], len(ids) + step - 1, s, True) for s, ids in enumerate(prompts)])
+            nxt = run_batch(ctx, [(out[s][-1], len(ids) + step - 1, s, True) for s, ids in enumerate(prompts)])
             for row, t in zip(out, nxt):
                 row.append(t)
-        return out
+        return out, time.perf_counter() - start
 
     def prefill():
-        llama_cpp.llama_memory_clear(memory, True)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(single), True)
         ids = work["ctx512"]
-        return run_batch([(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
+        return run_batch(single, [(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
 
-    return _measure(load, prefill, lambda: decode([work["ctx16"]])[0], lambda: decode([work["ctx512"]])[0],
-                    lambda: decode(work["streams"]), repeats)
+    return _measure(load, prefill, decode, work, repeats)
 
 
-def _measure(load, prefill, decode16, decode512, streams, repeats):
-    import resource
-
+def _measure(load, prefill, decode, work, repeats):
+    """decode(prompts) -> (tokens per row, seconds for the 63 tokens after the first)."""
     prefill_s, _ = _timed(prefill, repeats)
-    d16_s, tokens16 = _timed(decode16, repeats)
-    d512_s, _ = _timed(decode512, repeats)
-    streams_s, _ = _timed(streams, repeats)
-    return {
-        "load_s": load, "prefill512_s": prefill_s, "decode16_s": d16_s, "decode512_s": d512_s,
-        "streams_s": streams_s, "greedy16": tokens16,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    runs = {}
+    for key, prompts in (("decode16", [work["ctx16"]]), ("decode512", [work["ctx512"]]),
+                         ("streams", work["streams"])):
+        results = [decode(prompts) for _ in range(repeats)]
+        runs[key + "_s"] = [seconds for _, seconds in results]
+        runs[key + "_tokens"] = results[-1][0]
+    return {"load_s": load, "prefill512_s": prefill_s, **runs, "greedy16": runs["decode16_tokens"][0],
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM); getrusage's maxrss would include the parent's across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -210,8 +231,8 @@ def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
     best = lambda xs: min(xs)  # noqa: E731
     med = statistics.median
     row = {"engine": name, "load_s": r["load_s"], "peak_rss_mb": r["peak_rss_mb"]}
-    for key, n in (("prefill512", 512), ("decode16", NEW_TOKENS), ("decode512", NEW_TOKENS),
-                   ("streams", 8 * NEW_TOKENS)):
+    for key, n in (("prefill512", 512), ("decode16", NEW_TOKENS - 1), ("decode512", NEW_TOKENS - 1),
+                   ("streams", 8 * (NEW_TOKENS - 1))):
         row[f"{key}_best"] = n / best(r[f"{key}_s"])
         row[f"{key}_median"] = n / med(r[f"{key}_s"])
     if reference_tokens is not None:

@@ -30,7 +30,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) ->
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="> 1 discourages repeats (default 1.1: small models loop without it; 1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
