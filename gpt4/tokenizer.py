@@ -82,7 +82,8 @@ class Tokenizer:
                                  "'gpt2' only); use the model's Hugging Face folder instead.")
         tokens = list(gguf.require("tokenizer.ggml.tokens"))
         merges = [tuple(m.split(" ", 1)) for m in gguf.get("tokenizer.ggml.merges") or []]
-        types = gguf.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        types = gguf.get("tokenizer.ggml.token_type")
+        types = [1] * len(tokens) if types is None else types.tolist()
         vocab = {t: i for i, t in enumerate(tokens)}
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         pre = gguf.get("tokenizer.ggml.pre", "default")

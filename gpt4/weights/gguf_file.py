@@ -1,7 +1,8 @@
-"""GGUF files (llama.cpp's format): checked header, config from metadata, tensors dequantized to torch.
+"""GGUF files (llama.cpp's format): a checked parser, config from metadata, tensors dequantized to torch.
 
-Parsing and dequantization use the `gguf` package; this module adds the checks a hostile or damaged file needs
-(magic, version, counts, every tensor's byte range inside the file) and turns its failures into one clear error.
+The header is parsed here, straight from a memory map, with every count, length, type and offset checked before
+it is used (a hostile or damaged file gets one clear error, never a hang or a huge allocation). Block formats are
+decoded by the `gguf` package (numpy), except the plain float types, which are views of the map.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,40 +24,18 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 class GGUFFile:
     def __init__(self, path: str | Path):
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        _check_header(self.path)
-        try:
-            self.reader = GGUFReader(self.path, "r")
-        except (ValueError, KeyError, IndexError, struct.error, OverflowError, MemoryError, TypeError) as e:
-            if "GGMLQuantizationType" in str(e):
-                raise ModelFileError(f"{self.path} uses a tensor type unknown to the installed gguf package ({e}); "
-                                     "upgrade gguf (`pip install -U gguf`) or use a file with a common quant "
-                                     "type.") from e
-            raise ModelFileError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-                                 "the file is truncated or corrupted: download it again.") from e
-        size = self.path.stat().st_size
-        self.tensors = {}
-        for t in self.reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size or t.data.size * t.data.itemsize != t.n_bytes:
-                raise ModelFileError(f"{self.path}: tensor {t.name!r} ends at byte {end:,}, past the file's "
-                                     f"{size:,} bytes; the file is truncated: download it again.")
-            self.tensors[t.name] = t
+        _check_preamble(self.path)
+        with open(self.path, "rb") as f:
+            self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.metadata, self.tensors = _parse(self.data, self.path)
 
     def close(self) -> None:
-        # GGUFReader holds a numpy memmap; dropping the references closes it.
-        self.tensors, self.reader = {}, None
+        self.tensors, self.metadata = {}, {}
+        self.data.close()
 
     def get(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise ModelFileError(f"{self.path}: metadata {key!r} is corrupted ({e}).") from e
+        return self.metadata.get(key, default)
 
     def require(self, key: str):
         value = self.get(key)
@@ -71,23 +51,27 @@ class GGUFFile:
     # --------------------------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
         """A tensor dequantized to fp32, in PyTorch layout (out_features, in_features)."""
-        from gguf import GGMLQuantizationType, quants
+        from gguf import quants
 
-        t = self.tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
-        try:
-            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                array = np.array(t.data, dtype=np.float32)  # a copy: the memmap is read-only
-            else:
-                array = quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ModelFileError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which the gguf "
-                                 "package cannot dequantize; use a file with a common quant type "
-                                 "(F16, Q8_0, Q4_K_M, ...).") from e
-        if array.size != math.prod(shape):
-            raise ModelFileError(f"{self.path}: tensor {name!r} holds {array.size} values, its shape {shape} "
-                                 "needs more; the file is corrupted.")
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+        info = self.tensors[name]
+        raw = np.frombuffer(self.data, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+        if info.type_name == "F32":
+            array = raw.view(np.float32)
+        elif info.type_name == "F16":
+            array = raw.view(np.float16).astype(np.float32)
+        elif info.type_name == "BF16":
+            array = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif info.type_name in _TORCH_DEQUANT:
+            return _TORCH_DEQUANT[info.type_name](torch.from_numpy(raw.copy())).reshape(info.shape)
+        else:
+            try:
+                array = quants.dequantize(raw.reshape(-1, info.row_bytes), info.ggml_type)
+            except NotImplementedError as e:
+                raise ModelFileError(f"{self.path}: tensor {name!r} has type {info.type_name}, which the gguf "
+                                     "package cannot dequantize; use a file with a common quant type "
+                                     "(F16, Q8_0, Q4_K_M, ...).") from e
+        # Copy: the map is read-only and is closed after loading.
+        return torch.from_numpy(np.array(array, dtype=np.float32).reshape(info.shape))
 
     def config(self) -> GPT4Config:
         arch = self.architecture
@@ -101,7 +85,7 @@ class GGUFFile:
         tokens = self.get("tokenizer.ggml.tokens")
         vocab = int(opt("vocab_size", 0)) or (len(tokens) if tokens is not None else 0)
         if not vocab and "token_embd.weight" in self.tensors:
-            vocab = int(self.tensors["token_embd.weight"].shape[-1])
+            vocab = int(self.tensors["token_embd.weight"].shape[0])
         rope_theta = float(opt("rope.freq_base", 10000.0))
         return GPT4Config(
             model_type="qwen2" if arch == "qwen2" else "llama",
@@ -155,43 +139,79 @@ def _int_or_none(value):
     return None if value is None else int(value)
 
 
-# Sizes of GGUF metadata value types (4: uint32 ... 12: float64); 8 is string, 9 is array.
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# The default model's block formats, decoded with torch (several times faster than the numpy reference).
+def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    blocks = raw.view(-1, 34)  # fp16 scale d, then 32 int8 values: w = d * q
+    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (N, 1)
+    return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).flatten()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(N, 16) bytes -> (N, 32) values: low nibbles are elements 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
+
+
+def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    blocks = raw.view(-1, 18)  # d, 16 bytes of nibbles: w = d * (q - 8)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    return (d * (_nibbles(blocks[:, 2:]) - 8)).flatten()
+
+
+def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    blocks = raw.view(-1, 20)  # d, m, 16 bytes of nibbles: w = d * q + m
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return (d * _nibbles(blocks[:, 4:]) + m).flatten()
+
+
+_TORCH_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1}
+
+
+# GGUF metadata value types: numpy dtypes of the scalars (8 is a string, 9 an array).
+_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+            7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
 
 
-def _check_header(path: Path) -> None:
-    """Walk the header with every count, length and type checked before it is used (llama.cpp style).
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]  # PyTorch order (slowest dimension first)
+    ggml_type: object  # gguf.GGMLQuantizationType
+    type_name: str
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+    row_bytes: int  # bytes of one row (the fastest dimension) in the block format
 
-    The gguf package trusts the file's counts; a corrupted one can make it crawl through a huge array. This
-    pass costs a read of the header only and turns any inconsistency into one clear error.
-    """
+
+def _check_preamble(path: Path) -> None:
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist or is not a file.")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(24)
-        if len(head) < 24:
-            raise ModelFileError(f"{path} is {size} bytes, too short to be a GGUF file; the file is truncated.")
-        if head[:4] != b"GGUF":
-            raise ModelFileError(f"{path} is not a GGUF file (its first bytes are {head[:4]!r}, expected b'GGUF').")
-        version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-        if version not in (2, 3):
-            raise ModelFileError(f"{path} is GGUF version {version}; versions 2 and 3 are supported.")
-        # Each tensor info and each key/value pair takes well over 8 bytes: larger counts are corruption.
-        if n_tensors * 8 > size or n_kv * 8 > size:
-            raise ModelFileError(f"{path} claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more than "
-                                 f"its {size:,} bytes can hold; the file is corrupted.")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        _walk_header(data, path, n_tensors, n_kv)
+    if len(head) < 24:
+        raise ModelFileError(f"{path} is {size} bytes, too short to be a GGUF file; the file is truncated.")
+    if head[:4] != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (its first bytes are {head[:4]!r}, expected b'GGUF').")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise ModelFileError(f"{path} is GGUF version {version}; versions 2 and 3 are supported.")
+    # Each tensor info and each key/value pair takes well over 8 bytes: larger counts are corruption.
+    if n_tensors * 8 > size or n_kv * 8 > size:
+        raise ModelFileError(f"{path} claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more than "
+                             f"its {size:,} bytes can hold; the file is corrupted.")
 
 
-def _walk_header(data, path: Path, n_tensors: int, n_kv: int) -> None:
+def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """Metadata and tensor infos, every count, length, type and offset checked against the file size."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     size, pos = len(data), 24
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
 
     def take(n, what):
         nonlocal pos
-        if pos + n > size:
+        if n < 0 or pos + n > size:
             raise ModelFileError(f"{path}: {what} at byte {pos:,} runs past the end of the file ({size:,} bytes); "
                                  "the file is truncated or corrupted: download it again.")
         pos += n
@@ -209,36 +229,60 @@ def _walk_header(data, path: Path, n_tensors: int, n_kv: int) -> None:
         return data[start:start + n].decode("utf-8", "replace")
 
     def value(kind, what):
-        if kind in _SCALAR_SIZES:
-            take(_SCALAR_SIZES[kind], what)
-        elif kind == 8:
-            take(u64(what + " length"), what)
-        elif kind == 9:
+        if kind in _SCALARS:
+            dtype = np.dtype(_SCALARS[kind])
+            return np.frombuffer(data, dtype=dtype, count=1, offset=take(dtype.itemsize, what))[0].item()
+        if kind == 8:
+            return string(what)
+        if kind == 9:
             item, count = u32(what + " item type"), u64(what + " count")
-            if item in _SCALAR_SIZES:
-                take(count * _SCALAR_SIZES[item], what)
-            elif item == 8:
-                if count * 8 > size - pos:  # every string has at least its 8-byte length: cheap bound first
+            if item in _SCALARS:
+                dtype = np.dtype(_SCALARS[item])
+                return np.frombuffer(data, dtype=dtype, count=count, offset=take(count * dtype.itemsize, what))
+            if item == 8:
+                if count * 8 > size - pos:  # every string has at least its 8-byte length: a cheap bound first
                     take(count * 8, what)
-                for _ in range(count):
-                    take(u64(what + " string length"), what)
-            else:
-                raise ModelFileError(f"{path}: metadata {what} is an array of unknown type {item}; corrupted file.")
-        else:
-            raise ModelFileError(f"{path}: metadata {what} has unknown value type {kind}; the file is corrupted.")
+                return [string(what) for _ in range(count)]
+            raise ModelFileError(f"{path}: metadata {what} is an array of unknown type {item}; corrupted file.")
+        raise ModelFileError(f"{path}: metadata {what} has unknown value type {kind}; the file is corrupted.")
 
+    metadata = {}
     for _ in range(n_kv):
         key = string("a metadata key")
-        value(u32(f"{key!r} type"), repr(key))
+        metadata[key] = value(u32(f"{key!r} type"), repr(key))
+    infos = []
     for _ in range(n_tensors):
         name = string("a tensor name")
         n_dims = u32(f"tensor {name!r} rank")
         if not 1 <= n_dims <= _MAX_DIMS:
             raise ModelFileError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to 4 allowed); corrupted file.")
-        elements = math.prod(u64(f"tensor {name!r} shape") for _ in range(n_dims))
-        if elements > 8 * size:  # no quant type packs more than 8 values into a byte
-            raise ModelFileError(f"{path}: tensor {name!r} claims {elements:,} values, more than the file can hold.")
-        take(4 + 8, f"tensor {name!r} type and offset")
+        dims = [u64(f"tensor {name!r} shape") for _ in range(n_dims)]
+        type_id, offset = u32(f"tensor {name!r} type"), u64(f"tensor {name!r} offset")
+        try:
+            ggml_type = GGMLQuantizationType(type_id)
+        except ValueError as e:
+            raise ModelFileError(f"{path}: tensor {name!r} has tensor type {type_id}, unknown to the installed gguf "
+                                 "package; upgrade gguf (`pip install -U gguf`) or use a file with a common quant "
+                                 "type.") from e
+        infos.append((name, dims, ggml_type, offset))
+    alignment = int(metadata.get("general.alignment", 32))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ModelFileError(f"{path}: general.alignment={alignment} is not a power of two; corrupted file.")
+    data_start = -(-pos // alignment) * alignment
+    tensors = {}
+    for name, dims, ggml_type, offset in infos:
+        block_values, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        if dims[0] % block_values or any(d == 0 for d in dims):
+            raise ModelFileError(f"{path}: tensor {name!r} of shape {dims} does not fit {ggml_type.name} blocks of "
+                                 f"{block_values}; corrupted file.")
+        row_bytes = dims[0] // block_values * block_bytes
+        n_bytes = row_bytes * math.prod(dims[1:])
+        start = data_start + offset
+        if start + n_bytes > size:
+            raise ModelFileError(f"{path}: tensor {name!r} ends at byte {start + n_bytes:,}, past the file's "
+                                 f"{size:,} bytes; the file is truncated: download it again.")
+        tensors[name] = TensorInfo(tuple(reversed(dims)), ggml_type, ggml_type.name, start, n_bytes, row_bytes)
+    return metadata, tensors
 
 
 def permute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
