@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
+pip_quiet() {  # pip, minus the notices this machine's local package mirrors print for every package
+  .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file" >&2)
+}
+PIP=(pip_quiet)
 # torch first and pinned: any looser requirement would fetch a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install torch==2.13.0
 extras="serve,train"
