@@ -1,0 +1,79 @@
+"""`gpt4 serve`: the OpenAI-compatible server (and the chat page at /) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..errors import GPT4Error
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible API server with continuous batching and a browser chat page",
+        description="Serve models through OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and "
+                    "a chat page at /. Point any OpenAI client at http://HOST:PORT/v1.")
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help="named model, local folder or .gguf file (repeatable; default: gpt4). "
+                        "Clients pass the same string as 'model'.")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantized linear layers")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("GPT4_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $GPT4_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch row before new ones get 429 (default: 64)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default: 4)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for in-flight requests before exiting (default: 60)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from .app import ServerConfig, create_app
+    except ImportError as e:
+        raise GPT4Error(f"Serving needs the 'serve' extra ({e.name} is missing): pip install 'gpt4[serve]'.")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue), ("--port", args.port + 1)):
+        if value < 1:
+            raise GPT4Error(f"{flag} must be at least 1.")
+    names = args.model or ["gpt4"]
+
+    def load_models():
+        from ..model import GPT4LMHeadModel
+
+        loaded = {}
+        for name in names:
+            print(f"loading {name} ...", file=sys.stderr, flush=True)
+            loaded[name] = GPT4LMHeadModel.from_pretrained(name, dtype=args.dtype, quant=args.quant).eval()
+        print(f"ready: http://{args.host}:{args.port}/ (chat page), http://{args.host}:{args.port}/v1 (API)",
+              file=sys.stderr, flush=True)
+        return loaded
+
+    config = ServerConfig(api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
+                          max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    app = create_app(load_models, config)
+    state = app.state.gpt4
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: refuse new requests at once, then drain
+            state.draining = True
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a finished drain is a clean exit (0), not death by the signal
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                   timeout_graceful_shutdown=args.drain_timeout))
+    server.run()
