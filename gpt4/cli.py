@@ -13,7 +13,8 @@ import sys
 from .errors import GPT4Error
 
 DEFAULT_PROMPT = "Princess Peach is a character in the Super Mario video game series."
-COMMAND_MODULES: list[str] = []  # e.g. "gpt4.training.commands": modules with register(subparsers)
+# Modules with register(subparsers), e.g. "gpt4.training.commands".
+COMMAND_MODULES: list[str] = ["gpt4.serving.commands"]
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
