@@ -412,6 +412,27 @@ def _sse(body: dict) -> str:
 
 
 # ---- errors ------------------------------------------------------------------------------------------
+UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
+DICT_FIELDS = {"logit_bias"}  # their keys are user data, not part of the parameter name
+
+
+def _param(loc) -> str | None:
+    """OpenAI-style parameter path ('messages[0].content') from a pydantic error location."""
+    out = ""
+    for x in loc:
+        if x == "body" and not out:
+            continue
+        if isinstance(x, int):
+            out += f"[{x}]"
+            continue
+        if x in UNION_TAGS or any(c in x for c in "[]-("):  # which member of a Union failed: not a field
+            break
+        out += ("." if out else "") + x
+        if x in DICT_FIELDS:
+            break
+    return out or None
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -421,12 +442,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid(request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             message = f"We could not parse the JSON body of your request: {first.get('msg')}."
             return JSONResponse(error_body(message), status_code=400)
-        # Union members repeat the location with their type names; keep the field path readable.
-        param = ".".join(x for x in loc if not any(c in x for c in "[]()") and not x.startswith(("function-",)))
+        param = _param(first.get("loc", ()))
         message = f"Invalid value for '{param or 'body'}': {first.get('msg')}."
         return JSONResponse(error_body(message, param=param or None, code="invalid_value"), status_code=400)
 
@@ -474,6 +493,10 @@ class Guard:
                     "You didn't provide an API key. Give it as 'Authorization: Bearer KEY'."
                 await _reply(send_counted, 401, error_body(message, code="invalid_api_key"), headers)
                 return
+            if scope["method"] == "POST" and path.startswith("/v1/"):
+                # Bodies are JSON whatever the header says (`curl -d` sends a form content type).
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
             body = await _read_body(scope, receive, self._state.config.max_body_bytes)
             if body is None:
                 await _reply(send_counted, 413, error_body(
