@@ -45,7 +45,8 @@ class LiveServer:
 
     def close(self):
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive(), "the server did not shut down: a request is stuck"
 
 
 def no_eos(model) -> dict:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -308,6 +308,8 @@ class Job:
         finally:
             watcher.cancel()
             self.cancel()  # no-op when finished; frees the rows when the client went away
+        if "cancelled" in reasons:  # the client went away: nobody reads an answer
+            return Response(status_code=499)
         self.state.metrics.latency(time.perf_counter() - self.start)
         choices = []
         for i in range(total):
@@ -353,6 +355,8 @@ class Job:
                         choice = {"index": index, "text": event.text,
                                   "logprobs": self._text_logprobs(event.tokens, offsets[index]), "finish_reason": None}
                         offsets[index] += len(event.text)
+                elif event.reason == "cancelled":
+                    break
                 else:
                     choice = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": event.reason}
                               if self.kind == "chat" else

@@ -72,7 +72,7 @@ class Delta:
 @dataclass
 class Finish:
     index: int
-    reason: str  # "stop" or "length"
+    reason: str  # "stop", "length", or "cancelled" (the request was cancelled)
     completion_tokens: int
 
 
@@ -268,8 +268,10 @@ class Engine:
         """Pick the next token of one sequence from its logits, turn it into text, decide whether it finished."""
         p = seq.request.params
         raw = seq.logits.float()[None]  # (1, V)
-        scores = apply_penalties(raw.clone(), seq.seen, seq.counts, p.repetition_penalty, p.presence_penalty,
-                                 p.frequency_penalty, p.logit_bias)
+        scores = raw
+        if p.logit_bias or seq.seen is not None or seq.counts is not None:
+            scores = apply_penalties(raw.clone(), seq.seen, seq.counts, p.repetition_penalty, p.presence_penalty,
+                                     p.frequency_penalty, p.logit_bias)
         if seq.json is not None:
             scores = self._json_mask(seq, scores)
         if not p.greedy:
@@ -324,8 +326,9 @@ class Engine:
             if not done:
                 i += 1
                 continue
-            if not seq.request.cancelled:
-                seq.request.emit(Finish(seq.index, seq.finish_reason, len(seq.generated)))
+            # A cancelled sequence still reports its end, so whoever waits on the request stops waiting.
+            reason = "cancelled" if seq.request.cancelled else seq.finish_reason
+            seq.request.emit(Finish(seq.index, reason, len(seq.generated)))
             last = len(self.rows) - 1
             if i != last:  # move the last row into the hole: one row copied, not the whole batch
                 used = self.rows[last].position
@@ -370,6 +373,8 @@ class Engine:
                 r = self.waiting[0]
                 if r.cancelled:
                     self.waiting.popleft()
+                    for index in range(r.n):
+                        r.emit(Finish(index, "cancelled", 0))
                     continue
                 longest = max([len(x.prompt) for x in batch] + [len(r.prompt)])
                 if r.n > free or (batch and longest * (len(batch) + 1) > budget):
