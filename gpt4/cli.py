@@ -14,7 +14,8 @@ from .errors import GPT4Error
 
 DEFAULT_PROMPT = "Princess Peach is a character in the Super Mario video game series."
 # Modules with register(subparsers), e.g. "gpt4.training.commands".
-COMMAND_MODULES: list[str] = ["gpt4.serving.commands"]
+COMMAND_MODULES: list[str] = ["gpt4.serving.commands", "gpt4.training.commands", "gpt4.evaluation.commands",
+                               "gpt4.tasks.commands"]
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

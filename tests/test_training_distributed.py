@@ -1,0 +1,74 @@
+"""Training under torchrun with 2 gloo processes on CPU: DDP equals one process at the same global batch, exact
+resume across a restart, FSDP (fully_shard) equals DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt4 import GPT4LMHeadModel
+
+from .test_training import SIZES, data_dir, losses  # noqa: F401  (module-scoped corpus fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--preset", "tiny", "--hidden-size", str(SIZES["hidden_size"]), "--layers", str(SIZES["num_hidden_layers"]),
+          "--heads", str(SIZES["num_attention_heads"]), "--steps", "6", "--seq-len", "32", "--lr", "3e-3",
+          "--warmup-steps", "2", "--eval-interval", "3", "--eval-batches", "2", "--sample-tokens", "0",
+          "--checkpoint-interval", "3", "--precision", "fp32", "--no-progress", "--threads", "1"]
+
+
+def gpt4(args, nproc=1, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0"] if nproc > 1 else \
+        [sys.executable]
+    proc = subprocess.run(launcher + ["-m", "gpt4", "pretrain"] + args, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single(data_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("single")
+    gpt4(["--data", str(data_dir), "--out", str(out), "--batch-size", "4"] + COMMON)
+    return out
+
+
+def test_ddp_two_processes_match_one_process_and_resume_exactly(data_dir, single, tmp_path):  # noqa: F811
+    full = tmp_path / "ddp"
+    gpt4(["--data", str(data_dir), "--out", str(full), "--batch-size", "2"] + COMMON, nproc=2)
+    # Same global batch (2 ranks x 2 = 4): same data, same losses up to float reduction order.
+    assert losses(full) == pytest.approx(losses(single), abs=2e-4)
+    summary_lines = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert len(summary_lines) == 6  # only rank 0 writes
+    assert (full / "rng_rank1.pt").exists() is False and any(
+        (p / "rng_rank1.pt").exists() for p in (full / "checkpoints").iterdir())
+
+    # Interrupted after step 4 (between checkpoints at 3 and 6), then resumed by a fresh torchrun.
+    part = tmp_path / "resumed"
+    gpt4(["--data", str(data_dir), "--out", str(part), "--batch-size", "2", "--stop-after", "4"] + COMMON, nproc=2)
+    gpt4(["--data", str(data_dir), "--out", str(part), "--batch-size", "2", "--resume"] + COMMON, nproc=2)
+    assert losses(part) == losses(full)
+    a = GPT4LMHeadModel.from_pretrained(str(full / "final")).state_dict()
+    b = GPT4LMHeadModel.from_pretrained(str(part / "final")).state_dict()
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_fsdp_two_processes_match_one_process(data_dir, single, tmp_path):  # noqa: F811
+    out = tmp_path / "fsdp"
+    gpt4(["--data", str(data_dir), "--out", str(out), "--batch-size", "2", "--parallel", "fsdp"] + COMMON, nproc=2)
+    assert losses(out) == pytest.approx(losses(single), abs=2e-4)
+    model = GPT4LMHeadModel.from_pretrained(str(out / "final"))  # gathered into an ordinary checkpoint
+    ref = GPT4LMHeadModel.from_pretrained(str(single / "final"))
+    for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert (p - q).abs().max() < 1e-3, name
+    # Resume under FSDP: the gathered optimizer state is re-sharded onto the ranks.
+    part = tmp_path / "fsdp-resumed"
+    args = ["--data", str(data_dir), "--out", str(part), "--batch-size", "2", "--parallel", "fsdp"] + COMMON
+    gpt4(args + ["--stop-after", "4"], nproc=2)
+    gpt4(args + ["--resume"], nproc=2)
+    assert losses(part) == pytest.approx(losses(out), abs=1e-6)
