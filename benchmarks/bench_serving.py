@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def gguf_of(model: str) -> Path:
 
 
 def start_server(engine: str, args, port: int) -> subprocess.Popen:
-    log = open(ROOT / "benchmarks" / "results" / f"serving_{engine}.log", "w")
+    log_path = Path(tempfile.gettempdir()) / f"bench_serving_{engine}.log"
+    log = open(log_path, "w")
     if engine == "ours":
         cmd = [sys.executable, "-m", "gpt4", "serve", "--model", args.model, "--port", str(port),
                "--threads", str(args.threads), "--max-batch", "16", "--max-queue", "256"]
@@ -80,7 +82,7 @@ def start_server(engine: str, args, port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"the {engine} server exited ({proc.returncode}); see benchmarks/results/serving_{engine}.log")
+            sys.exit(f"the {engine} server exited ({proc.returncode}); see {log_path}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return proc
@@ -88,7 +90,7 @@ def start_server(engine: str, args, port: int) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     proc.kill()
-    sys.exit(f"the {engine} server did not become ready")
+    sys.exit(f"the {engine} server did not become ready; see {log_path}")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
@@ -133,9 +135,11 @@ def main() -> None:
     parser.add_argument("--model", default="gpt4", help="named model or .gguf file (llama.cpp needs a GGUF)")
     parser.add_argument("--engines", default="ours,llamacpp", help="comma list of: ours, llamacpp")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads of each server (use 1 on a machine busy with other work: torch's "
+                             "threads spin-wait and collapse when the cores are oversubscribed)")
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = parser.parse_args()
