@@ -72,8 +72,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+    # Fused on CUDA only: on CPU (torch 2.13) the fused kernel does not reproduce a run after load_state_dict.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=device.type == "cuda")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -284,7 +285,7 @@ def run_training(model: nn.Module, batches: Batches, cfg: TrainConfig, info: Dis
             class Saver:  # checkpoint.save_checkpoint calls model.save_pretrained(folder)
                 @staticmethod
                 def save_pretrained(folder):
-                    (hooks.save_model or (lambda m, f: m.save_pretrained(f)))(plain, Path(folder))
+                    (hooks.save_model or save_model_folder)(plain, Path(folder))
 
             ckpt.save_checkpoint(out, step, Saver, state, cfg.keep_last, hooks.before_commit)
         barrier(info)
@@ -378,13 +379,26 @@ def run_training(model: nn.Module, batches: Batches, cfg: TrainConfig, info: Dis
     return summary
 
 
+def save_model_folder(model: nn.Module, folder: Path) -> None:
+    """save_pretrained; a model with LoRA adapters is saved merged (a copy: training may go on)."""
+    import copy
+
+    from .lora import LoRALinear, merge_lora
+
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        merged = merge_lora(copy.deepcopy(model))
+        merged.tokenizer, merged.generation_config = model.tokenizer, model.generation_config
+        model = merged
+    model.save_pretrained(folder)
+
+
 def _write_final(model: nn.Module, folder: Path, hooks: Hooks) -> None:
     """save_pretrained into folder.tmp, then rename: a crash never leaves a half-written final model."""
     import shutil
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (hooks.save_model or (lambda m, f: m.save_pretrained(f)))(model, tmp)
+    (hooks.save_model or save_model_folder)(model, tmp)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

@@ -67,7 +67,11 @@ def pretrain(data_dir: str, cfg: TrainConfig, preset_name: str = "small", sizes:
             if resume_from is None:
                 log(f"no complete checkpoint under {cfg.out_dir}; starting from scratch")
         if resume_from is not None:
-            model = GPT4LMHeadModel.from_pretrained(resume_from / "model")
+            loaded = GPT4LMHeadModel.from_pretrained(resume_from / "model")
+            # The HF config.json drops training-only settings (dropout): rebuild from the exact saved config.
+            state, _ = ckpt.load_trainer_state(resume_from, info.rank)
+            model = GPT4LMHeadModel(GPT4Config(**state["model_config"])) if "model_config" in state else loaded
+            model.load_state_dict(loaded.state_dict())
             if model.config.vocab_size < data_vocab:
                 raise GPT4Error(f"Checkpoint {resume_from} has a {model.config.vocab_size}-token vocabulary but "
                                 f"{data_vocab} tokens in {data_dir}: the data was prepared with another tokenizer.")
@@ -90,6 +94,8 @@ def pretrain(data_dir: str, cfg: TrainConfig, preset_name: str = "small", sizes:
             f"ranks: {info.world_size} ({cfg.parallel if info.distributed else 'single process'}); "
             f"unigram baseline {baseline if baseline is None else round(baseline, 4)}")
         global_batch = cfg.batch_size * info.world_size
+        hooks = hooks or Hooks()
+        hooks.extra_state = lambda: {"model_config": model.config.to_dict()}
         return run_training(model, PretrainBatches(shards, cfg, global_batch), cfg, info, resume_from,
                             hooks, baseline, log=log)
     finally:

@@ -7,7 +7,6 @@ token ids as labels, so the model learns to answer and to stop, never to imitate
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from pathlib import Path
@@ -102,7 +101,7 @@ class ChatBatches(Batches):
 def finetune(model_name: str, data: list[str], cfg: TrainConfig, lora_rank: int = 0, lora_alpha: float | None = None,
              lora_targets: list[str] | None = None, val_fraction: float = 0.05, hooks: Hooks | None = None) -> dict:
     from ..model import GPT4LMHeadModel
-    from .lora import add_lora, lora_state_dict, merge_lora
+    from .lora import add_lora, lora_state_dict
 
     info = init_distributed()
     log = print if info.is_main else (lambda *a, **k: None)
@@ -139,12 +138,6 @@ def finetune(model_name: str, data: list[str], cfg: TrainConfig, lora_rank: int 
                 state, _ = ckpt.load_trainer_state(resume_from, info.rank)
                 model.load_state_dict(state["lora"], strict=False)
 
-            def save_merged(m, folder):
-                merged = merge_lora(copy.deepcopy(m))
-                merged.tokenizer, merged.generation_config = m.tokenizer, m.generation_config
-                merged.save_pretrained(folder)
-
-            hooks.save_model = save_merged
             hooks.extra_state = lambda: {"lora": lora_state_dict(model)}
         elif resume_from is not None:
             resumed = GPT4LMHeadModel.from_pretrained(resume_from / "model")
