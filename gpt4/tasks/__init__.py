@@ -209,7 +209,7 @@ def retrieve(question: str, pool: list[Passage], top_k: int = 3, k1: float = 1.5
 NOT_FOUND = "The documents do not contain the answer to this question."
 
 
-def ask(model, question: str, documents: list[tuple[str, str]] | None = None, top_k: int = 3,
+def ask(model, question: str, documents: list[tuple[str, str]] | None = None, n_passages: int = 3,
         **gen) -> tuple[list[Passage], Iterator[str]]:
     """(the passages the answer is grounded in, a stream of the answer). With documents and no relevant
     passage, the stream says so without asking the model."""
@@ -219,7 +219,7 @@ def ask(model, question: str, documents: list[tuple[str, str]] | None = None, to
         return [], chat(model, messages, **{"max_new_tokens": 256, **gen})
     for name, text in documents:
         _check_text(text, f"document {name}")
-    found = retrieve(question, passages(documents), top_k)
+    found = retrieve(question, passages(documents), n_passages)
     if not found:
         return [], iter([NOT_FOUND])
     context = "\n\n".join(f"[{i + 1}] {p.text}" for i, p in enumerate(found))
@@ -231,14 +231,28 @@ def ask(model, question: str, documents: list[tuple[str, str]] | None = None, to
 
 
 # ---- code ------------------------------------------------------------------------------------------
+SQUARE = {"python": "```python\ndef square(x):\n    return x * x\n```",
+          "javascript": "```javascript\nfunction square(x) {\n  return x * x;\n}\n```"}
+
+
 def code(model, task: str, lang: str = "python", with_tests: bool = False, **gen) -> Iterator[str]:
     """Stream the model's reply: one code block in `lang`."""
     _check_text(task, "task")
     extra = " After the code, add a few assert statements that check it." if with_tests and lang == "python" else ""
     messages = [{"role": "system", "content": f"You are an expert {lang} programmer. Reply with one ```{lang} "
                                               f"code block of complete, working code and nothing else.{extra}"},
+                # One worked example: small models copy its shape (names from the task, a bare code block).
+                {"role": "user", "content": "Write a function named square(x) that returns x squared."},
+                {"role": "assistant", "content": SQUARE.get(lang, SQUARE["python"])},
                 {"role": "user", "content": task.strip()}]
-    return chat(model, messages, **{"max_new_tokens": 384, **gen})
+    # The reply is started for the model with the opening fence: even a small model then writes code at once.
+    fence = f"```{lang}\n"
+    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids += model.tokenizer.encode(fence, add_special_tokens=False)
+    yield fence
+    stops = ["```", *(gen.pop("stop_strings", None) or [])]
+    yield from stream(model, ids, **{**DEFAULTS, "max_new_tokens": 384, **gen, "stop_strings": stops})
+    yield "\n```"
 
 
 def extract_code(reply: str, lang: str = "python") -> str:

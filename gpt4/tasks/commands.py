@@ -50,7 +50,9 @@ def _print(pieces) -> str:
 def cmd_translate(args) -> None:
     from . import language, tokens_per_char, translate
 
-    text = _input(args, "text to translate")
+    from . import _check_text
+
+    text = _check_text(_input(args, "text to translate"), "text to translate")  # before the model loads
     code, name = language(args.to)
     model = load(args)
     if tokens_per_char(model, code) > 1.0:
@@ -62,7 +64,9 @@ def cmd_translate(args) -> None:
 def cmd_summarize(args) -> None:
     from . import summarize
 
-    text = _input(args, "text to summarize")
+    from . import _check_text
+
+    text = _check_text(_input(args, "text to summarize"), "text to summarize")
     _print(summarize(load(args), text, length=args.length, bullets=args.bullets, **_gen(args)))
 
 
@@ -71,7 +75,7 @@ def cmd_ask(args) -> None:
 
     question = read_text_argument(args.question, "question")
     documents = [(f, read_file(f)) for f in args.context or []]
-    found, answer = ask(load(args), question, documents, top_k=args.passages, **_gen(args))
+    found, answer = ask(load(args), question, documents, n_passages=args.passages, **_gen(args))
     _print(answer)
     if found:
         print("\nSources:")
