@@ -68,22 +68,28 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantize_(model: nn.Module, mode: str, group_size: int = 32, include_head: bool = True) -> nn.Module:
+def quantize_(model: nn.Module, mode: str, group_size: int = 32, include_head: bool = True,
+              exact_int4: dict[str, tuple] | None = None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with weight-only quantized ones; returns the model.
 
     The LM head (tied to the embedding or not) is quantized too when include_head: it is the largest matrix.
-    The embedding table stays a lookup in the model dtype.
+    The embedding table stays a lookup in the model dtype. exact_int4 maps module names to (q, scale, zero)
+    groups of 32 taken straight from a 4-bit file; those modules use them instead of re-quantizing.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
     if mode == "none":
         return model
-    for parent in list(model.modules()):
+    exact_int4 = exact_int4 or {}
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or (name == "lm_head" and not include_head):
                 continue
+            full_name = f"{parent_name}.{name}" if parent_name else name
             if mode == "int8":
                 new = Int8Linear(child.weight, child.bias)
+            elif full_name in exact_int4:
+                new = Int4Linear(*exact_int4[full_name], 32, child.bias)
             else:
                 k = child.in_features
                 group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)

@@ -55,3 +55,34 @@ def test_gguf_model_saves_to_a_folder_transformers_loads(tmp_path):
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(again(ids).logits, ours(ids).logits)
     assert again.tokenizer.encode("héllo") == ours.tokenizer.encode("héllo")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_4bit_blocks_become_int4_groups_exactly(qtype, tmp_path):
+    from gpt4.quant import Int4Linear
+    from gpt4.weights.gguf_file import GGUFFile
+
+    path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
+    gguf = GGUFFile(path)
+    checked = 0
+    for name, info in gguf.tensors.items():
+        groups = gguf.int4_groups(name)
+        if info.type_name != qtype:
+            assert groups is None
+            continue
+        q, scale, zero = groups  # w = (q - 8) * scale + zero, groups of 32 along the input dimension
+        rows, cols = q.shape
+        w = (q.float().reshape(rows, cols // 32, 32) - 8) * scale[..., None] + zero[..., None]
+        torch.testing.assert_close(w.reshape(rows, cols), gguf.tensor(name), atol=1e-6, rtol=0)
+        checked += 1
+    gguf.close()
+    assert checked >= 7
+    # Loaded with --quant int4, every linear takes those groups: its output is the dequantized matmul,
+    # up to bf16 activations and scales, with no second rounding of the weights.
+    exact = GPT4LMHeadModel.from_pretrained(path)
+    int4 = GPT4LMHeadModel.from_pretrained(path, quant="int4")
+    layer = int4.layers[0].attn.qkv_proj
+    assert isinstance(layer, Int4Linear)
+    x = torch.randn(3, layer.in_features)
+    want = torch.nn.functional.linear(x.bfloat16().float(), exact.layers[0].attn.qkv_proj.weight)
+    torch.testing.assert_close(layer(x).float(), want, atol=0.05, rtol=0.02)

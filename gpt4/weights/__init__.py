@@ -125,10 +125,12 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
         gguf = GGUFFile(path)
         config = gguf.config()
         state = _gguf_state(gguf, config, dtype)
+        exact_int4 = _gguf_int4_groups(gguf, config) if quant == "int4" else {}
         has_vocab = gguf.get("tokenizer.ggml.model") is not None
         tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
         gguf.close()
     else:
+        exact_int4 = {}
         config = _hf_config(path)
         state = _hf_state(path, config)
         tokenizer = Tokenizer.from_pretrained(path) if load_tokenizer and (path / "tokenizer.json").is_file() \
@@ -137,7 +139,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
     if quant != "none":
         from ..quant import quantize_
 
-        quantize_(model, quant)
+        quantize_(model, quant, exact_int4=exact_int4)
     model.tokenizer = tokenizer
     model.generation_config = GenerationConfig.for_model(config, tokenizer, path if kind == "hf" else None)
     return model.eval()
@@ -197,6 +199,32 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config, dtype=torch.float32) -> dict
             t = permute_for_rope(t, config.num_key_value_heads)
         state[ours] = t.to(dtype)  # convert per tensor: never hold the whole model in fp32 for a bf16 load
     return names.fuse(state)
+
+
+def _gguf_int4_groups(gguf: GGUFFile, config: GPT4Config) -> dict[str, tuple]:
+    """{linear module name: (q, scale, zero)} for the 4-bit GGUF matrices, permuted and fused like the weights.
+
+    Q4_0 / Q4_1 blocks are affine int4 groups of 32 already: the int4 layers take them as they are instead of
+    re-quantizing a dequantized copy (which would add a second rounding).
+    """
+    parts = {"q": {}, "scale": {}, "zero": {}}
+    permuted = gguf.architecture in ("llama", "mistral")
+    for foreign in gguf.tensors:
+        ours = names.rename(foreign, names.GGUF)
+        groups = gguf.int4_groups(foreign) if ours and ours.endswith(".weight") else None
+        if groups is None:
+            continue
+        for key, t in zip(parts, groups):
+            if permuted and ours.endswith("attn.q_proj.weight"):
+                t = permute_for_rope(t, config.num_attention_heads)
+            elif permuted and ours.endswith("attn.k_proj.weight"):
+                t = permute_for_rope(t, config.num_key_value_heads)
+            parts[key][ours] = t
+    fused = {key: names.fuse(d) for key, d in parts.items()}
+    # A fused matrix is exact only if every part was 4-bit: fuse() leaves unfused names for partial sets.
+    return {name.removesuffix(".weight"): (fused["q"][name], fused["scale"][name], fused["zero"][name])
+            for name in fused["q"] if name.endswith(("qkv_proj.weight", "o_proj.weight", "up_proj.weight",
+                                                     "down_proj.weight", "lm_head.weight"))}
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

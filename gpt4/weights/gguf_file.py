@@ -73,6 +73,24 @@ class GGUFFile:
         # Copy: the map is read-only and is closed after loading.
         return torch.from_numpy(np.array(array, dtype=np.float32).reshape(info.shape))
 
+    def int4_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (q (out, in) in 0..15, scale, zero),
+        scale and zero (out, in / 32), with w = (q - 8) * scale + zero. None for other types."""
+        info = self.tensors[name]
+        if info.type_name not in ("Q4_0", "Q4_1"):
+            return None
+        raw = torch.from_numpy(np.frombuffer(self.data, dtype=np.uint8, count=info.n_bytes, offset=info.offset).copy())
+        width = 18 if info.type_name == "Q4_0" else 20
+        blocks = raw.view(-1, width)
+        d = blocks[:, :2].contiguous().view(torch.float16).float().flatten()
+        if info.type_name == "Q4_0":  # w = d * (q - 8)
+            zero = torch.zeros_like(d)
+        else:  # w = d * q + m = (q - 8) * d + (m + 8 d)
+            zero = blocks[:, 2:4].contiguous().view(torch.float16).float().flatten() + 8 * d
+        rows = info.shape[0]
+        q = _nibbles(blocks[:, width - 16:]).to(torch.uint8).reshape(rows, -1)
+        return q, d.reshape(rows, -1), zero.reshape(rows, -1)
+
     def config(self) -> GPT4Config:
         arch = self.architecture
         if arch not in SUPPORTED_ARCHITECTURES:
