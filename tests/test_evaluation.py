@@ -206,3 +206,22 @@ def test_cli_eval_writes_records_and_compares(tmp_path, capsys):
 def test_cli_eval_unknown_task_is_a_clear_error(capsys):
     assert main(["eval", "--task", "nope"]) != 0
     assert "Unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_same_scores_through_the_server_as_through_the_python_api(default_model):
+    """ARC-Easy through `gpt4 serve`'s /v1/completions (echo + logprobs, max_tokens 0) = the Python API."""
+    from gpt4.evaluation.scoring import ServerScorer
+    from tests.test_serving_support import LiveServer
+
+    server = LiveServer({"gpt4": default_model}, max_batch=4)
+    try:
+        via_server = harness.evaluate(default_model, "arc_easy", limit=5, progress=False,
+                                      scorer=ServerScorer(server.url, default_model, progress=False))
+    finally:
+        server.close()
+    local = harness.evaluate(default_model, "arc_easy", limit=5, progress=False)
+    assert via_server["metrics"]["acc"] == local["metrics"]["acc"]
+    assert via_server["metrics"]["acc_norm"] == local["metrics"]["acc_norm"]
+    for a, b in zip(via_server["records"], local["records"]):
+        assert a["pred"] == b["pred"]
+        assert a["logliks"] == pytest.approx(b["logliks"], abs=2e-3)

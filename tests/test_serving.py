@@ -74,6 +74,35 @@ def test_completions_several_prompts(client):
     assert ids.usage.prompt_tokens == 3
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_the_model(client, default_model):
+    """completions with echo, logprobs and max_tokens 0 (how lm-eval-harness scores through an API)."""
+    ids = default_model.tokenizer.encode("The capital of France is Paris.")
+    r = client.completions.create(model="gpt4", prompt=ids, echo=True, logprobs=2, max_tokens=0, temperature=0)
+    (c,) = r.choices
+    assert c.text == default_model.tokenizer.decode(ids) and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    with torch.no_grad():
+        logits = default_model(torch.tensor([ids])).logits[0, :-1].float()  # (S-1, V)
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), want, atol=2e-3, rtol=0)
+    streamed = list(client.completions.create(model="gpt4", prompt=ids, echo=True, logprobs=2, max_tokens=0,
+                                              temperature=0, stream=True))
+    assert streamed[0].choices[0].text == c.text
+    assert streamed[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+    assert streamed[-1].choices[0].finish_reason == "length"
+    more = client.completions.create(model="gpt4", prompt=ids, echo=True, logprobs=1, max_tokens=3, temperature=0)
+    m = more.choices[0]
+    assert m.text.startswith(c.text) and len(m.logprobs.tokens) == len(ids) + 3
+    assert m.logprobs.token_logprobs[0] is None
+    assert m.logprobs.token_logprobs[1:len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model="gpt4", prompt=ids, max_tokens=0)
+
+
 def test_stream_concatenates_to_the_whole_reply(client):
     whole = chat(client, max_tokens=24)
     chunks = list(chat(client, max_tokens=24, stream=True, stream_options={"include_usage": True}))

@@ -102,7 +102,9 @@ class ServerScorer:
         out = []
         for ctx, cont in tqdm(pairs, desc="scoring (server)", unit="req", disable=not self.progress, leave=False):
             c, x = encode_pair(self.tokenizer, ctx, cont)
-            full = (c + x)[-(self.limit + 1):]
+            # The server scores a prompt that fits its context, one token shorter than LocalScorer's window
+            # (which never feeds its last token): the two differ only for pairs longer than the context.
+            full = (c + x)[-self.limit:]
             reply = self._post({"model": self.name, "prompt": full, "echo": True, "logprobs": 1, "max_tokens": 0,
                                 "temperature": 0})
             lp = (reply["choices"][0].get("logprobs") or {})

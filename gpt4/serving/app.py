@@ -29,7 +29,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GPT4Error
-from .engine import Delta, Draining, Engine, Failed, Finish, QueueFull, Request as EngineRequest, SamplingParams
+from .engine import (Delta, Draining, Engine, Failed, Finish, PromptLogprobs, QueueFull, Request as EngineRequest,
+                     SamplingParams)
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 
@@ -173,8 +174,12 @@ def create_app(models: dict[str, object] | Callable[[], dict[str, object]],
         if any(t >= served.model.config.vocab_size for p in prompts for t in p):
             raise APIError(400, f"A prompt token id is outside the vocabulary [0, {served.model.config.vocab_size}).",
                            param="prompt")
-        params = _sampling(body, served, prompts, body.max_tokens or 16, "prompt")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing; it is only allowed with echo (to score the prompt).",
+                           param="max_tokens")
+        params = _sampling(body, served, prompts, 16 if body.max_tokens is None else body.max_tokens, "prompt")
         params.logprobs, params.top_logprobs = body.logprobs is not None, body.logprobs or 0
+        params.prompt_logprobs = bool(body.echo) and params.logprobs
         echo = [tok.decode(p) for p in prompts] if body.echo else None
         job = Job(state, served, "text", prompts, params, body.n or 1, request, echo=echo)
         return await job.respond(bool(body.stream), bool(body.stream_options and body.stream_options.include_usage))
@@ -197,7 +202,7 @@ def _sampling(body, served: Served, prompts: list[list[int]], max_tokens: int | 
     context = served.model.config.max_position_embeddings
     longest = max(map(len, prompts))
     wanted = max_tokens if max_tokens is not None else context - longest
-    if longest + max(wanted, 1) > context:
+    if longest + max(wanted, 0 if max_tokens == 0 else 1) > context:  # 0: prompt scoring (echo) only
         raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                             f"{longest + wanted} tokens ({longest} in the {what}, {wanted} in the completion). "
                             f"Please reduce the length of the {what} or completion.",
@@ -239,6 +244,7 @@ class Job:
             return emit
 
         self.requests = [EngineRequest(p, params, emitter(j), n=n) for j, p in enumerate(prompts)]
+        self.prompt_scores: list[list | None] = [None] * len(prompts)  # per prompt, when echo asks for logprobs
         self.params = params
         self.start = time.perf_counter()
         self.first_token: float | None = None
@@ -271,6 +277,10 @@ class Job:
             if isinstance(event, Failed):
                 yield None, event
                 return
+            if isinstance(event, PromptLogprobs):
+                self.prompt_scores[j] = event.tokens
+                yield j * self.n, event  # streaming sends the echo with its logprobs now
+                continue
             index = j * self.n + event.index
             if isinstance(event, Finish):
                 left -= 1
@@ -303,7 +313,7 @@ class Job:
                 if isinstance(event, Delta):
                     texts[index] += event.text
                     tokens[index] += event.tokens
-                else:
+                elif isinstance(event, Finish):
                     reasons[index] = event.reason
         finally:
             watcher.cancel()
@@ -317,7 +327,8 @@ class Job:
                 choices.append({"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
                                 "logprobs": self._chat_logprobs(tokens[i]), "finish_reason": reasons[i]})
             else:
-                choices.append({"index": i, "text": texts[i], "logprobs": self._text_logprobs(tokens[i], 0),
+                scored = self.prompt_scores[i // self.n] or []
+                choices.append({"index": i, "text": texts[i], "logprobs": self._text_logprobs(scored + tokens[i], 0),
                                 "finish_reason": reasons[i]})
         return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.served.name, "system_fingerprint": self.state.fingerprint,
@@ -334,12 +345,12 @@ class Job:
     async def _sse(self, include_usage: bool):
         try:
             total = len(self.requests) * self.n
-            offsets = [0] * total
+            offsets = [len(self.echo[i // self.n]) if self.echo else 0 for i in range(total)]
             if self.kind == "chat":
                 for i in range(total):
                     yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                         "finish_reason": None}], include_usage)
-            elif self.echo:
+            elif self.echo and not self.params.prompt_logprobs:  # else sent with its logprobs after the prefill
                 for i in range(total):
                     yield self._chunk([{"index": i, "text": self.echo[i // self.n], "logprobs": None,
                                         "finish_reason": None}], include_usage)
@@ -347,6 +358,11 @@ class Job:
                 if isinstance(event, Failed):
                     yield _sse(error_body(event.message, "server_error"))
                     break
+                if isinstance(event, PromptLogprobs):
+                    echo, logprobs = self.echo[index // self.n], self._text_logprobs(event.tokens, 0)
+                    yield self._chunk([{"index": i, "text": echo, "logprobs": logprobs, "finish_reason": None}
+                                       for i in range(index, index + self.n)], include_usage)
+                    continue
                 if isinstance(event, Delta):
                     if self.kind == "chat":
                         choice = {"index": index, "delta": {"content": event.text},
@@ -405,7 +421,7 @@ class Job:
             text, _ = self._token(t.token_id)
             out["tokens"].append(text)
             out["token_logprobs"].append(t.logprob)
-            out["top_logprobs"].append({self._token(i)[0]: lp for i, lp in t.top})
+            out["top_logprobs"].append(None if t.top is None else {self._token(i)[0]: lp for i, lp in t.top})
             out["text_offset"].append(offset)
             offset += len(text)
         return out

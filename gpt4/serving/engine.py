@@ -47,6 +47,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: bool = False  # also score the prompt's own tokens (completions with echo and logprobs)
     json_mode: bool = False
 
     @property
@@ -56,10 +57,17 @@ class SamplingParams:
 
 @dataclass
 class TokenInfo:
-    """One generated token for logprobs: its id, text bytes, logprob and the top alternatives."""
+    """One token for logprobs: its id, logprob and the top alternatives (None for a prompt's first token,
+    which nothing predicts)."""
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+
+
+@dataclass
+class PromptLogprobs:
+    """The prompt's tokens scored by the model, sent once after the prefill (before any Delta)."""
+    tokens: list[TokenInfo]
 
 
 @dataclass
@@ -130,7 +138,7 @@ class Sequence:
             self.counts = torch.zeros(1, vocab_size)
         self.json = JSONPrefix() if p.json_mode else None
         self.logits: torch.Tensor | None = None  # (V,) scores for the next token
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = "length" if p.max_tokens == 0 else None
 
     def record(self, token: int) -> None:
         self.generated.append(token)
@@ -254,7 +262,7 @@ class Engine:
     def _step(self) -> None:
         produced = 0
         for seq in self.rows:
-            if not seq.request.cancelled:
+            if not seq.request.cancelled and seq.finish_reason is None:
                 self._advance(seq)
                 produced += 1
         self._leave()
@@ -387,13 +395,16 @@ class Engine:
         try:
             seqs = [Sequence(r, i, self.tokenizer, self.vocab_size) for r in batch for i in range(r.n)]
             self._ensure_cache(max(len(r.prompt) for r in batch) + 1)
-            logits = self._prefill([r.prompt for r in batch], start)  # (k, V)
+            logits, scored = self._prefill(batch, start)  # (k, V), prompt logprobs of those that asked
             self._place(batch, start)
         except Exception as e:  # fail these requests only; the running batch goes on
             log.exception("prefill failed")
             for r in batch:
                 r.emit(Failed(f"The prompt could not be processed: {e}"))
             return
+        for r, tokens in zip(batch, scored):
+            if tokens is not None:
+                r.emit(PromptLogprobs(tokens))
         firsts = [row for r, row in zip(batch, logits) for _ in range(r.n)]
         for seq, first in zip(seqs, firsts):
             seq.logits = first
@@ -416,9 +427,12 @@ class Engine:
                 self.cache.keys[:, dst + extra, :, :used] = self.cache.keys[:, dst, :, :used]
                 self.cache.values[:, dst + extra, :, :used] = self.cache.values[:, dst, :, :used]
 
-    def _prefill(self, prompts: list[list[int]], start: int) -> torch.Tensor:
-        """Prefill right-padded prompts into rows start..start+k-1; return each prompt's last logits (k, V)."""
+    def _prefill(self, batch: list[Request], start: int) -> tuple[torch.Tensor, list[list[TokenInfo] | None]]:
+        """Prefill right-padded prompts into rows start..start+k-1. Returns each prompt's last logits (k, V), and
+        for requests with prompt_logprobs the log-probability of every prompt token given the ones before it."""
+        prompts = [r.prompt for r in batch]
         k, longest = len(prompts), max(map(len, prompts))
+        scored = [[TokenInfo(p[0], None, None)] if r.params.prompt_logprobs else None for r, p in zip(batch, prompts)]
         lengths = torch.tensor([len(p) for p in prompts])
         ids = torch.zeros(k, longest, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -432,4 +446,17 @@ class Engine:
             inside = (lengths - 1 >= lo) & (lengths - 1 < hi)
             idx = (lengths - 1 - lo).clamp(0, hi - lo - 1)
             last = torch.where(inside[:, None], h[torch.arange(k), idx], last)
-        return self.model.lm_head(last)  # (k, V)
+            for i, tokens in enumerate(scored):
+                if tokens is not None and lo + 1 < len(prompts[i]):
+                    self._score_prompt(h[i, :min(hi, len(prompts[i]) - 1) - lo], prompts[i][lo + 1:hi + 1],
+                                       batch[i].params.top_logprobs, tokens)
+        return self.model.lm_head(last), scored  # (k, V)
+
+    def _score_prompt(self, hidden: torch.Tensor, targets: list[int], top: int, out: list[TokenInfo]) -> None:
+        """Append the logprob of each target token given the hidden state before it; hidden (S, H)."""
+        logprobs = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)  # (S, V)
+        chosen = logprobs.gather(1, torch.tensor(targets[:len(hidden)])[:, None])[:, 0].tolist()
+        best = torch.topk(logprobs, top) if top else None
+        for j, (token, lp) in enumerate(zip(targets, chosen)):
+            alternatives = [] if best is None else list(zip(best.indices[j].tolist(), best.values[j].tolist()))
+            out.append(TokenInfo(token, lp, alternatives))

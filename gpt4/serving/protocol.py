@@ -126,6 +126,7 @@ PromptIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=
 class CompletionRequest(_Sampling):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | PromptIds \
         | Annotated[list[PromptIds], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # 0 with echo: score the prompt only
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=20)] | None = None
