@@ -95,21 +95,22 @@ class Attention(nn.Module):
         # q, k and v in one matmul: fewer, larger kernels (one weight read per step while decoding).
         self.qkv_proj = nn.Linear(config.hidden_size, q_out + 2 * kv_out, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.output_bias)
-        self.split_sizes = (q_out, kv_out, kv_out)
+        self.split_sizes = (q_out + kv_out, kv_out)  # (q and k: rotated together, v)
         self.dropout = config.dropout
 
     def forward(self, x, rope, mask, cache, positions, kv_length):
         B, S, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
-        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        qk = qk.view(B, S, self.n_heads + self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hq + Hkv, S, D)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k rotate alike: one pass over both (fewer ops per decode step)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)  # (B, Hq, S, D), (B, Hkv, S, D)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v, positions, kv_length)  # (B, Hkv, T, D)
+        # No mask: either a full causal sequence (S == T) or one query that sees every cached slot.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, Hq, S, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
@@ -251,9 +252,14 @@ class GPT4LMHeadModel(nn.Module):
 
     def decode_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                       kv_length: int) -> torch.Tensor:
-        """The generation loop's lean path: inputs already checked, no host round trips; see hidden_states."""
-        return self._run(input_ids, positions, attention_mask_for(positions, kv_length, self.config.sliding_window),
-                         cache, kv_length)
+        """The generation loop's lean path: inputs already checked, no host round trips; see hidden_states.
+        kv_length must be the largest position + 1."""
+        window = self.config.sliding_window
+        if input_ids.shape == (1, 1) and (window is None or kv_length <= window):
+            mask = None  # one sequence's newest token (position kv_length - 1) sees every slot: skip the mask
+        else:
+            mask = attention_mask_for(positions, kv_length, window)
+        return self._run(input_ids, positions, mask, cache, kv_length)
 
     def _run(self, input_ids, positions, mask, cache, kv_length) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, S, H)

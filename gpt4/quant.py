@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4")
+# From this many input rows (a prefill chunk) dequantizing an int4 matrix to bf16 and one bf16 matmul beats the
+# int4 kernel, whose time grows with every row (measured on AVX512/AMX: ~2x at 512 rows, even at 128).
+INT4_DEQUANTIZE_ROWS = 128
 
 
 class Int8Linear(nn.Module):
@@ -44,6 +47,9 @@ class Int4Linear(nn.Module):
         super().__init__()
         out_features, in_features = q.shape  # q (out, in) int in 0..15; scales, zeros (out, in // group)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        # The same nibbles two to a byte, in plain order (the kernel's layout is private): for prefill.
+        q8 = q.to(torch.uint8).reshape(out_features, in_features // 2, 2)
+        self.register_buffer("nibbles", q8[..., 0] | (q8[..., 1] << 4))  # (out, in // 2)
         # The kernel wants (in // group, out, 2): scale and zero of each group and output channel.
         self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
@@ -62,10 +68,21 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype),
-                                                       self.packed, self.group_size, self.scales_and_zeros)
+        x = x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype)  # (N, in)
+        if x.shape[0] >= INT4_DEQUANTIZE_ROWS:
+            y = x @ self.dequantized().t()
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight (out, in) in the compute dtype: (q - 8) * scale + zero."""
+        out_features, groups = self.out_features, self.in_features // self.group_size
+        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1)  # (out, in // 2, 2)
+        q = q.view(out_features, groups, self.group_size).to(self.scales_and_zeros.dtype)
+        scale_zero = self.scales_and_zeros.transpose(0, 1)  # (out, groups, 2)
+        return ((q - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).view(out_features, self.in_features)
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, include_head: bool = True,
@@ -104,8 +121,10 @@ def linear_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, (Int8Linear, Int4Linear)):
+        elif isinstance(m, Int8Linear):
             total += sum(b.numel() * b.element_size() for b in m.buffers())
+        elif isinstance(m, Int4Linear):  # the nibbles are read by prefill only
+            total += sum(b.numel() * b.element_size() for b in (m.packed, m.scales_and_zeros))
     return total
 
 

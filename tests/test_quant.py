@@ -17,14 +17,16 @@ def test_int8_linear_equals_matmul_with_its_dequantized_weight():
     assert (layer.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # half a step at most, x2
 
 
-def test_int4_linear_equals_matmul_with_its_dequantized_weight():
+@pytest.mark.parametrize("rows", [4, 200])  # the int4 kernel (decode) and dequantize + bf16 matmul (prefill)
+def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows):
     torch.manual_seed(0)
-    w, x = torch.randn(96, 128), torch.randn(4, 128)
+    w, x = torch.randn(96, 128), torch.randn(rows, 128)
     layer = Int4Linear.from_float(w, None, group_size=32)
     groups = w.reshape(96, 4, 32)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     step = (hi - lo) / 15
     dequant = (((groups - lo) / step).round() * step + lo).reshape(96, 128)
+    torch.testing.assert_close(layer.dequantized().float(), dequant, atol=0.04, rtol=0.01)  # bf16 scales
     torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
 
 
