@@ -3,8 +3,10 @@ resume across a restart, FSDP (fully_shard) equals DDP."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,45 @@ def test_fsdp_two_processes_match_one_process(data_dir, single, tmp_path):  # no
     gpt4(args + ["--stop-after", "4"], nproc=2)
     gpt4(args + ["--resume"], nproc=2)
     assert losses(part) == pytest.approx(losses(out), abs=1e-6)
+
+
+def _workers_of(out: Path) -> list[int]:
+    """PIDs of the training processes (not the torchrun agent) writing to `out`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not a process folder
+            continue
+        if str(out).encode() in cmd and b"pretrain" in cmd and b"torch.distributed.run" not in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_rank_killed_under_max_restarts_resumes_and_loses_nothing(data_dir, tmp_path):  # noqa: F811
+    """kill -9 of one rank mid-run: torchrun --max-restarts restarts the group, `--resume` (auto) continues from the
+    newest complete checkpoint, and the losses equal an uninterrupted run."""
+    longer = COMMON + ["--steps", "40", "--checkpoint-interval", "4"]
+    full = tmp_path / "uninterrupted"
+    gpt4(["--data", str(data_dir), "--out", str(full), "--batch-size", "2"] + longer, nproc=2)
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "--max-restarts", "1", "-m", "gpt4", "pretrain", "--data", str(data_dir), "--out", str(out), "--batch-size", "2",
+                            "--resume"] + longer, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        marker = out / "checkpoints" / "step_00000004" / "COMPLETE"
+        deadline = time.monotonic() + 120
+        while not marker.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victims = _workers_of(out)
+        assert marker.exists() and len(victims) == 2, "training did not reach its first checkpoint"
+        os.kill(victims[1], signal.SIGKILL)
+        output, _ = run.communicate(timeout=240)
+    finally:
+        run.kill()
+    assert run.returncode == 0, output[-3000:]
+    assert "resumed from" in output and str(out / "checkpoints") in output  # the restarted group resumed
+    assert losses(out) == losses(full)

@@ -43,7 +43,12 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # torchrun (2.13) keeps one rendezvous store across --max-restarts attempts: a restarted rank would read
+        # the killed attempt's addresses and fail to connect. Each attempt gets its own key prefix.
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"gpt4/attempt_{attempt}/", store),
+                                rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
