@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -72,7 +73,7 @@ def start_server(engine: str, args, port: int) -> subprocess.Popen:
     log = open(log_path, "w")
     if engine == "ours":
         cmd = [sys.executable, "-m", "gpt4", "serve", "--model", args.model, "--port", str(port),
-               "--threads", str(args.threads), "--max-batch", "16", "--max-queue", "256"]
+               "--threads", str(args.threads), "--max-batch", "16", "--max-queue", "256"] + shlex.split(args.ours_flags)
     else:
         cmd = [args.llama_python, "-c", LLAMA_LAUNCHER, "--model", str(gguf_of(args.model)), "--port", str(port),
                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048",
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads of each server (use 1 on a machine busy with other work: torch's "
                              "threads spin-wait and collapse when the cores are oversubscribed)")
+    parser.add_argument("--ours-flags", default="", help="more `gpt4 serve` flags, e.g. '--dtype bfloat16 --quant int4'")
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = parser.parse_args()

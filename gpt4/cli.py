@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from .errors import GPT4Error
 
@@ -60,6 +61,20 @@ def read_text_argument(value: str | None, what: str) -> str:
     if value is None:
         raise GPT4Error(f"Give the {what} as an argument or on standard input.")
     return value
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's contents, or a clear error for a missing, binary or non-UTF-8 file."""
+    p = Path(path)
+    if not p.is_file():
+        raise GPT4Error(f"No such file: {path}")
+    raw = p.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise GPT4Error(f"{path} looks binary (it contains NUL bytes); give a text file.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GPT4Error(f"{path} is not UTF-8 text.") from None
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4")
-# From this many input rows (a prefill chunk) dequantizing an int4 matrix to bf16 and one bf16 matmul beats the
-# int4 kernel, whose time grows with every row (measured on AVX512/AMX: ~2x at 512 rows, even at 128).
-INT4_DEQUANTIZE_ROWS = 128
+# From this many input rows (a prefill chunk) dequantizing the matrix to bf16 and one bf16 matmul beats the
+# weight-only kernels, whose time grows with every row (measured on AVX512/AMX, 512 rows: 9x for int8, 2x for
+# int4; at 128 rows int4 breaks even). Decoding (a row per sequence) keeps the kernels: fewer bytes read.
+DEQUANTIZE_ROWS = 128
 
 
 class Int8Linear(nn.Module):
@@ -30,8 +31,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype), self.weight_int8,
-                                               self.scales)  # (N, out)
+        x = x.reshape(-1, shape[-1]).to(self.scales.dtype)  # (N, in)
+        if x.shape[0] >= DEQUANTIZE_ROWS:
+            y = x @ (self.weight_int8.to(x.dtype) * self.scales[:, None]).t()
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)  # (N, out)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -69,7 +73,7 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype)  # (N, in)
-        if x.shape[0] >= INT4_DEQUANTIZE_ROWS:
+        if x.shape[0] >= DEQUANTIZE_ROWS:
             y = x @ self.dequantized().t()
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)

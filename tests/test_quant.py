@@ -8,9 +8,10 @@ from gpt4 import GPT4LMHeadModel
 from gpt4.quant import Int4Linear, Int8Linear, linear_bytes, quantize_
 
 
-def test_int8_linear_equals_matmul_with_its_dequantized_weight():
+@pytest.mark.parametrize("rows", [5, 200])  # the int8 kernel (decode) and dequantize + bf16 matmul (prefill)
+def test_int8_linear_equals_matmul_with_its_dequantized_weight(rows):
     torch.manual_seed(0)
-    w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(5, 3, 64)
+    w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(rows, 3, 64)
     layer = Int8Linear(w, b)
     want = F.linear(x.bfloat16().float(), layer.dequantized(), b)
     torch.testing.assert_close(layer(x).float(), want, atol=0.15, rtol=0.02)

@@ -6,7 +6,6 @@ artifacts/serving/chat_page.png.
 
 import os
 import pathlib
-import time
 
 import pytest
 

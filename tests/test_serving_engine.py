@@ -1,12 +1,10 @@
 """The continuous-batching engine used directly: batched = sequential, joins and leaves, stop strings, JSON mode."""
 
 import json
-import queue
 import threading
 import time
 
 import pytest
-import torch
 
 from gpt4.generation import GenerationConfig, generate_tokens
 from gpt4.serving.engine import Delta, Engine, Failed, Finish, Request, SamplingParams, Sequence

@@ -1,10 +1,8 @@
 """Training: data preparation, pretraining mechanics, exact resume, crash safety, bad input (single process)."""
 
-import dataclasses
 import errno
 import inspect
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +15,7 @@ import torch
 from gpt4 import GPT4Error, GPT4LMHeadModel
 from gpt4.training import checkpoint as ckpt
 from gpt4.training.data import Shards, batch_at, prepare
-from gpt4.training.loop import Batches, Hooks, TrainConfig, lr_at, run_training
+from gpt4.training.loop import Batches, TrainConfig, lr_at, run_training
 from gpt4.training.distributed import DistInfo
 from gpt4.training.pretrain import pretrain
 from gpt4.training.tokenizer_training import train_tokenizer

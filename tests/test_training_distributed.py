@@ -101,7 +101,7 @@ def test_a_rank_killed_under_max_restarts_resumes_and_loses_nothing(data_dir, tm
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "--max-restarts", "1", "-m", "gpt4", "pretrain", "--data", str(data_dir), "--out", str(out), "--batch-size", "2",
                             "--resume"] + longer, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+                           text=True, start_new_session=True)  # its own process group: cleaned up whole
     try:
         marker = out / "checkpoints" / "step_00000004" / "COMPLETE"
         deadline = time.monotonic() + 120
@@ -112,7 +112,9 @@ def test_a_rank_killed_under_max_restarts_resumes_and_loses_nothing(data_dir, tm
         os.kill(victims[1], signal.SIGKILL)
         output, _ = run.communicate(timeout=240)
     finally:
-        run.kill()
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)  # the agent and its workers: nothing left behind on failure
+        run.wait()
     assert run.returncode == 0, output[-3000:]
     assert "resumed from" in output and str(out / "checkpoints") in output  # the restarted group resumed
     assert losses(out) == losses(full)

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..cli import add_model_flags, load
+from ..cli import add_model_flags, load, read_text_file
 from ..errors import GPT4Error
 
 
@@ -69,16 +69,7 @@ def cmd_eval(args) -> None:
 def cmd_perplexity(args) -> None:
     from .perplexity import perplexity
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise GPT4Error(f"No such file: {path}")
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise GPT4Error(f"{path} looks binary (it contains NUL bytes); give a text file.")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise GPT4Error(f"{path} is not UTF-8 text.") from None
+    text = read_text_file(args.file)
     r = perplexity(load(args), text, window=args.window, stride=args.stride)
     print(f"tokens {r['tokens']}  bytes {r['bytes']}  perplexity {r['ppl']:.3f}  bits/byte {r['bits_per_byte']:.4f}"
           f"  (window {r['window']}, stride {r['stride']})")

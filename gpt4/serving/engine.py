@@ -362,7 +362,6 @@ class Engine:
 
     def _decode(self) -> None:
         """One forward pass: the last token of every row at its own position."""
-        n = len(self.rows)
         positions = torch.tensor([[s.position - 1] for s in self.rows])  # (n, 1)
         kv_length = int(positions.max()) + 1
         self._ensure_cache(kv_length)

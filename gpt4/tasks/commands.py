@@ -5,29 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli import add_model_flags, add_sampling_flags, load, read_text_argument, sampling_kwargs
-from ..errors import GPT4Error
+from ..cli import add_model_flags, add_sampling_flags, load, read_text_argument, read_text_file, sampling_kwargs
 
 
-def read_file(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise GPT4Error(f"No such file: {path}")
-    raw = p.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise GPT4Error(f"{path} looks binary (it contains NUL bytes); give a text file.")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise GPT4Error(f"{path} is not UTF-8 text.") from None
 
 
 def _input(args, what: str) -> str:
     if getattr(args, "file", None):
-        return read_file(args.file)
+        return read_text_file(args.file)
     value = args.text
     if value is not None and value != "-" and Path(value).is_file() and "\n" not in value:
-        return read_file(value)  # a path given as the argument
+        return read_text_file(value)  # a path given as the argument
     return read_text_argument(value, what)
 
 
@@ -74,7 +62,7 @@ def cmd_ask(args) -> None:
     from . import ask
 
     question = read_text_argument(args.question, "question")
-    documents = [(f, read_file(f)) for f in args.context or []]
+    documents = [(f, read_text_file(f)) for f in args.context or []]
     found, answer = ask(load(args), question, documents, n_passages=args.passages, **_gen(args))
     _print(answer)
     if found:
@@ -87,7 +75,7 @@ def cmd_code(args) -> None:
     from . import check_syntax, code, extract_code, run_code
 
     task = read_text_argument(args.task, "task")
-    tests = read_file(args.tests) if args.tests else ""
+    tests = read_text_file(args.tests) if args.tests else ""
     reply = _print(code(load(args), task, lang=args.lang, with_tests=args.test, **_gen(args)))
     source = extract_code(reply, args.lang)
     if args.lang == "python":

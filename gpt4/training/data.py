@@ -52,6 +52,18 @@ def list_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def jsonl_records(path: Path, errors: str = "strict") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line; a line that is not JSON is a clear error."""
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GPT4Error(f"{path}:{n} is not valid JSON ({e}); fix or remove that line.") from e
+
+
 def iter_documents(files: list[Path], text_field: str = "text", warn=print) -> Iterator[str]:
     """Each document's text: a whole text file, or one JSONL line's `text_field`. Skips (with a warning)
     binary files, files that are not UTF-8 and empty files."""
@@ -63,20 +75,13 @@ def iter_documents(files: list[Path], text_field: str = "text", warn=print) -> I
             warn(f"skipping binary file {path}")
             continue
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise GPT4Error(f"{path}:{n} is not valid JSON ({e}); fix or remove that line.") from e
-                    text = record.get(text_field) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise GPT4Error(f"{path}:{n} has no string field {text_field!r}; "
-                                        f"pass --text-field with the name of the field that holds the text.")
-                    if text:
-                        yield text
+            for n, record in jsonl_records(path, errors="replace"):
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise GPT4Error(f"{path}:{n} has no string field {text_field!r}; "
+                                    f"pass --text-field with the name of the field that holds the text.")
+                if text:
+                    yield text
         else:
             try:
                 text = path.read_text(encoding="utf-8")

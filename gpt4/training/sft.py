@@ -7,7 +7,6 @@ token ids as labels, so the model learns to answer and to stop, never to imitate
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from ..errors import GPT4Error
 from . import checkpoint as ckpt
+from .data import jsonl_records
 from .distributed import broadcast_object, close_distributed, init_distributed
 from .loop import Batches, Hooks, TrainConfig, run_training
 
@@ -26,22 +26,15 @@ def read_conversations(paths: list[str]) -> list[list[dict]]:
     for path in paths:
         if not Path(path).is_file():
             raise GPT4Error(f"{path} does not exist; give JSONL files of {{\"messages\": [...]}}.")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GPT4Error(f"{path}:{n} is not valid JSON ({e}).") from e
-                messages = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(messages, list) or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                        for m in messages):
-                    raise GPT4Error(f"{path}:{n} needs a 'messages' list of {{'role': str, 'content': str}}.")
-                if not any(m["role"] == "assistant" for m in messages):
-                    raise GPT4Error(f"{path}:{n} has no assistant message: nothing to learn from it.")
-                conversations.append(messages)
+        for n, record in jsonl_records(Path(path)):
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise GPT4Error(f"{path}:{n} needs a 'messages' list of {{'role': str, 'content': str}}.")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise GPT4Error(f"{path}:{n} has no assistant message: nothing to learn from it.")
+            conversations.append(messages)
     if not conversations:
         raise GPT4Error(f"No conversations in {paths}.")
     return conversations
