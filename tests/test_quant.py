@@ -44,3 +44,19 @@ def test_quantized_default_model_stays_close_to_fp32(mode, min_agreement, defaul
     got = quantized.generate(ids, max_new_tokens=16)[0, ids.shape[1]:]
     first_difference = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), len(want))
     assert first_difference / len(want) >= min_agreement
+
+
+def test_int4_from_a_4bit_gguf_keeps_the_files_quality(default_model):
+    """--quant int4 on the Q4_1 default model runs the file's own 4-bit groups (and an 8-bit head, as the file
+    has): its perplexity stays within 1% of the fp32 dequantized model. Re-quantizing the Q8_0 head to 4 bits
+    instead costs ~5%."""
+    from pydoc_data.topics import topics
+
+    from gpt4.evaluation.perplexity import perplexity
+
+    text = topics["assignment"][:4000]
+    int4 = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="int4")
+    assert isinstance(int4.lm_head, Int8Linear) and isinstance(int4.layers[0].mlp.down_proj, Int4Linear)
+    want = perplexity(default_model, text, window=512)["ppl"]
+    got = perplexity(int4, text, window=512)["ppl"]
+    assert abs(got / want - 1) < 0.01, (got, want)
