@@ -51,7 +51,8 @@ def workload():
 # ------------------------------------------------------------------------------------------------------
 # Engine workers (run in a child process): each returns a dict of timings.
 def _timed(fn, repeats):
-    times, result = [], None
+    """Seconds of each of `repeats` calls, after one untimed warm-up call (every engine gets one)."""
+    times, result = [], fn()
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
