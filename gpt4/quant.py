@@ -22,9 +22,10 @@ DEQUANTIZE_ROWS = 128
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype=torch.bfloat16):
         super().__init__()
-        w = weight.detach().float()  # (out, in)
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-        self.register_buffer("weight_int8", (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8))
+        w = weight.detach().to(torch.float32, copy=True)  # (out, in); a copy: scaled in place below
+        scales = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).clamp(min=1e-12) / 127.0  # (out,), no |w| copy
+        # In place: one fp32 temporary, not four (the LM head alone is 113 MB in fp32).
+        self.register_buffer("weight_int8", w.div_(scales[:, None]).round_().clamp_(-128, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
@@ -89,14 +90,14 @@ class Int4Linear(nn.Module):
         return ((q - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).view(out_features, self.in_features)
 
 
-def quantize_(model: nn.Module, mode: str, group_size: int = 32,
-              exact_int4: dict[str, tuple] | None = None) -> nn.Module:
+def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with weight-only quantized ones; returns the model.
 
-    exact_int4 maps module names to (q, scale, zero) groups of 32 taken straight from a 4-bit file; those modules
-    use them instead of re-quantizing. In int4 mode the LM head (tied to the embedding or not) is int8 unless the
-    file holds it in 4 bits: every logit goes through it, and 4 bits there cost the default model 5% perplexity
-    (its head is Q8_0 in the file) for a ~10% faster decode. The embedding table stays a lookup in the model dtype.
+    exact_int4 (anything with .get(module name), e.g. a dict) gives (q, scale, zero) groups of 32 taken straight
+    from a 4-bit file; those modules use them instead of re-quantizing. In int4 mode the LM head (tied to the
+    embedding or not) is int8 unless the file holds it in 4 bits: every logit goes through it, and 4 bits there
+    cost the default model 5% perplexity (its head is Q8_0 in the file) for a ~10% faster decode. The embedding
+    table stays a lookup in the model dtype.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
@@ -108,10 +109,11 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32,
             if not isinstance(child, nn.Linear):
                 continue
             full_name = f"{parent_name}.{name}" if parent_name else name
-            if mode == "int8" or (full_name == "lm_head" and full_name not in exact_int4):
+            exact = exact_int4.get(full_name) if mode == "int4" else None
+            if mode == "int8" or (full_name == "lm_head" and exact is None):
                 new = Int8Linear(child.weight, child.bias)
-            elif full_name in exact_int4:
-                new = Int4Linear(*exact_int4[full_name], 32, child.bias)
+            elif exact is not None:
+                new = Int4Linear(*exact, 32, child.bias)
             else:
                 k = child.in_features
                 group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)

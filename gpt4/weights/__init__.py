@@ -121,25 +121,29 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
         raise TypeError(f"from_pretrained() got unexpected arguments: {', '.join(kwargs)}.")
     dtype = _parse_dtype(dtype if dtype is not None else torch_dtype)
     kind, path = resolve(name_or_path, gguf_file, revision)
-    if kind == "gguf":
-        gguf = GGUFFile(path)
-        config = gguf.config()
-        state = _gguf_state(gguf, config, dtype)
-        exact_int4 = _gguf_int4_groups(gguf, config) if quant == "int4" else {}
-        has_vocab = gguf.get("tokenizer.ggml.model") is not None
-        tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
-        gguf.close()
-    else:
-        exact_int4 = {}
-        config = _hf_config(path)
-        state = _hf_state(path, config)
-        tokenizer = Tokenizer.from_pretrained(path) if load_tokenizer and (path / "tokenizer.json").is_file() \
-            else None
-    model = build_model(config, state, dtype=dtype, device=device, source=str(path))
-    if quant != "none":
-        from ..quant import quantize_
+    gguf = None
+    try:
+        if kind == "gguf":
+            gguf = GGUFFile(path)
+            config = gguf.config()
+            state = _gguf_state(gguf, config, dtype)
+            has_vocab = gguf.get("tokenizer.ggml.model") is not None
+            tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
+        else:
+            config = _hf_config(path)
+            state = _hf_state(path, config)
+            tokenizer = Tokenizer.from_pretrained(path) if load_tokenizer and (path / "tokenizer.json").is_file() \
+                else None
+        model = build_model(config, state, dtype=dtype, device=device, source=str(path))
+        del state  # the model holds the weights now: each is freed as its layer is quantized
+        if quant != "none":
+            from ..quant import quantize_
 
-        quantize_(model, quant, exact_int4=exact_int4)
+            quantize_(model, quant, exact_int4=_GGUFInt4Groups(gguf, config) if gguf and quant == "int4" else None)
+        _return_freed_memory()
+    finally:
+        if gguf is not None:
+            gguf.close()
     model.tokenizer = tokenizer
     model.generation_config = GenerationConfig.for_model(config, tokenizer, path if kind == "hf" else None)
     return model.eval()
@@ -201,17 +205,46 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config, dtype=torch.float32) -> dict
     return names.fuse(state)
 
 
-def _gguf_int4_groups(gguf: GGUFFile, config: GPT4Config) -> dict[str, tuple]:
-    """{linear module name: (q, scale, zero)} for the 4-bit GGUF matrices, permuted and fused like the weights.
+class _GGUFInt4Groups:
+    """{linear module name: (q, scale, zero)} for the 4-bit GGUF matrices, permuted and fused like the weights,
+    read one transformer block at a time (only one block's groups exist at once).
 
     Q4_0 / Q4_1 blocks are affine int4 groups of 32 already: the int4 layers take them as they are instead of
     re-quantizing a dequantized copy (which would add a second rounding).
     """
+
+    def __init__(self, gguf: GGUFFile, config: GPT4Config):
+        self.gguf, self.config = gguf, config
+        self.block, self.groups = None, {}
+
+    def get(self, module: str) -> tuple | None:
+        block = ".".join(module.split(".")[:2]) + "." if module.startswith("layers.") else module
+        if block != self.block:
+            self.block, self.groups = block, _gguf_int4_groups(self.gguf, self.config, prefix=block)
+        return self.groups.get(module)
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory of loading's temporaries (fp32 dequantization, replaced full-precision weights) back to
+    the OS: glibc keeps large freed blocks otherwise (measured on the default model, resident after loading:
+    int4 1.0 GB without this, 0.54 GB with it)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
+def _gguf_int4_groups(gguf: GGUFFile, config: GPT4Config, prefix: str = "") -> dict[str, tuple]:
+    """The exact int4 groups of the 4-bit matrices whose module names start with `prefix` (see _GGUFInt4Groups)."""
     parts = {"q": {}, "scale": {}, "zero": {}}
     permuted = gguf.architecture in ("llama", "mistral")
     for foreign in gguf.tensors:
         ours = names.rename(foreign, names.GGUF)
-        groups = gguf.int4_groups(foreign) if ours and ours.endswith(".weight") else None
+        if not ours or not ours.startswith(prefix) or not ours.endswith(".weight"):
+            continue
+        groups = gguf.int4_groups(foreign)
         if groups is None:
             continue
         for key, t in zip(parts, groups):
