@@ -6,6 +6,7 @@ sequences x 64 tokens, peak RSS, and its greedy tokens (to check agreement with 
 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
+    python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:compile   # torch.compile'd decode
 
 llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
 /work/llamacpp-venv/bin/python): CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36".
@@ -60,15 +61,20 @@ def _timed(fn, repeats):
     return times, result
 
 
-def worker_ours(work, repeats, dtype, quant):
+def worker_ours(work, repeats, dtype, quant, compile=False):
     import torch
 
     from gpt4 import GPT4LMHeadModel
-    from gpt4.generation import GenerationConfig, generate_tokens
+    from gpt4.generation import GenerationConfig, generate_tokens, warm_up_decode
 
     start = time.perf_counter()
-    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype=dtype, quant=quant)
+    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype=dtype, quant=quant, compile=compile)
     load = time.perf_counter() - start
+    compile_s = None
+    if compile:  # both graphs (one sequence, a batch) compiled before timing; reported apart
+        start = time.perf_counter()
+        warm_up_decode(model)
+        compile_s = time.perf_counter() - start
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
 
     def decode(prompts):
@@ -87,7 +93,7 @@ def worker_ours(work, repeats, dtype, quant):
             h = model.hidden_states(ids, torch.arange(512)[None], cache, kv_length=512)
             return model.lm_head(h[:, -1]).argmax()
 
-    return _measure(load, prefill, decode, work, repeats)
+    return {**_measure(load, prefill, decode, work, repeats), "compile_s": compile_s}
 
 
 def worker_transformers(work, repeats, dtype):
@@ -231,7 +237,7 @@ def run_engine(spec: str, repeats: int, llama_python: str) -> dict | None:
 def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
     best = lambda xs: min(xs)  # noqa: E731
     med = statistics.median
-    row = {"engine": name, "load_s": r["load_s"], "peak_rss_mb": r["peak_rss_mb"]}
+    row = {"engine": name, "load_s": r["load_s"], "compile_s": r.get("compile_s"), "peak_rss_mb": r["peak_rss_mb"]}
     for key, n in (("prefill512", 512), ("decode16", NEW_TOKENS - 1), ("decode512", NEW_TOKENS - 1),
                    ("streams", 8 * (NEW_TOKENS - 1))):
         row[f"{key}_best"] = n / best(r[f"{key}_s"])
@@ -247,7 +253,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=[
         "llama.cpp", "transformers:float32", "transformers:bfloat16", "ours:float32:none", "ours:bfloat16:none",
-        "ours:bfloat16:int8", "ours:bfloat16:int4"])
+        "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:int4:compile"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -258,7 +264,7 @@ def main():
         work = json.loads(os.environ["GPT4_BENCH_WORK"])
         kind, *rest = args.worker.split(":")
         if kind == "ours":
-            result = worker_ours(work, args.repeats, rest[0], rest[1])
+            result = worker_ours(work, args.repeats, rest[0], rest[1], compile=rest[2:] == ["compile"])
         elif kind == "transformers":
             result = worker_transformers(work, args.repeats, rest[0])
         else:
@@ -300,6 +306,8 @@ def print_table(rows, base):
         mem = f"{r['peak_rss_mb']:.0f}" + (f" ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x)" if base and r is not base
                                            else "")
         load = f"{r['load_s']:.2f}" + (f" ({r['load_s'] / base['load_s']:.1f}x)" if base and r is not base else "")
+        if r.get("compile_s"):
+            load += f" + {r['compile_s']:.0f} compile"
         print(f"| {r['engine']} | " + " | ".join(cells) + f" | {mem} | {load} | {r.get('greedy_agree', '-')} |")
     if base:
         print("(ratios: engine / llama.cpp, medians)")

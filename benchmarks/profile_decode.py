@@ -4,7 +4,7 @@ Runs the package's own decode loop (generate_tokens) on the default model under 
 operators' self CPU time into categories; "outside operators" is wall time no operator accounts for (Python,
 dispatch, the loop itself).
 
-    python benchmarks/profile_decode.py --dtype bfloat16 --quant int4 [--tokens 32] [--context 16]
+    python benchmarks/profile_decode.py --dtype bfloat16 --quant int4 [--tokens 32] [--context 16] [--compile]
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def main():
     parser.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--context", type=int, default=16, help="prompt tokens before decoding")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd decode step")
     args = parser.parse_args()
 
-    model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant)
+    model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant, compile=args.compile)
     prompts = [[(i * 7919 + row) % 10000 + 100 for i in range(args.context)] for row in range(args.batch)]
     config = GenerationConfig(max_new_tokens=args.tokens + 1, eos_token_id=None)
     for _ in generate_tokens(model, prompts, config):  # warm-up: kernels, allocator

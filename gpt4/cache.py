@@ -3,6 +3,9 @@
 Each sequence writes the keys/values of the token at position p into slot p of its own row, so rows of a batch
 can be at different lengths (right-padded prompts, requests that join a running batch). A query at position p
 attends to slots 0..p of its row; slots beyond a row's length may hold stale values and are never attended.
+
+One tensor per layer (not one for all layers): a compiled decode step then updates its inputs in place instead of
+copying a shared base back after every write.
 """
 
 from __future__ import annotations
@@ -20,26 +23,46 @@ class KVCache:
                 f"A cache of {max_length} positions exceeds this model's {config.max_position_embeddings} "
                 "learned positions; shorten the prompt or max_new_tokens."
             )
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, T, D)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_length = max_length
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # keys[layer], values[layer]: (B, Hkv, T, D)
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, S, D) at `positions` (B, S); return this layer's first kv_length slots."""
         batch = positions.shape[0]
+        keys, values = self.keys[layer], self.values[layer]
+        if batch != keys.shape[0]:  # the first rows of a larger cache (a server's running batch)
+            keys, values = keys[:batch], values[:batch]
         rows = torch.arange(batch, device=positions.device)[:, None]  # (B, 1) broadcasts with positions (B, S)
         # Advanced indices separated by a slice put the broadcast dims first: the target is (B, S, Hkv, D).
-        self.keys[layer, :batch][rows, :, positions] = k.transpose(1, 2)
-        self.values[layer, :batch][rows, :, positions] = v.transpose(1, 2)
-        return self.keys[layer, :batch, :, :kv_length], self.values[layer, :batch, :, :kv_length]
+        keys[rows, :, positions] = k.transpose(1, 2).to(keys.dtype)  # int4/int8 layers of an fp32 model give bf16
+        values[rows, :, positions] = v.transpose(1, 2).to(values.dtype)
+        return keys[:, :, :kv_length], values[:, :, :kv_length]
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows, in that order (e.g. to drop finished sequences)."""
-        self.keys = self.keys[:, rows].contiguous()
-        self.values = self.values[:, rows].contiguous()
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1 as a cache sharing this one's storage (e.g. to prefill requests joining a batch)."""
+        view = object.__new__(KVCache)
+        view.keys = [t[start:stop] for t in self.keys]
+        view.values = [t[start:stop] for t in self.values]
+        return view
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` slots of row `source` into row `target`."""
+        for tensors in (self.keys, self.values):
+            for t in tensors:
+                t[target, :, :length] = t[source, :, :length]
+
+    def copy_from(self, other: "KVCache") -> None:
+        """Take all of a smaller cache's rows and slots (e.g. when growing a cache)."""
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine[:theirs.shape[0], :, :theirs.shape[2]] = theirs

@@ -179,9 +179,17 @@ def generate_tokens(model, prompts: list[list[int]], config: GenerationConfig,
             seen[torch.arange(B), next_ids] = True
         if counts is not None:
             counts[torch.arange(B), next_ids] += active.float()
-        h = model.decode_hidden(next_ids[:, None], position[:, None], cache, kv_length=longest + step + 1)
-        logits = model.lm_head(h[:, -1]).float()
+        logits = model.decode_logits(next_ids[:, None], position[:, None], cache, kv_length=longest + step + 1)
         position += 1
+
+
+def warm_up_decode(model) -> None:
+    """Run a few decode steps for one sequence and for a batch: compiles both graphs of a compiled model now
+    rather than during the first requests."""
+    config = GenerationConfig(max_new_tokens=3, eos_token_id=None)
+    for prompts in ([[0, 1]], [[0, 1], [0]]):
+        for _ in generate_tokens(model, prompts, config):
+            pass
 
 
 def _prepare(model, inputs, attention_mask, tokenizer):

@@ -75,8 +75,9 @@ class State:
 
 
 def create_app(models: dict[str, object] | Callable[[], dict[str, object]],
-               config: ServerConfig | None = None) -> FastAPI:
-    """The app for named models, or for a loader called in the background (GET /health is 503 until done)."""
+               config: ServerConfig | None = None, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The app for named models, or for a loader called in the background (GET /health is 503 until done).
+    on_ready is called once the models serve (after loading and, for compiled models, compiling)."""
     state = State(config or ServerConfig())
 
     def install(loaded: dict[str, object]) -> None:
@@ -87,6 +88,8 @@ def create_app(models: dict[str, object] | Callable[[], dict[str, object]],
         names = "|".join(f"{n}:{m.config.model_type}:{m.dtype}" for n, m in loaded.items())
         state.fingerprint = "fp_" + hashlib.sha256(f"{names}|torch {torch.__version__}".encode()).hexdigest()[:10]
         state.ready = True
+        if on_ready is not None:
+            on_ready()
 
     def load_in_background() -> None:
         try:

@@ -110,14 +110,6 @@ class Request:
         self.cancelled = True  # read by the engine thread at the next step
 
 
-class _Rows(KVCache):
-    """Rows start..stop-1 of a cache, sharing its storage: the prefill of requests joining a running batch."""
-
-    def __init__(self, cache: KVCache, start: int, stop: int):
-        self.keys, self.values = cache.keys[:, start:stop], cache.values[:, start:stop]
-        self.max_length = cache.max_length
-
-
 class Sequence:
     """One choice being generated: sampling state, text decoding and stop-string hold-back."""
 
@@ -212,8 +204,20 @@ class Engine:
 
     # ---- public, any thread --------------------------------------------------------------------------
     def start(self) -> "Engine":
+        if self.model._compiled_decode is not None:
+            self._compile_decode_graphs()
         self._thread.start()
         return self
+
+    @torch.inference_mode()
+    def _compile_decode_graphs(self) -> None:
+        """Compile the decode step for one row and for several rows of the batch cache now, before the first
+        requests (each graph takes about a minute; /health answers 503 until they exist)."""
+        self._ensure_cache(2)
+        for n in sorted({1, min(2, self.max_batch)}):
+            # Writes slot 1 of the first rows: slots past a row's length are overwritten before they are read.
+            ids, positions = torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long)
+            self.model.decode_logits(ids, positions, self.cache, kv_length=2)
 
     def submit(self, request: Request) -> None:
         if request.n > self.max_batch:
@@ -339,9 +343,7 @@ class Engine:
             seq.request.emit(Finish(seq.index, reason, len(seq.generated)))
             last = len(self.rows) - 1
             if i != last:  # move the last row into the hole: one row copied, not the whole batch
-                used = self.rows[last].position
-                self.cache.keys[:, i, :, :used] = self.cache.keys[:, last, :, :used]
-                self.cache.values[:, i, :, :used] = self.cache.values[:, last, :, :used]
+                self.cache.copy_row(last, i, self.rows[last].position)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
 
@@ -355,9 +357,7 @@ class Engine:
             size *= 2
         new = self.model.new_cache(self.max_batch, min(size, self.context))
         if self.cache is not None:
-            old = self.cache.max_length
-            new.keys[:, :, :, :old] = self.cache.keys
-            new.values[:, :, :, :old] = self.cache.values
+            new.copy_from(self.cache)
         self.cache = new
 
     def _decode(self) -> None:
@@ -366,8 +366,7 @@ class Engine:
         kv_length = int(positions.max()) + 1
         self._ensure_cache(kv_length)
         ids = torch.tensor([[s.generated[-1]] for s in self.rows])  # (n, 1)
-        h = self.model.decode_hidden(ids, positions, self.cache, kv_length=kv_length)  # (n, 1, H)
-        logits = self.model.lm_head(h[:, -1])  # (n, V)
+        logits = self.model.decode_logits(ids, positions, self.cache, kv_length=kv_length)  # (n, V)
         for seq, row in zip(self.rows, logits):
             seq.logits = row
 
@@ -420,11 +419,9 @@ class Engine:
         for j in reversed(range(len(batch))):
             src, dst, used = start + j, targets[j], len(batch[j].prompt)
             if src != dst:
-                self.cache.keys[:, dst, :, :used] = self.cache.keys[:, src, :, :used]
-                self.cache.values[:, dst, :, :used] = self.cache.values[:, src, :, :used]
+                self.cache.copy_row(src, dst, used)
             for extra in range(1, batch[j].n):
-                self.cache.keys[:, dst + extra, :, :used] = self.cache.keys[:, dst, :, :used]
-                self.cache.values[:, dst + extra, :, :used] = self.cache.values[:, dst, :, :used]
+                self.cache.copy_row(dst, dst + extra, used)
 
     def _prefill(self, batch: list[Request], start: int) -> tuple[torch.Tensor, list[list[TokenInfo] | None]]:
         """Prefill right-padded prompts into rows start..start+k-1. Returns each prompt's last logits (k, V), and
@@ -437,7 +434,7 @@ class Engine:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
         positions = torch.arange(longest).expand(k, longest)
-        rows = _Rows(self.cache, start, start + k)
+        rows = self.cache.rows(start, start + k)
         last = torch.zeros(k, self.model.config.hidden_size, dtype=self.model.dtype)
         for lo in range(0, longest, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, longest)

@@ -109,10 +109,11 @@ def _parse_dtype(dtype) -> torch.dtype:
 
 def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.device = "cpu",
                gguf_file: str | None = None, revision: str | None = None, load_tokenizer: bool = True,
-               quant: str = "none", **kwargs):
+               quant: str = "none", compile: bool = False, **kwargs):
     """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id.
 
-    quant="int8"|"int4" keeps the linear layers weight-only quantized (see gpt4.quant) for fast decoding.
+    quant="int8"|"int4" keeps the linear layers weight-only quantized (see gpt4.quant) for fast decoding;
+    compile=True compiles the decode step with torch.compile (see GPT4LMHeadModel.compile_decode).
     """
     from ..generation import GenerationConfig
     from ..tokenizer import Tokenizer
@@ -146,6 +147,8 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
             gguf.close()
     model.tokenizer = tokenizer
     model.generation_config = GenerationConfig.for_model(config, tokenizer, path if kind == "hf" else None)
+    if compile:
+        model.compile_decode()
     return model.eval()
 
 

@@ -1,0 +1,109 @@
+"""The torch.compile'd decode step (compile_decode) against the eager one: same tokens, same logits."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt4.generation import GenerationConfig, generate_tokens
+from gpt4.quant import quantize_
+
+from .conftest import tiny_model
+
+GREEDY = GenerationConfig(max_new_tokens=12, eos_token_id=None)
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [[5, 17, 3, 60, 2, 9, 41], [7, 1]]  # different lengths: rows at different positions
+
+
+def _tokens(model, prompts):
+    return [step for step in generate_tokens(model, prompts, GREEDY)]
+
+
+def _step_logits(model, prompts):
+    """Logits of the decode step after each prompt (the cache filled by an eager prefill)."""
+    with torch.inference_mode():
+        cache = model.new_cache(len(prompts), 16)
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts])
+        model.hidden_states(ids, torch.arange(longest).expand(len(prompts), longest), cache, kv_length=longest)
+        last = torch.tensor([[p[-1]] for p in prompts])
+        positions = torch.tensor([[len(p) - 1] for p in prompts])
+        return model.decode_logits(last, positions, cache, kv_length=longest)
+
+
+@pytest.mark.parametrize("family,quant", [("llama-gqa-untied", "none"), ("mistral", "none"),
+                                          ("llama-gqa-untied", "int4")])
+def test_compiled_decode_equals_eager(family, quant):
+    # hidden 64: the int4 kernel's smallest tile
+    model = tiny_model(family, hidden_size=64, intermediate_size=128)
+    if quant != "none":
+        quantize_(model, quant)
+    eager = (_tokens(model, PROMPTS[:1]), _tokens(model, PROMPTS), _step_logits(model, PROMPTS))
+    model.compile_decode()
+    compiled = (_tokens(model, PROMPTS[:1]), _tokens(model, PROMPTS), _step_logits(model, PROMPTS))
+    assert model._compiled_decode is not None  # still compiled: nothing fell back to eager
+    assert compiled[0] == eager[0] and compiled[1] == eager[1]
+    torch.testing.assert_close(compiled[2], eager[2], atol=1e-4 if quant == "none" else 2e-2, rtol=1e-4)
+
+
+BROKEN_TOOLCHAIN = """
+import warnings
+from tests.conftest import tiny_model
+from tests.test_compiled_decode import PROMPTS, _tokens
+model = tiny_model("llama-gqa-untied")
+expected = _tokens(model, PROMPTS)
+model.compile_decode()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert _tokens(model, PROMPTS) == expected
+assert model._compiled_decode is None
+print([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+"""
+
+
+def test_failed_compile_warns_and_decodes_eagerly():
+    # A machine without a C++ compiler (in its own process: inductor remembers the compiler it found).
+    env = dict(os.environ, CXX="/nonexistent/c++", TORCHINDUCTOR_FX_GRAPH_CACHE="0")
+    done = subprocess.run([sys.executable, "-c", BROKEN_TOOLCHAIN], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "decoding eagerly from now on" in done.stdout
+
+
+def test_two_compiled_models_keep_their_own_graphs():
+    # Same code, different structure (biases, tied head, sizes): each must run its own graph.
+    first = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)
+    second = tiny_model("qwen2", seed=1, hidden_size=64, intermediate_size=96)
+    expected = _tokens(first, PROMPTS), _tokens(second, PROMPTS)
+    first.compile_decode()
+    second.compile_decode()
+    assert (_tokens(first, PROMPTS), _tokens(second, PROMPTS)) == expected
+    assert first._compiled_decode is not None and second._compiled_decode is not None
+
+
+def test_server_engine_with_a_compiled_model_equals_eager_generation():
+    """Continuous batching (rows join and leave, the batch is a slice of the engine's cache) on a compiled model."""
+    from gpt4.serving.engine import Engine
+
+    from .test_serving_engine import Tok, run
+
+    model = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)
+    model.generation_config = GenerationConfig(eos_token_id=None)
+    model.tokenizer = Tok()
+    prompts, lengths = [[5, 6, 7], [9] * 11, [1, 2], [3, 30, 40, 50, 60]], [20, 6, 12, 9]
+    config = GenerationConfig(max_new_tokens=1, do_sample=False, top_k=None)
+    expected = [[s[0] for s in generate_tokens(model, [p], config.update(max_new_tokens=m))]
+                for p, m in zip(prompts, lengths)]
+    model.compile_decode()
+    engine = Engine(model, max_batch=3).start()  # compiles its graphs here; 3 rows for 4 requests
+    try:
+        collected = [run(engine, p, max_tokens=m)[1] for p, m in zip(prompts, lengths)]
+        for c in collected:
+            assert c.done.wait(60) and c.failed is None
+    finally:
+        engine.stop(30)
+    assert model._compiled_decode is not None
+    assert [c.tokens[0] for c in collected] == expected
