@@ -45,8 +45,8 @@ class KVCache:
             keys, values = keys[:batch], values[:batch]
         rows = torch.arange(batch, device=positions.device)[:, None]  # (B, 1) broadcasts with positions (B, S)
         # Advanced indices separated by a slice put the broadcast dims first: the target is (B, S, Hkv, D).
-        keys[rows, :, positions] = k.transpose(1, 2).to(keys.dtype)  # int4/int8 layers of an fp32 model give bf16
-        values[rows, :, positions] = v.transpose(1, 2).to(values.dtype)
+        keys[rows, :, positions] = k.transpose(1, 2)
+        values[rows, :, positions] = v.transpose(1, 2)
         return keys[:, :, :kv_length], values[:, :, :kv_length]
 
     def rows(self, start: int, stop: int) -> "KVCache":

@@ -34,7 +34,8 @@ class CausalLMOutput:
 def rope_inverse_frequencies(config: GPT4Config) -> torch.Tensor:
     """Per-pair rotation speeds (D/2,), with Llama-3 or linear context scaling applied."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # On the CPU even while a loader builds the model on "meta" (where these ops would import torch._dynamo).
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":

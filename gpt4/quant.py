@@ -31,14 +31,15 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x):
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(self.scales.dtype)  # (N, in)
         if x.shape[0] >= DEQUANTIZE_ROWS:
             y = x @ (self.weight_int8.to(x.dtype) * self.scales[:, None]).t()
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)  # (N, out)
         y = y.reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.to(dtype)  # the caller's dtype: an fp32 model with quantized layers stays fp32 between them
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
@@ -72,14 +73,15 @@ class Int4Linear(nn.Module):
         return cls(q, scales, lo + 8 * scales, group_size, bias, dtype)
 
     def forward(self, x):
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype)  # (N, in)
         if x.shape[0] >= DEQUANTIZE_ROWS:
             y = x @ self.dequantized().t()
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.to(dtype)  # the caller's dtype: an fp32 model with quantized layers stays fp32 between them
 
     def dequantized(self) -> torch.Tensor:
         """The weight (out, in) in the compute dtype: (q - 8) * scale + zero."""

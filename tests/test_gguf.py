@@ -86,3 +86,27 @@ def test_4bit_blocks_become_int4_groups_exactly(qtype, tmp_path):
     x = torch.randn(3, layer.in_features)
     want = torch.nn.functional.linear(x.bfloat16().float(), exact.layers[0].attn.qkv_proj.weight)
     torch.testing.assert_close(layer(x).float(), want, atol=0.05, rtol=0.02)
+    # The 4-bit layers were loaded without full-precision copies; the whole model still computes the same thing.
+    ids = torch.tensor([[3, 70, 12, 250, 9]])
+    with torch.no_grad():
+        a, b = exact(ids).logits[0], int4(ids).logits[0].float()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+
+
+def test_int4_loading_skips_full_precision_only_for_layers_entirely_in_4_bits(tmp_path):
+    import dataclasses
+
+    from gpt4.weights import _exact_int4_tensors
+    from gpt4.weights.gguf_file import GGUFFile
+
+    gguf = GGUFFile(write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_0"))
+    qkv = {f"blk.0.attn_{p}.weight" for p in "qkv"}
+    everything = _exact_int4_tensors(gguf)
+    assert qkv | {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.1.ffn_down.weight"} <= everything
+    assert "token_embd.weight" not in everything  # a lookup table, not a linear layer
+    # One part of a fused layer in another type: that layer needs real weights for all its parts.
+    v = gguf.tensors["blk.0.attn_v.weight"]
+    gguf.tensors["blk.0.attn_v.weight"] = dataclasses.replace(v, type_name="Q8_0")
+    mixed = _exact_int4_tensors(gguf)
+    gguf.close()
+    assert not qkv & mixed and {"blk.0.attn_output.weight", "blk.1.attn_q.weight"} <= mixed

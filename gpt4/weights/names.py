@@ -96,11 +96,18 @@ def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for w in ("weight", "bias"):
             parts = [f"layers.{i}.attn.{p}_proj.{w}" for p in "qkv"]
             if all(p in out for p in parts):
-                out[f"layers.{i}.attn.qkv_proj.{w}"] = torch.cat([out.pop(p) for p in parts], dim=0)
+                out[f"layers.{i}.attn.qkv_proj.{w}"] = _concatenate([out.pop(p) for p in parts])
             gate, up = f"layers.{i}.mlp.gate_proj.{w}", f"layers.{i}.mlp.up_proj.{w}"
             if gate in out and up in out:
-                out[up] = torch.cat([out.pop(gate), out.pop(up)], dim=0)
+                out[up] = _concatenate([out.pop(gate), out.pop(up)])
     return out
+
+
+def _concatenate(parts: list[torch.Tensor]) -> torch.Tensor:
+    if all(p.is_meta for p in parts):  # shape-only placeholders: torch.cat on "meta" would import torch._dynamo
+        return torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype,
+                           device="meta")
+    return torch.cat(parts, dim=0)
 
 
 def unfuse(state: dict[str, torch.Tensor], split_qkv: tuple[int, int, int], gated: bool,
