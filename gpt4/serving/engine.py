@@ -217,7 +217,7 @@ class Engine:
         for n in sorted({1, min(2, self.max_batch)}):
             # Writes slot 1 of the first rows: slots past a row's length are overwritten before they are read.
             ids, positions = torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long)
-            self.model.decode_logits(ids, positions, self.cache, kv_length=2)
+            self.model.decode_logits(ids, positions, self.cache.rows(0, n), kv_length=2)
 
     def submit(self, request: Request) -> None:
         if request.n > self.max_batch:
@@ -366,7 +366,9 @@ class Engine:
         kv_length = int(positions.max()) + 1
         self._ensure_cache(kv_length)
         ids = torch.tensor([[s.generated[-1]] for s in self.rows])  # (n, 1)
-        logits = self.model.decode_logits(ids, positions, self.cache, kv_length=kv_length)  # (n, V)
+        # The running rows as a cache of exactly n rows (views): the same compiled graph as for any other batch.
+        rows = self.cache.rows(0, len(self.rows))
+        logits = self.model.decode_logits(ids, positions, rows, kv_length=kv_length)  # (n, V)
         for seq, row in zip(self.rows, logits):
             seq.logits = row
 
