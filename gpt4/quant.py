@@ -9,6 +9,8 @@ int4 quarters them. Activations stay in bf16 (the kernels' fast path on AVX512-B
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -53,9 +55,11 @@ class Int4Linear(nn.Module):
         super().__init__()
         out_features, in_features = q.shape  # q (out, in) int in 0..15; scales, zeros (out, in // group)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-        # The same nibbles two to a byte, in plain order (the kernel's layout is private): for prefill.
-        q8 = q.to(torch.uint8).reshape(out_features, in_features // 2, 2)
-        self.register_buffer("nibbles", q8[..., 0] | (q8[..., 1] << 4))  # (out, in // 2)
+        if out_features % 64 == 0 and _kernel_layout_is_known():
+            self.register_buffer("nibbles", None)  # prefill unpacks the kernel's own copy: the weights are held once
+        else:  # the same nibbles two to a byte, in plain order, for prefill
+            q8 = q.to(torch.uint8).reshape(out_features, in_features // 2, 2)
+            self.register_buffer("nibbles", q8[..., 0] | (q8[..., 1] << 4))  # (out, in // 2)
         # The kernel wants (in // group, out, 2): scale and zero of each group and output channel.
         self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
@@ -86,10 +90,30 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The weight (out, in) in the compute dtype: (q - 8) * scale + zero."""
         out_features, groups = self.out_features, self.in_features // self.group_size
-        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1)  # (out, in // 2, 2)
-        q = q.view(out_features, groups, self.group_size).to(self.scales_and_zeros.dtype)
+        if self.nibbles is None:
+            q = _unpack_kernel_layout(self.packed, out_features, self.in_features)  # (out, in)
+        else:
+            q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1)  # (out, in // 2, 2)
+        q = q.reshape(out_features, groups, self.group_size).to(self.scales_and_zeros.dtype)
         scale_zero = self.scales_and_zeros.transpose(0, 1)  # (out, groups, 2)
         return ((q - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).view(out_features, self.in_features)
+
+
+def _unpack_kernel_layout(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """q (out, in) in 0..15 from `_convert_weight_to_int4pack_for_cpu`'s layout: each block of 64 output rows is
+    (in, 32) bytes, the low nibble of byte i holding row i of the block and the high nibble row 32 + i."""
+    blocks = packed.reshape(out_features // 64, in_features, 32)
+    return torch.cat((blocks & 15, blocks >> 4), dim=2).transpose(1, 2).reshape(out_features, in_features)
+
+
+@functools.cache
+def _kernel_layout_is_known() -> bool:
+    """Whether this PyTorch build packs int4 weights as _unpack_kernel_layout reads them. The layout is private to
+    PyTorch, so it is checked once per process on a random matrix; if it ever differs, the layers keep a plain
+    copy of their nibbles for prefill instead."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return packed.shape == (128, 32) and torch.equal(_unpack_kernel_layout(packed, 128, 64).int(), q)
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None) -> nn.Module:
@@ -132,7 +156,7 @@ def linear_bytes(model: nn.Module) -> int:
             total += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, Int8Linear):
             total += sum(b.numel() * b.element_size() for b in m.buffers())
-        elif isinstance(m, Int4Linear):  # the nibbles are read by prefill only
+        elif isinstance(m, Int4Linear):  # a plain copy of the nibbles, if any, is read by prefill only
             total += sum(b.numel() * b.element_size() for b in (m.packed, m.scales_and_zeros))
     return total
 

@@ -19,14 +19,16 @@ def test_int8_linear_equals_matmul_with_its_dequantized_weight(rows):
 
 
 @pytest.mark.parametrize("rows", [4, 200])  # the int4 kernel (decode) and dequantize + bf16 matmul (prefill)
-def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows):
+@pytest.mark.parametrize("out_features", [96, 192])  # prefill reads a plain copy of the nibbles / the kernel's own
+def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows, out_features):
     torch.manual_seed(0)
-    w, x = torch.randn(96, 128), torch.randn(rows, 128)
+    w, x = torch.randn(out_features, 128), torch.randn(rows, 128)
     layer = Int4Linear.from_float(w, None, group_size=32)
-    groups = w.reshape(96, 4, 32)
+    assert (layer.nibbles is None) == (out_features % 64 == 0)  # whole 64-row blocks: weights held once
+    groups = w.reshape(out_features, 4, 32)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     step = (hi - lo) / 15
-    dequant = (((groups - lo) / step).round() * step + lo).reshape(96, 128)
+    dequant = (((groups - lo) / step).round() * step + lo).reshape(out_features, 128)
     torch.testing.assert_close(layer.dequantized().float(), dequant, atol=0.04, rtol=0.01)  # bf16 scales
     torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
 
