@@ -16,7 +16,7 @@ import torch
 from ..config import GPT4Config
 from ..errors import ModelFileError, ModelNotFoundError
 from . import names
-from .gguf_file import GGUFFile, permute_for_rope
+from .gguf_file import INT4_TYPES, GGUFFile, permute_for_rope
 
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
@@ -235,6 +235,15 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config, dtype=torch.float32,
     return names.fuse(state)
 
 
+# The linear layers int4 can take straight from a file's 4-bit groups (fused names, as the model has them).
+_LINEAR_WEIGHTS = ("qkv_proj.weight", "o_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")
+
+
+def _block_of(name: str) -> str:
+    """'layers.3.' for anything in transformer block 3, else the top-level module ('lm_head', 'embed_tokens')."""
+    return ".".join(name.split(".")[:2]) + "." if name.startswith("layers.") else name.split(".")[0]
+
+
 class _GGUFInt4Groups:
     """{linear module name: (q, scale, zero)} for the 4-bit GGUF matrices, permuted and fused like the weights,
     read one transformer block at a time (only one block's groups exist at once).
@@ -245,29 +254,49 @@ class _GGUFInt4Groups:
 
     def __init__(self, gguf: GGUFFile, config: GPT4Config):
         self.gguf, self.config = gguf, config
+        self.tensors_of_block: dict[str, list[tuple[str, str]]] = {}  # block -> [(file name, our name)]
+        for foreign in gguf.tensors:
+            ours = names.rename(foreign, names.GGUF)
+            if ours and ours.endswith(".weight"):
+                self.tensors_of_block.setdefault(_block_of(ours), []).append((foreign, ours))
         self.block, self.groups = None, {}
 
     def get(self, module: str) -> tuple | None:
-        block = ".".join(module.split(".")[:2]) + "." if module.startswith("layers.") else module
-        if block != self.block:
-            self.block, self.groups = block, _gguf_int4_groups(self.gguf, self.config, prefix=block)
+        if _block_of(module) != self.block:
+            self.block = _block_of(module)
+            self.groups = self._read(self.tensors_of_block.get(self.block, []))
         return self.groups.get(module)
+
+    def _read(self, tensors: list[tuple[str, str]]) -> dict[str, tuple]:
+        parts = {"q": {}, "scale": {}, "zero": {}}
+        permuted = self.gguf.architecture in ("llama", "mistral")
+        for foreign, ours in tensors:
+            groups = self.gguf.int4_groups(foreign)
+            if groups is None:
+                continue
+            for key, t in zip(parts, groups):
+                if permuted and ours.endswith("attn.q_proj.weight"):
+                    t = permute_for_rope(t, self.config.num_attention_heads)
+                elif permuted and ours.endswith("attn.k_proj.weight"):
+                    t = permute_for_rope(t, self.config.num_key_value_heads)
+                parts[key][ours] = t
+        fused = {key: names.fuse(d) for key, d in parts.items()}
+        # A fused matrix is exact only if every part was 4-bit: fuse() leaves unfused names for partial sets.
+        return {name.removesuffix(".weight"): (fused["q"][name], fused["scale"][name], fused["zero"][name])
+                for name in fused["q"] if name.endswith(_LINEAR_WEIGHTS)}
 
 
 def _exact_int4_tensors(gguf: GGUFFile) -> set[str]:
     """GGUF names of the tensors that int4 loading takes as exact 4-bit groups: every part (q, k, v; gate, up) of
-    a linear layer in Q4_0 / Q4_1 (the layers _gguf_int4_groups returns)."""
+    a linear layer in Q4_0 / Q4_1 (the layers _GGUFInt4Groups returns)."""
     layers: dict[str, list[str]] = {}
     for foreign in gguf.tensors:
         ours = names.rename(foreign, names.GGUF) or ""
-        if not ours.endswith(".weight") or ours == "embed_tokens.weight":
-            continue
         layer = re.sub(r"attn\.[qkv]_proj", "attn.qkv_proj", ours).replace("mlp.gate_proj", "mlp.up_proj")
-        layers.setdefault(layer, []).append(foreign)
-    return {foreign for layer, parts in layers.items()
-            if layer.endswith(("qkv_proj.weight", "o_proj.weight", "up_proj.weight", "down_proj.weight",
-                               "lm_head.weight"))
-            and all(gguf.tensors[f].type_name in ("Q4_0", "Q4_1") for f in parts) for foreign in parts}
+        if layer.endswith(_LINEAR_WEIGHTS):
+            layers.setdefault(layer, []).append(foreign)
+    return {foreign for parts in layers.values() if all(gguf.tensors[f].type_name in INT4_TYPES for f in parts)
+            for foreign in parts}
 
 
 def _return_freed_memory() -> None:
@@ -277,33 +306,10 @@ def _return_freed_memory() -> None:
     import ctypes
     import ctypes.util
 
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
-
-
-def _gguf_int4_groups(gguf: GGUFFile, config: GPT4Config, prefix: str = "") -> dict[str, tuple]:
-    """The exact int4 groups of the 4-bit matrices whose module names start with `prefix` (see _GGUFInt4Groups)."""
-    parts = {"q": {}, "scale": {}, "zero": {}}
-    permuted = gguf.architecture in ("llama", "mistral")
-    for foreign in gguf.tensors:
-        ours = names.rename(foreign, names.GGUF)
-        if not ours or not ours.startswith(prefix) or not ours.endswith(".weight"):
-            continue
-        groups = gguf.int4_groups(foreign)
-        if groups is None:
-            continue
-        for key, t in zip(parts, groups):
-            if permuted and ours.endswith("attn.q_proj.weight"):
-                t = permute_for_rope(t, config.num_attention_heads)
-            elif permuted and ours.endswith("attn.k_proj.weight"):
-                t = permute_for_rope(t, config.num_key_value_heads)
-            parts[key][ours] = t
-    fused = {key: names.fuse(d) for key, d in parts.items()}
-    # A fused matrix is exact only if every part was 4-bit: fuse() leaves unfused names for partial sets.
-    return {name.removesuffix(".weight"): (fused["q"][name], fused["scale"][name], fused["zero"][name])
-            for name in fused["q"] if name.endswith(("qkv_proj.weight", "o_proj.weight", "up_proj.weight",
-                                                     "down_proj.weight", "lm_head.weight"))}
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from ..config import GPT4Config
 from ..errors import ModelFileError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+# The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups).
+INT4_TYPES = ("Q4_0", "Q4_1")
 
 
 class GGUFFile:
@@ -77,7 +79,7 @@ class GGUFFile:
         """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (q (out, in) in 0..15, scale, zero),
         scale and zero (out, in / 32), with w = (q - 8) * scale + zero. None for other types."""
         info = self.tensors[name]
-        if info.type_name not in ("Q4_0", "Q4_1"):
+        if info.type_name not in INT4_TYPES:
             return None
         raw = torch.from_numpy(np.frombuffer(self.data, dtype=np.uint8, count=info.n_bytes, offset=info.offset).copy())
         width = 18 if info.type_name == "Q4_0" else 20
