@@ -253,7 +253,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=[
         "llama.cpp", "transformers:float32", "transformers:bfloat16", "ours:float32:none", "ours:bfloat16:none",
-        "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:int4:compile"])
+        "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:w8a8", "ours:bfloat16:int4:compile",
+        "ours:bfloat16:w8a8:compile"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))

@@ -19,8 +19,8 @@ from gpt4 import GPT4LMHeadModel
 from gpt4.generation import GenerationConfig, generate_tokens
 
 CATEGORIES = [  # first match wins; operator names as the profiler reports them
-    ("weight matmuls", ("_weight_int4pack_mm", "_weight_int8pack_mm", "aten::mm", "aten::addmm", "aten::bmm",
-                        "aten::matmul", "aten::linear")),
+    ("weight matmuls", ("_weight_int4pack_mm", "_weight_int8pack_mm", "linear_dynamic", "int8_dynamic_linear",
+                        "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("attention (SDPA)", ("scaled_dot_product", "_scaled_dot_product", "flash_attention")),
     ("KV cache writes", ("index_copy", "index_put", "scatter")),
     ("norms", ("rms_norm", "rsqrt", "aten::pow", "aten::mean", "aten::sum", "aten::div", "layer_norm")),
@@ -38,7 +38,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt4")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quant", default="int4", choices=["none", "int8", "int4"])
+    parser.add_argument("--quant", default="int4", choices=["none", "int8", "int4", "w8a8"])
     parser.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--context", type=int, default=16, help="prompt tokens before decoding")
     parser.add_argument("--batch", type=int, default=1)

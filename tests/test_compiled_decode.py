@@ -40,7 +40,8 @@ def _step_logits(model, prompts):
 
 @needs_compiler
 @pytest.mark.parametrize("family,quant", [("llama-gqa-untied", "none"), ("mistral", "none"),
-                                          ("llama-gqa-untied", "int4")])
+                                          ("llama-gqa-untied", "int4"),
+                                          ("llama-gqa-untied", "w8a8")])
 def test_compiled_decode_equals_eager(family, quant):
     # hidden 64: the int4 kernel's smallest tile
     model = tiny_model(family, hidden_size=64, intermediate_size=128)

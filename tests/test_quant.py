@@ -1,4 +1,5 @@
-"""Weight-only quantized linears: exact against their own dequantized weights, close to fp32 on the real model."""
+"""Quantized linears: exact against their own dequantized weights (and 8-bit activations in w8a8), close to fp32
+on the real model."""
 
 import pytest
 import torch
@@ -8,14 +9,33 @@ from gpt4 import GPT4LMHeadModel
 from gpt4.quant import Int4Linear, Int8Linear, linear_bytes, quantize_
 
 
-@pytest.mark.parametrize("rows", [5, 200])  # the int8 kernel (decode) and dequantize + bf16 matmul (prefill)
-def test_int8_linear_equals_matmul_with_its_dequantized_weight(rows):
+@pytest.mark.parametrize("rows", [5, 200])  # decode and prefill sizes
+@pytest.mark.parametrize("quantize_activations", [False, True])
+def test_int8_linear_equals_matmul_with_its_dequantized_weight(rows, quantize_activations):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(rows, 3, 64)
-    layer = Int8Linear(w, b)
-    want = F.linear(x.bfloat16().float(), layer.dequantized(), b)
-    torch.testing.assert_close(layer(x).float(), want, atol=0.15, rtol=0.02)
+    layer = Int8Linear(w, b, quantize_activations=quantize_activations)
     assert (layer.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # half a step at most, x2
+    if quantize_activations:  # w8a8: activations in 8 bits too, each row over its own max |x|
+        flat = x.reshape(-1, 64)
+        row_scales = flat.abs().amax(-1, keepdim=True) / 127
+        x_seen = ((flat / row_scales).round() * row_scales).reshape(x.shape)
+        want = F.linear(x_seen, layer.dequantized(), b.bfloat16().float())
+        torch.testing.assert_close(layer(x).float(), want, atol=1e-3, rtol=0.01)  # bf16 output
+        assert not torch.allclose(layer(x).float(), F.linear(x, layer.dequantized(), b), atol=1e-3, rtol=0.01)
+    else:  # the weight-only kernel: bf16 activations
+        want = F.linear(x.bfloat16().float(), layer.dequantized(), b)
+        torch.testing.assert_close(layer(x).float(), want, atol=0.15, rtol=0.02)
+
+
+def test_w8a8_rows_do_not_depend_on_the_rest_of_the_batch():
+    """Activations are quantized per row: a sequence's logits are the same alone or batched with others."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(96, 64), None, quantize_activations=True)
+    batch = torch.randn(6, 64) * torch.tensor([0.01, 1, 100, 1, 5, 0.2])[:, None]
+    together = layer(batch)
+    for i in range(6):
+        assert torch.equal(layer(batch[i:i + 1]), together[i:i + 1])
 
 
 @pytest.mark.parametrize("rows", [4, 200])  # the int4 kernel (decode) and dequantize + bf16 matmul (prefill)
@@ -33,10 +53,11 @@ def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows, out_feature
     torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
 
 
-@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("int4", 0.6)])
+@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("int4", 0.6),
+                                                 ("w8a8", 0.6)])
 def test_quantized_default_model_stays_close_to_fp32(mode, min_agreement, default_model):
     quantized = quantize_(GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16"), mode)
-    assert linear_bytes(quantized) < linear_bytes(default_model) / (3 if mode == "int8" else 5)
+    assert linear_bytes(quantized) < linear_bytes(default_model) / (5 if mode == "int4" else 3)
     ids = torch.tensor([default_model.tokenizer.encode("The Eiffel Tower is located in the city of")])
     with torch.no_grad():
         a, b = default_model(ids).logits[0, -1], quantized(ids).logits[0, -1].float()

@@ -19,8 +19,9 @@ def register(sub) -> None:
                    help="named model, local folder or .gguf file (repeatable; default: gpt4). "
                         "Clients pass the same string as 'model'.")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantized linear layers")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "w8a8"],
+                   help="quantized linear layers: int8 / int4 weights, or w8a8 (8-bit weights and activations, "
+                        "x86; fastest for many clients)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile before serving (faster decoding; loading "
                         "takes a minute or two longer)")

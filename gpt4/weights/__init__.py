@@ -113,7 +113,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
                quant: str = "none", compile: bool = False, **kwargs):
     """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id.
 
-    quant="int8"|"int4" keeps the linear layers weight-only quantized (see gpt4.quant) for fast decoding;
+    quant="int8"|"int4"|"w8a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
     compile=True compiles the decode step with torch.compile (see GPT4LMHeadModel.compile_decode).
     """
     from ..generation import GenerationConfig
