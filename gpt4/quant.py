@@ -3,8 +3,9 @@
     int8: per-output-channel symmetric int8 weights, `aten._weight_int8pack_mm` (bf16 activations)
     int4: group-wise affine int4 weights, `aten._weight_int4pack_mm_for_cpu` (bf16 activations)
     w8a8: the same int8 weights, and activations quantized to int8 per row as they come: integer matmuls
-          (`torch._int_mm`). For one sequence about int8's speed; for a batch of 8, 2.5x faster than the
-          weight-only kernels (whose time grows with every row); ~5% perplexity from the 8-bit activations.
+          (`torch._int_mm`). For a batch of 8 rows the matmuls are 2.4x faster than the weight-only kernels
+          (whose time grows with every row); one row is slower than int4 (twice its bytes); +4% perplexity
+          from the 8-bit activations. The mode for many concurrent sequences.
 
 Decoding one token reads every weight once, so its speed is set by bytes of weights: int8 halves bf16's bytes,
 int4 quarters them. Activations stay in bf16 (the kernels' fast path on AVX512-BF16/AMX CPUs) except in w8a8.
