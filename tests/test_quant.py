@@ -53,8 +53,7 @@ def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows, out_feature
     torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
 
 
-@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("int4", 0.6),
-                                                 ("w8a8", 0.6)])
+@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("int4", 0.6), ("w8a8", 0.6)])
 def test_quantized_default_model_stays_close_to_fp32(mode, min_agreement, default_model):
     quantized = quantize_(GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16"), mode)
     assert linear_bytes(quantized) < linear_bytes(default_model) / (5 if mode == "int4" else 3)
