@@ -40,7 +40,8 @@ class Int8Linear(nn.Module):
         scales = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).clamp(min=1e-12) / 127.0  # (out,), no |w| copy
         # In place: one fp32 temporary, not four (the LM head alone is 113 MB in fp32).
         self.register_buffer("weight_int8", w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(dtype))
+        # w8a8 scales its fp32 products: fp32 scales, converted once here rather than on every call.
+        self.register_buffer("scales", scales.to(torch.float32 if quantize_activations else dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         self.quantize_activations = quantize_activations
@@ -52,7 +53,7 @@ class Int8Linear(nn.Module):
             row_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127.0  # (N, 1)
             rows_int8 = (rows / row_scales).round_().to(torch.int8)  # (N, in) in -127..127
             products = torch._int_mm(rows_int8, self.weight_int8.t())  # (N, out) int32, exact
-            y = products * (row_scales * self.scales.float())  # (N, out) fp32
+            y = products * (row_scales * self.scales)  # (N, out) fp32
         else:
             rows = x.reshape(-1, shape[-1]).to(self.scales.dtype)  # (N, in)
             if rows.shape[0] >= DEQUANTIZE_ROWS:
