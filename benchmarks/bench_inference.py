@@ -7,6 +7,7 @@ sequences x 64 tokens, peak RSS, and its greedy tokens (to check agreement with 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:compile   # torch.compile'd decode
+    python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:max-autotune  # in max-autotune mode
 
 llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
 /work/llamacpp-venv/bin/python): CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36".
@@ -254,7 +255,7 @@ def main():
     parser.add_argument("--engines", nargs="+", default=[
         "llama.cpp", "transformers:float32", "transformers:bfloat16", "ours:float32:none", "ours:bfloat16:none",
         "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:w8a8", "ours:bfloat16:int4:compile",
-        "ours:bfloat16:w8a8:compile"])
+        "ours:bfloat16:int4:max-autotune", "ours:bfloat16:int8:max-autotune"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -265,7 +266,9 @@ def main():
         work = json.loads(os.environ["GPT4_BENCH_WORK"])
         kind, *rest = args.worker.split(":")
         if kind == "ours":
-            result = worker_ours(work, args.repeats, rest[0], rest[1], compile=rest[2:] == ["compile"])
+            mode = rest[2] if len(rest) > 2 else None  # "compile" or "max-autotune"
+            result = worker_ours(work, args.repeats, rest[0], rest[1],
+                                 compile={None: False, "compile": True}.get(mode, mode))
         elif kind == "transformers":
             result = worker_transformers(work, args.repeats, rest[0])
         else:

@@ -80,7 +80,7 @@ def start_server(engine: str, args, port: int) -> subprocess.Popen:
                "--model_alias", args.model, "--interrupt_requests", "False"]  # queue, do not abort, concurrent requests
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # a --compile server compiles its decode graphs before it is ready
+    deadline = time.monotonic() + 900  # a --compile server compiles its decode graphs before it is ready
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"the {engine} server exited ({proc.returncode}); see {log_path}")

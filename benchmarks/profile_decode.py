@@ -5,6 +5,7 @@ operators' self CPU time into categories; "outside operators" is wall time no op
 dispatch, the loop itself).
 
     python benchmarks/profile_decode.py --dtype bfloat16 --quant int4 [--tokens 32] [--context 16] [--compile]
+                                        [--max-autotune] [--batch 8]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gpt4 import GPT4LMHeadModel
 from gpt4.generation import GenerationConfig, generate_tokens
 
 CATEGORIES = [  # first match wins; operator names as the profiler reports them
-    ("weight matmuls", ("_weight_int4pack_mm", "_weight_int8pack_mm", "linear_dynamic", "int8_dynamic_linear",
+    ("weight matmuls", ("_weight_int4pack_mm", "_weight_int8pack_mm", "int4mm_packed_weight", "aten::_int_mm",
                         "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("attention (SDPA)", ("scaled_dot_product", "_scaled_dot_product", "flash_attention")),
     ("KV cache writes", ("index_copy", "index_put", "scatter")),
@@ -27,6 +28,10 @@ CATEGORIES = [  # first match wins; operator names as the profiler reports them
     ("activation + rope", ("silu", "gelu", "aten::mul", "aten::add", "aten::neg", "aten::cat", "aten::sin",
                            "aten::cos")),
     ("sampling + logits", ("argmax", "topk", "softmax", "multinomial", "aten::sort")),
+    # Compiled: inductor's fused kernels, and under --max-autotune its GEMM templates, run inside this call.
+    ("compiled graph (fused kernels, GEMM templates)", ("CompiledFxGraph",)),
+    ("graph entry (guards, wrappers)", ("TorchDynamo Cache Lookup", "Torch-Compiled Region", "AOTDispatcher",
+                                        "Pregraph bytecode")),
     ("dtype copies", ("aten::to", "aten::_to_copy", "aten::copy_")),
     ("views + allocations", ("as_strided", "aten::view", "reshape", "transpose", "aten::slice", "aten::select",
                              "narrow", "permute", "unsqueeze", "split", "chunk", "aten::empty", "expand",
@@ -43,9 +48,11 @@ def main():
     parser.add_argument("--context", type=int, default=16, help="prompt tokens before decoding")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd decode step")
+    parser.add_argument("--max-autotune", action="store_true", help="... compiled in max-autotune mode")
     args = parser.parse_args()
 
-    model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant,
+                                             compile="max-autotune" if args.max_autotune else args.compile)
     prompts = [[(i * 7919 + row) % 10000 + 100 for i in range(args.context)] for row in range(args.batch)]
     config = GenerationConfig(max_new_tokens=args.tokens + 1, eos_token_id=None)
     for _ in generate_tokens(model, prompts, config):  # warm-up: kernels, allocator

@@ -39,20 +39,33 @@ def _step_logits(model, prompts):
 
 
 @needs_compiler
-@pytest.mark.parametrize("family,quant", [("llama-gqa-untied", "none"), ("mistral", "none"),
-                                          ("llama-gqa-untied", "int4"),
-                                          ("llama-gqa-untied", "w8a8")])
-def test_compiled_decode_equals_eager(family, quant):
+@pytest.mark.parametrize("family,quant,mode", [("llama-gqa-untied", "none", "default"), ("mistral", "none", "default"),
+                                               ("llama-gqa-untied", "int4", "default"),
+                                               ("llama-gqa-untied", "w8a8", "default"),
+                                               # frozen weights, inductor's own GEMM kernels for int4 and int8
+                                               ("llama-gqa-untied", "int4", "max-autotune"),
+                                               ("qwen2", "int8", "max-autotune")])
+def test_compiled_decode_equals_eager(family, quant, mode):
     # hidden 64: the int4 kernel's smallest tile
     model = tiny_model(family, hidden_size=64, intermediate_size=128)
     if quant != "none":
         quantize_(model, quant)
     eager = (_tokens(model, PROMPTS[:1]), _tokens(model, PROMPTS), _step_logits(model, PROMPTS))
-    model.compile_decode()
+    model.compile_decode(mode)
     compiled = (_tokens(model, PROMPTS[:1]), _tokens(model, PROMPTS), _step_logits(model, PROMPTS))
     assert model._compiled_decode is not None  # still compiled: nothing fell back to eager
     assert compiled[0] == eager[0] and compiled[1] == eager[1]
     torch.testing.assert_close(compiled[2], eager[2], atol=1e-4 if quant == "none" else 2e-2, rtol=1e-4)
+
+
+def test_an_unknown_compile_mode_is_refused_before_loading():
+    from gpt4 import GPT4LMHeadModel
+
+    # A path that does not exist: the mode is checked first, not after minutes of loading.
+    with pytest.raises(ValueError, match="Unknown compile mode 'fast'"):
+        GPT4LMHeadModel.from_pretrained("/nonexistent/model", compile="fast")
+    with pytest.raises(ValueError, match="max-autotune"):
+        tiny_model("llama-gqa-untied").compile_decode("reduce-overhead")
 
 
 BROKEN_TOOLCHAIN = """

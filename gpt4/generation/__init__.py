@@ -183,11 +183,12 @@ def generate_tokens(model, prompts: list[list[int]], config: GenerationConfig,
         position += 1
 
 
-def warm_up_decode(model) -> None:
+def warm_up_decode(model, batch_size: int = 8) -> None:
     """Run a few decode steps for one sequence and for a batch: compiles both graphs of a compiled model now
-    rather than during the first requests."""
+    rather than during the first requests. The batch graph serves any number of rows; under max-autotune its
+    kernels are timed at batch_size rows."""
     config = GenerationConfig(max_new_tokens=3, eos_token_id=None)
-    for prompts in ([[0, 1]], [[0, 1], [0]]):
+    for prompts in ([[0, 1]], [[0, 1]] * (batch_size - 1) + [[0]]):
         for _ in generate_tokens(model, prompts, config):
             pass
 

@@ -212,9 +212,11 @@ class Engine:
     @torch.inference_mode()
     def _compile_decode_graphs(self) -> None:
         """Compile the decode step for one row and for several rows of the batch cache now, before the first
-        requests (each graph takes about a minute; /health answers 503 until they exist)."""
+        requests (each graph takes about a minute; /health answers 503 until they exist). The batch graph is
+        first run with every row: under max-autotune its kernels are timed at the full batch, where the server's
+        throughput is decided (the graph serves any number of rows from 2)."""
         self._ensure_cache(2)
-        for n in sorted({1, min(2, self.max_batch)}):
+        for n in sorted({1, self.max_batch}):
             # Writes slot 1 of the first rows: slots past a row's length are overwritten before they are read.
             ids, positions = torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long)
             self.model.decode_logits(ids, positions, self.cache.rows(0, n), kv_length=2)

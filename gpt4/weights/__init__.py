@@ -110,17 +110,21 @@ def _parse_dtype(dtype) -> torch.dtype:
 
 def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.device = "cpu",
                gguf_file: str | None = None, revision: str | None = None, load_tokenizer: bool = True,
-               quant: str = "none", compile: bool = False, **kwargs):
+               quant: str = "none", compile: bool | str = False, **kwargs):
     """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id.
 
     quant="int8"|"int4"|"w8a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
-    compile=True compiles the decode step with torch.compile (see GPT4LMHeadModel.compile_decode).
+    compile=True compiles the decode step with torch.compile, compile="max-autotune" in that mode (see
+    GPT4LMHeadModel.compile_decode).
     """
     from ..generation import GenerationConfig
+    from ..model import COMPILE_MODES
     from ..tokenizer import Tokenizer
 
     if kwargs:
         raise TypeError(f"from_pretrained() got unexpected arguments: {', '.join(kwargs)}.")
+    if compile not in (False, True, None, *COMPILE_MODES):  # before the minutes of loading, not after
+        raise ValueError(f"Unknown compile mode {compile!r}; pass True or one of {COMPILE_MODES}.")
     dtype = _parse_dtype(dtype if dtype is not None else torch_dtype)
     kind, path = resolve(name_or_path, gguf_file, revision)
     gguf = None
@@ -152,7 +156,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
     model.tokenizer = tokenizer
     model.generation_config = GenerationConfig.for_model(config, tokenizer, path if kind == "hf" else None)
     if compile:
-        model.compile_decode()
+        model.compile_decode("default" if compile is True else compile)
     return model.eval()
 
 
