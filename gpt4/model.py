@@ -314,6 +314,9 @@ class GPT4LMHeadModel(nn.Module):
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if mode == "max-autotune":
             options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+            if "TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED" not in os.environ:  # unless asked for: no timings
+                # of every matmul shape's candidates on stderr, in the middle of a chat
+                options.update(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
         compiled = torch.compile(step, dynamic=True, fullgraph=True, options=options)
         if mode == "max-autotune":
             # Dynamo reads `freezing` from the global config while it traces (torch.compile's options reach only
