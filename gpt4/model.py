@@ -211,11 +211,11 @@ class GPT4LMHeadModel(nn.Module):
     # ----------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.final_norm.weight.device  # not the embedding's: quantized models look it up in int8
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.final_norm.weight.dtype
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)

@@ -110,3 +110,17 @@ def test_int4_loading_skips_full_precision_only_for_layers_entirely_in_4_bits(tm
     mixed = _exact_int4_tensors(gguf)
     gguf.close()
     assert not qkv & mixed and {"blk.0.attn_output.weight", "blk.1.attn_q.weight"} <= mixed
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "Q8_0", "Q4_1", "Q4_K"])  # the torch and the numpy dequantizers
+def test_tensors_dequantize_the_same_a_row_at_a_time_and_straight_to_bf16(qtype, tmp_path, monkeypatch):
+    from gpt4.weights import gguf_file
+
+    gguf = gguf_file.GGUFFile(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype))
+    whole = {name: gguf.tensor(name) for name in gguf.tensors}  # the tiny matrices fit in one slice
+    monkeypatch.setattr(gguf_file, "_DEQUANT_CHUNK", 1)  # now one row per slice
+    for name, want in whole.items():
+        torch.testing.assert_close(gguf.tensor(name), want, atol=0, rtol=0)
+        torch.testing.assert_close(gguf.tensor(name, torch.bfloat16), want.bfloat16(), atol=0, rtol=0)
+    assert any(gguf.tensors[name].type_name == qtype for name in whole)
+    gguf.close()

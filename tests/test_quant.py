@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel
-from gpt4.quant import Int4Linear, Int8Linear, linear_bytes, quantize_
+from gpt4.quant import Int4Linear, Int8Embedding, Int8Linear, linear_bytes, quantize_
+
+from .conftest import tiny_model
 
 
 @pytest.mark.parametrize("rows", [5, 200])  # decode and prefill sizes
@@ -51,6 +53,28 @@ def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows, out_feature
     dequant = (((groups - lo) / step).round() * step + lo).reshape(out_features, 128)
     torch.testing.assert_close(layer.dequantized().float(), dequant, atol=0.04, rtol=0.01)  # bf16 scales
     torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "llama-gqa-untied", "gpt2"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
+def test_quantized_models_look_up_int8_embedding_rows_shared_with_a_tied_head(family, mode):
+    model = tiny_model(family, hidden_size=64, intermediate_size=128)  # the int4 kernel's smallest tile
+    table = model.embed_tokens.weight.detach().clone()  # (vocab, hidden)
+    ids = torch.tensor([[0, 5, 95, 17, 5]])
+    with torch.no_grad():
+        want = model(ids).logits
+        quantize_(model, mode)
+        got = model(ids).logits.float()
+    embedding = model.embed_tokens
+    assert isinstance(embedding, Int8Embedding)
+    tied = model.config.tie_word_embeddings
+    assert (embedding.weight_int8.data_ptr() == model.lm_head.weight_int8.data_ptr()) == tied  # held once if tied
+    rows = embedding(ids)[0]
+    assert rows.dtype == torch.float32 and model.dtype == torch.float32
+    step = table[ids[0]].abs().amax(-1, keepdim=True) / 127  # one int8 step of each row
+    # Half a step of rounding, plus a bf16 scale's error (2^-9 relative) times |q| <= 127: 0.75 step at most.
+    assert ((rows - table[ids[0]]).abs() <= 0.76 * step).all()
+    assert F.cosine_similarity(got, want, dim=-1).min() > 0.98
 
 
 @pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("int4", 0.6), ("w8a8", 0.6)])

@@ -230,12 +230,12 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config, dtype=torch.float32,
         if foreign in placeholders:
             t = torch.empty(gguf.tensors[foreign].shape, device="meta")
         else:
-            t = gguf.tensor(foreign)
+            t = gguf.tensor(foreign, dtype)  # straight to dtype: a bf16 load never holds the model in fp32
         if permuted and ours.endswith("attn.q_proj.weight"):
             t = permute_for_rope(t, config.num_attention_heads)
         elif permuted and ours.endswith("attn.k_proj.weight"):
             t = permute_for_rope(t, config.num_key_value_heads)
-        state[ours] = t.to(dtype)  # convert per tensor: never hold the whole model in fp32 for a bf16 load
+        state[ours] = t.to(dtype)
     return names.fuse(state)
 
 
@@ -267,6 +267,7 @@ class _GGUFInt4Groups:
 
     def get(self, module: str) -> tuple | None:
         if _block_of(module) != self.block:
+            _return_freed_memory()  # the last block's temporaries: without this glibc holds ~150 MB by the end
             self.block = _block_of(module)
             self.groups = self._read(self.tensors_of_block.get(self.block, []))
         return self.groups.get(module)

@@ -2,7 +2,8 @@
 
 The header is parsed here, straight from a memory map, with every count, length, type and offset checked before
 it is used (a hostile or damaged file gets one clear error, never a hang or a huge allocation). Block formats are
-decoded by the `gguf` package (numpy), except the plain float types, which are views of the map.
+decoded by the `gguf` package (numpy), except the plain float types and the default model's Q8_0 / Q4_0 / Q4_1
+(torch), a slice of rows at a time.
 """
 
 from __future__ import annotations
@@ -51,29 +52,51 @@ class GGUFFile:
         return self.require("general.architecture")
 
     # --------------------------------------------------------------------------------------------------
-    def tensor(self, name: str) -> torch.Tensor:
-        """A tensor dequantized to fp32, in PyTorch layout (out_features, in_features)."""
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor dequantized to `dtype`, in PyTorch layout (out_features, in_features).
+
+        Rows are dequantized a slice at a time (in fp32) straight into the result, so loading a large matrix
+        in bf16 never holds a full fp32 copy (the default model's embedding: 113 MB).
+        """
+        info = self.tensors[name]
+        width = info.shape[-1]
+        rows = info.n_bytes // info.row_bytes  # all dimensions but the fastest
+        out = torch.empty(rows, width, dtype=dtype)
+        step = max(1, _DEQUANT_CHUNK // width)
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            raw = self._read(info.offset + start * info.row_bytes, n * info.row_bytes)
+            out[start:start + n] = self._dequantize(name, info, raw).reshape(n, width)
+        return out.reshape(info.shape)
+
+    def _read(self, offset: int, count: int) -> np.ndarray:
+        """A copy of `count` bytes at `offset` (the map is read-only and closed after loading). The map's pages
+        they were read through are released at once: they stay in the OS page cache, but a load's resident
+        memory does not grow by the size of the file."""
+        raw = np.frombuffer(self.data, dtype=np.uint8, count=count, offset=offset).copy()
+        if hasattr(mmap, "MADV_DONTNEED"):
+            start = offset - offset % mmap.PAGESIZE
+            self.data.madvise(mmap.MADV_DONTNEED, start, offset + count - start)
+        return raw
+
+    def _dequantize(self, name: str, info: "TensorInfo", raw: np.ndarray) -> torch.Tensor:
+        """Whole rows of `info`'s type, as bytes -> fp32 values (flat)."""
         from gguf import quants
 
-        info = self.tensors[name]
-        raw = np.frombuffer(self.data, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
         if info.type_name == "F32":
-            array = raw.view(np.float32)
-        elif info.type_name == "F16":
-            array = raw.view(np.float16).astype(np.float32)
-        elif info.type_name == "BF16":
-            array = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info.type_name in _TORCH_DEQUANT:
-            return _TORCH_DEQUANT[info.type_name](torch.from_numpy(raw.copy())).reshape(info.shape)
-        else:
-            try:
-                array = quants.dequantize(raw.reshape(-1, info.row_bytes), info.ggml_type)
-            except NotImplementedError as e:
-                raise ModelFileError(f"{self.path}: tensor {name!r} has type {info.type_name}, which the gguf "
-                                     "package cannot dequantize; use a file with a common quant type "
-                                     "(F16, Q8_0, Q4_K_M, ...).") from e
-        # Copy: the map is read-only and is closed after loading.
-        return torch.from_numpy(np.array(array, dtype=np.float32).reshape(info.shape))
+            return torch.from_numpy(raw.view(np.float32))
+        if info.type_name == "F16":
+            return torch.from_numpy(raw.view(np.float16)).float()
+        if info.type_name == "BF16":
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
+        if info.type_name in _TORCH_DEQUANT:
+            return _TORCH_DEQUANT[info.type_name](torch.from_numpy(raw))
+        try:
+            return torch.from_numpy(quants.dequantize(raw.reshape(-1, info.row_bytes), info.ggml_type))
+        except NotImplementedError as e:
+            raise ModelFileError(f"{self.path}: tensor {name!r} has type {info.type_name}, which the gguf "
+                                 "package cannot dequantize; use a file with a common quant type "
+                                 "(F16, Q8_0, Q4_K_M, ...).") from e
 
     def int4_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (q (out, in) in 0..15, scale, zero),
@@ -81,7 +104,7 @@ class GGUFFile:
         info = self.tensors[name]
         if info.type_name not in INT4_TYPES:
             return None
-        raw = torch.from_numpy(np.frombuffer(self.data, dtype=np.uint8, count=info.n_bytes, offset=info.offset).copy())
+        raw = torch.from_numpy(self._read(info.offset, info.n_bytes))
         width = 18 if info.type_name == "Q4_0" else 20
         blocks = raw.view(-1, width)
         d = blocks[:, :2].contiguous().view(torch.float16).float().flatten()
@@ -184,6 +207,7 @@ def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     return (d * _nibbles(blocks[:, 4:]) + m).flatten()
 
 
+_DEQUANT_CHUNK = 1 << 21  # values dequantized at once (8 MB in fp32)
 _TORCH_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1}
 
 
