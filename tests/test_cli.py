@@ -88,7 +88,8 @@ def test_chat_session_forgets_oldest_turns_when_context_is_full(default_model):
 
 
 def test_ctrl_c_stops_a_reply_but_not_the_session():
-    proc = subprocess.Popen([*GPT4, "chat", "--max-new-tokens", "400"], stdin=subprocess.PIPE,
+    # Greedy: a sampled reply can be short enough to end before the signal (seen once); this one runs ~400 tokens.
+    proc = subprocess.Popen([*GPT4, "chat", "--max-new-tokens", "400", "--temperature", "0"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
     try:
         proc.stdin.write("Write a very long story about a dragon.\n")
