@@ -113,7 +113,7 @@ class GGUFFile:
         else:  # w = d * q + m = (q - 8) * d + (m + 8 d)
             zero = blocks[:, 2:4].contiguous().view(torch.float16).float().flatten() + 8 * d
         rows = info.shape[0]
-        q = _nibbles(blocks[:, width - 16:]).to(torch.uint8).reshape(rows, -1)
+        q = _nibbles(blocks[:, width - 16:]).reshape(rows, -1)
         return q, d.reshape(rows, -1), zero.reshape(rows, -1)
 
     def config(self) -> GPT4Config:
@@ -190,21 +190,21 @@ def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(N, 16) bytes -> (N, 32) values: low nibbles are elements 0..15, high nibbles 16..31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
+    """(N, 16) bytes -> (N, 32) values (uint8): low nibbles are elements 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
 
 
 def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 18)  # d, 16 bytes of nibbles: w = d * (q - 8)
     d = blocks[:, :2].contiguous().view(torch.float16).float()
-    return (d * (_nibbles(blocks[:, 2:]) - 8)).flatten()
+    return (d * (_nibbles(blocks[:, 2:]).float() - 8)).flatten()
 
 
 def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 20)  # d, m, 16 bytes of nibbles: w = d * q + m
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * _nibbles(blocks[:, 4:]) + m).flatten()
+    return (d * _nibbles(blocks[:, 4:]).float() + m).flatten()
 
 
 _DEQUANT_CHUNK = 1 << 21  # values dequantized at once (8 MB in fp32)
