@@ -246,7 +246,9 @@ def test_disconnect_frees_the_row(server, default_model):
 def test_queue_overflow_is_429(default_model):
     s = LiveServer({"gpt4": default_model}, max_batch=1, max_queue=1)
     try:
-        body = {"model": "gpt4", "messages": MSG, "max_tokens": 300, "temperature": 0, "stream": True,
+        # 2000 tokens: the running reply must outlast every request below (300 ended in between once, in CI-like
+        # load); closing the streams cancels both replies, so the test does not wait for them.
+        body = {"model": "gpt4", "messages": MSG, "max_tokens": 2000, "temperature": 0, "stream": True,
                 "logit_bias": no_eos(default_model)}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as running:
             next(running.iter_lines())
