@@ -81,8 +81,6 @@ class GGUFFile:
 
     def _dequantize(self, name: str, info: "TensorInfo", raw: np.ndarray) -> torch.Tensor:
         """Whole rows of `info`'s type, as bytes -> fp32 values (flat)."""
-        from gguf import quants
-
         if info.type_name == "F32":
             return torch.from_numpy(raw.view(np.float32))
         if info.type_name == "F16":
@@ -91,6 +89,8 @@ class GGUFFile:
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
         if info.type_name in _TORCH_DEQUANT:
             return _TORCH_DEQUANT[info.type_name](torch.from_numpy(raw))
+        from gguf import quants  # the other block formats: the gguf package's numpy decoders
+
         try:
             return torch.from_numpy(quants.dequantize(raw.reshape(-1, info.row_bytes), info.ggml_type))
         except NotImplementedError as e:
