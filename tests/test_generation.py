@@ -43,6 +43,21 @@ def test_cached_logits_equal_recomputed_logits():
             torch.testing.assert_close(model.lm_head(h[:, -1])[0], logits[i + 1], atol=1e-5, rtol=1e-5)
 
 
+def test_a_bf16_model_caches_keys_and_values_in_fp32_on_the_cpu():
+    # fp32: PyTorch's CPU attention is several times faster than in bf16 for one query row (see new_cache).
+    model = tiny_model("llama-gqa-untied").to(torch.bfloat16)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    cache = model.new_cache(1, 16)
+    assert cache.keys[0].dtype == cache.values[0].dtype == torch.float32
+    with torch.inference_mode():
+        full = model(torch.tensor([prompt])).logits[0, -1].float()  # no cache: attention in bf16
+        model.hidden_states(torch.tensor([prompt[:-1]]), torch.arange(7)[None], cache)
+        step = model.decode_logits(torch.tensor([prompt[-1:]]), torch.tensor([[7]]), cache, kv_length=8)[0]
+    assert step.dtype == torch.float32
+    torch.testing.assert_close(step, full, atol=0.02 * full.abs().max().item(), rtol=0)
+    assert step.argmax() == full.argmax()
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied"])
 def test_batched_generation_equals_one_by_one(family):
     model = tiny_model(family)
