@@ -25,11 +25,6 @@ QUANT_MODES = ("none", "int8", "int4", "w8a8")
 # int4; at 128 rows int4 breaks even). Decoding (a row per sequence) keeps the kernels: fewer bytes read.
 DEQUANTIZE_ROWS = 128
 QUANTIZE_ROWS = 4096  # rows quantized at once: the fp32 temporaries stay small (the LM head is 113 MB in fp32)
-# An int8 matrix this large (the LM head: 28 MB for the default model) is read from DRAM on every step, where
-# aten's int8 kernel streams it at ~12 GB/s for one row; inside a compiled graph inductor's own fused
-# multiply-sum reads it at ~19 GB/s (EPYC, AVX512: 2.3 -> 1.5 ms). Smaller matrices, served from the caches,
-# stay with the kernel (2-3x faster than the fused sum there).
-FUSED_GEMV_BYTES = 8 << 20
 
 
 class Int8Linear(nn.Module):
@@ -70,9 +65,6 @@ class Int8Linear(nn.Module):
             rows = x.reshape(-1, shape[-1]).to(self.scales.dtype)  # (N, in)
             if rows.shape[0] >= DEQUANTIZE_ROWS:
                 y = rows @ (self.weight_int8.to(rows.dtype) * self.scales[:, None]).t()
-            elif rows.shape[0] == 1 and self.weight_int8.numel() >= FUSED_GEMV_BYTES and torch.compiler.is_compiling():
-                # One row (a graph is compiled per batch size 1), fused by inductor into a single pass: (1, out)
-                y = ((rows.float() * self.weight_int8.float()).sum(-1) * self.scales.float())[None].to(rows.dtype)
             else:
                 y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scales)  # (N, out)
         y = y.reshape(*shape[:-1], self.out_features)

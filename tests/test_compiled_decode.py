@@ -58,22 +58,6 @@ def test_compiled_decode_equals_eager(family, quant, mode):
     torch.testing.assert_close(compiled[2], eager[2], atol=1e-4 if quant == "none" else 2e-2, rtol=1e-4)
 
 
-@needs_compiler
-def test_compiled_single_row_int8_matmul_fused_by_inductor_equals_the_kernel(monkeypatch):
-    # The fused multiply-sum that compiled one-row steps use for large int8 matrices (the LM head), here for every
-    # int8 matrix; the batch graph keeps the kernel.
-    import gpt4.quant
-
-    monkeypatch.setattr(gpt4.quant, "FUSED_GEMV_BYTES", 0)
-    model = quantize_(tiny_model("qwen2", hidden_size=64, intermediate_size=128), "int8")
-    eager = (_tokens(model, PROMPTS[:1]), _step_logits(model, PROMPTS[:1]), _step_logits(model, PROMPTS))
-    model.compile_decode()
-    compiled = (_tokens(model, PROMPTS[:1]), _step_logits(model, PROMPTS[:1]), _step_logits(model, PROMPTS))
-    assert model._compiled_decode is not None and compiled[0] == eager[0]
-    torch.testing.assert_close(compiled[1], eager[1], atol=2e-2, rtol=1e-2)
-    torch.testing.assert_close(compiled[2], eager[2], atol=2e-2, rtol=1e-2)
-
-
 def test_an_unknown_compile_mode_is_refused_before_loading():
     from gpt4 import GPT4LMHeadModel
 
