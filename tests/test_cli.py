@@ -88,9 +88,12 @@ def test_chat_session_forgets_oldest_turns_when_context_is_full(default_model):
 
 
 def test_ctrl_c_stops_a_reply_but_not_the_session():
-    # Greedy: a sampled reply can be short enough to end before the signal (seen once); this one runs ~400 tokens.
+    # Greedy: the reply runs ~400 tokens, long past the signal.
+    # The child gets SIGINT's default action: a suite started as a background job (`cmd &` in a script) runs with
+    # SIGINT ignored, which children inherit, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([*GPT4, "chat", "--max-new-tokens", "400", "--temperature", "0"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("Write a very long story about a dragon.\n")
         proc.stdin.flush()
