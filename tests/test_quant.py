@@ -52,6 +52,11 @@ def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows, out_feature
     step = (hi - lo) / 15
     dequant = (((groups - lo) / step).round() * step + lo).reshape(out_features, 128)
     torch.testing.assert_close(layer.dequantized().float(), dequant, atol=0.04, rtol=0.01)  # bf16 scales
+    # Prefill's weight is (q - 8) * scale + zero from the stored bf16 scales and zeros, in fp32, rounded once.
+    scale, zero = layer.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups) each
+    q = ((groups - lo) / step).round().clamp(0, 15)  # (out, groups, 32)
+    exact = ((q - 8) * scale[..., None] + zero[..., None]).reshape(out_features, 128).bfloat16()
+    assert torch.equal(layer.dequantized(), exact)
     torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
 
 
