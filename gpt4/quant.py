@@ -100,16 +100,39 @@ class Int4Linear(nn.Module):
                  bias: torch.Tensor | None, dtype=torch.bfloat16):
         super().__init__()
         out_features, in_features = q.shape  # q (out, in) int in 0..15; scales, zeros (out, in // group)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
         if out_features % 64 == 0 and _kernel_layout_is_known():
-            self.register_buffer("nibbles", None)  # prefill unpacks the kernel's own copy: the weights are held once
-        else:  # the same nibbles two to a byte, in plain order, for prefill
+            # Packed with byte operations (PyTorch's packing op wants int32 q: 4x the bytes, slow to load), and
+            # prefill unpacks this same copy: the weights are held once.
+            packed, plain_nibbles = _pack_kernel_layout(q.to(torch.uint8)), None
+        else:  # PyTorch's packing, and the same nibbles two to a byte, in plain order, for prefill
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             q8 = q.to(torch.uint8).reshape(out_features, in_features // 2, 2)
-            self.register_buffer("nibbles", q8[..., 0] | (q8[..., 1] << 4))  # (out, in // 2)
+            plain_nibbles = q8[..., 0] | (q8[..., 1] << 4)  # (out, in // 2)
+        self._hold(packed, plain_nibbles, scales, zeros, group_size, bias, dtype, in_features)
+
+    def _hold(self, packed, plain_nibbles, scales, zeros, group_size, bias, dtype, in_features):
+        self.register_buffer("packed", packed)
+        self.register_buffer("nibbles", plain_nibbles)
         # The kernel wants (in // group, out, 2): scale and zero of each group and output channel.
         self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
+        self.group_size, self.in_features, self.out_features = group_size, in_features, scales.shape[0]
+
+    @classmethod
+    def from_block_nibbles(cls, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           bias: torch.Tensor | None, dtype=torch.bfloat16) -> "Int4Linear":
+        """From groups of 32 as GGUF's Q4_0 / Q4_1 blocks store them: nibbles (out, in // 2) uint8, byte j of a
+        group's 16 holding element j (low nibble) and element 16 + j (high); scales, zeros (out, in // 32).
+
+        Repacked for the kernel byte to byte, never as a byte per value (a third of the default model's load).
+        """
+        out_features, in_features = nibbles.shape[0], nibbles.shape[1] * 2
+        if out_features % 64 or not _kernel_layout_is_known():
+            return cls(unpack_block_nibbles(nibbles), scales, zeros, 32, bias, dtype)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._hold(_pack_kernel_layout_from_blocks(nibbles), None, scales, zeros, 32, bias, dtype, in_features)
+        return layer
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32,
@@ -157,10 +180,35 @@ class Int4Linear(nn.Module):
         return w_t.view(in_features, out_features)
 
 
+def _pack_kernel_layout(q: torch.Tensor) -> torch.Tensor:
+    """q (out, in) uint8 in 0..15 -> (out, in // 2) bytes in `_convert_weight_to_int4pack_for_cpu`'s layout: each
+    block of 64 output rows is (in, 32) bytes, the low nibble of byte i holding row i of the block and the high
+    nibble row 32 + i."""
+    out_features, in_features = q.shape
+    halves = q.view(out_features // 64, 2, 32, in_features)  # (blocks, half, i, in)
+    packed = (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2)  # (blocks, in, 32)
+    return packed.contiguous().view(out_features, in_features // 2)
+
+
+def _pack_kernel_layout_from_blocks(nibbles: torch.Tensor) -> torch.Tensor:
+    """_pack_kernel_layout(unpack_block_nibbles(nibbles)), computed on the bytes as they are."""
+    out_features, half_in = nibbles.shape
+    rows = nibbles.view(out_features // 64, 2, 32, half_in // 16, 16)  # (block, half, i, group, j)
+    first, second = rows[:, 0], rows[:, 1]  # rows i and 32 + i of each block of 64: (block, i, group, j)
+    element_j = (first & 15) | (second << 4)  # a group's element j: row i's nibble low, row 32 + i's high
+    element_16_j = (first >> 4) | (second & 0xF0)  # its element 16 + j
+    packed = torch.stack((element_j, element_16_j), dim=3)  # (block, i, group, 2, j)
+    return packed.permute(0, 2, 3, 4, 1).reshape(out_features, half_in)  # (block, in, i) as (out, in // 2)
+
+
+def unpack_block_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """(..., 16 g) bytes of 4-bit blocks (byte j: element j low, element 16 + j high) -> (..., 32 g) values."""
+    blocks = nibbles.unflatten(-1, (-1, 16))
+    return torch.cat((blocks & 15, blocks >> 4), dim=-1).flatten(-2)
+
+
 def _unpack_kernel_layout_t(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """q transposed, (in, out) in 0..15, from `_convert_weight_to_int4pack_for_cpu`'s layout: each block of 64
-    output rows is (in, 32) bytes, the low nibble of byte i holding row i of the block and the high nibble row
-    32 + i."""
+    """q transposed, (in, out) in 0..15, from the kernel's layout (see _pack_kernel_layout)."""
     blocks = packed.view(out_features // 64, in_features, 32)
     q = torch.cat((blocks & 15, blocks >> 4), dim=2)  # (out // 64, in, 64)
     return q.transpose(0, 1).reshape(in_features, out_features)
@@ -168,20 +216,26 @@ def _unpack_kernel_layout_t(packed: torch.Tensor, out_features: int, in_features
 
 @functools.cache
 def _kernel_layout_is_known() -> bool:
-    """Whether this PyTorch build packs int4 weights as _unpack_kernel_layout_t reads them. The layout is private to
-    PyTorch, so it is checked once per process on a random matrix; if it ever differs, the layers keep a plain
-    copy of their nibbles for prefill instead."""
-    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return packed.shape == (128, 32) and torch.equal(_unpack_kernel_layout_t(packed, 128, 64).t().int(), q)
+    """Whether this PyTorch build packs int4 weights as _pack_kernel_layout does. The layout is private to PyTorch,
+    so it is checked once per process on random matrices; if it ever differs, the layers are packed by PyTorch's
+    op and keep a plain copy of their nibbles for prefill."""
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((128, 64), (64, 96)):
+        q = torch.randint(0, 16, shape, dtype=torch.int32, generator=generator)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        ours = _pack_kernel_layout(q.to(torch.uint8))
+        if packed.shape != ours.shape or not torch.equal(packed, ours) \
+                or not torch.equal(_unpack_kernel_layout_t(ours, *shape).t().int(), q):
+            return False
+    return True
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with quantized ones (see the module's docstring for the
     modes); returns the model.
 
-    exact_int4 (anything with .get(module name), e.g. a dict) gives (q, scale, zero) groups of 32 taken straight
-    from a 4-bit file; those modules use them instead of re-quantizing. In int4 mode the LM head (tied to the
+    exact_int4 (anything with .get(module name), e.g. a dict) gives (nibbles, scale, zero) groups of 32 taken
+    straight from a 4-bit file (Int4Linear.from_block_nibbles); those modules use them instead of re-quantizing. In int4 mode the LM head (tied to the
     embedding or not) is int8 unless the file holds it in 4 bits: every logit goes through it, and 4 bits there
     cost the default model 5% perplexity (its head is Q8_0 in the file) for a ~10% faster decode. The token
     embedding becomes an int8 lookup (Int8Embedding), sharing a tied head's table.
@@ -201,7 +255,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
             if mode in ("int8", "w8a8") or (full_name == "lm_head" and exact is None):
                 new = Int8Linear(child.weight, child.bias, quantize_activations=mode == "w8a8")
             elif exact is not None:
-                new = Int4Linear(*exact, 32, child.bias)
+                new = Int4Linear.from_block_nibbles(*exact, child.bias)
             else:
                 k = child.in_features
                 group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)

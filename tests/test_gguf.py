@@ -59,7 +59,7 @@ def test_gguf_model_saves_to_a_folder_transformers_loads(tmp_path):
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
 def test_4bit_blocks_become_int4_groups_exactly(qtype, tmp_path):
-    from gpt4.quant import Int4Linear
+    from gpt4.quant import Int4Linear, unpack_block_nibbles
     from gpt4.weights.gguf_file import GGUFFile
 
     path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
@@ -70,7 +70,8 @@ def test_4bit_blocks_become_int4_groups_exactly(qtype, tmp_path):
         if info.type_name != qtype:
             assert groups is None
             continue
-        q, scale, zero = groups  # w = (q - 8) * scale + zero, groups of 32 along the input dimension
+        nibbles, scale, zero = groups  # w = (q - 8) * scale + zero, groups of 32 along the input dimension
+        q = unpack_block_nibbles(nibbles)
         rows, cols = q.shape
         w = (q.float().reshape(rows, cols // 32, 32) - 8) * scale[..., None] + zero[..., None]
         torch.testing.assert_close(w.reshape(rows, cols), gguf.tensor(name), atol=1e-6, rtol=0)
@@ -124,3 +125,17 @@ def test_tensors_dequantize_the_same_a_row_at_a_time_and_straight_to_bf16(qtype,
         torch.testing.assert_close(gguf.tensor(name, torch.bfloat16), want.bfloat16(), atol=0, rtol=0)
     assert any(gguf.tensors[name].type_name == qtype for name in whole)
     gguf.close()
+
+
+def test_our_ggml_type_table_agrees_with_the_gguf_package():
+    import gguf
+
+    from gpt4.weights.gguf_file import GGML_TYPES, ggml_type
+
+    for type_id, (name, block_values, block_bytes) in GGML_TYPES.items():
+        kind = gguf.GGMLQuantizationType(type_id)
+        assert (kind.name, *gguf.GGML_QUANT_SIZES[kind]) == (name, block_values, block_bytes)
+    newer = [kind for kind in gguf.GGML_QUANT_SIZES if kind.value not in GGML_TYPES]
+    for kind in newer:  # types added to ggml after our table: still known, through the package
+        assert ggml_type(kind.value) == (kind.name, *gguf.GGML_QUANT_SIZES[kind])
+    assert ggml_type(977) is None

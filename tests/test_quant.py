@@ -60,6 +60,24 @@ def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows, out_feature
     torch.testing.assert_close(layer(x).float(), F.linear(x, dequant), atol=0.3, rtol=0.03)
 
 
+@pytest.mark.parametrize("out_features", [128, 96])  # whole blocks of 64 rows (packed by us) or not (by PyTorch)
+def test_int4_layers_packed_from_gguf_block_bytes_match_pytorchs_own_packing(out_features):
+    from gpt4.quant import unpack_block_nibbles
+
+    generator = torch.Generator().manual_seed(0)
+    nibbles = torch.randint(0, 256, (out_features, 96 // 2), dtype=torch.uint8, generator=generator)  # 3 groups
+    scales, zeros = torch.rand(out_features, 3, generator=generator), torch.randn(out_features, 3, generator=generator)
+    q = unpack_block_nibbles(nibbles)  # (out, 96): byte j of a group's 16 holds elements j and 16 + j
+    assert torch.equal(q[:, 16], nibbles[:, 0] >> 4) and torch.equal(q[:, 32 + 3], nibbles[:, 16 + 3] & 15)
+    layer = Int4Linear.from_block_nibbles(nibbles, scales, zeros, None)
+    # The bytes the kernel reads are exactly those of PyTorch's packing op.
+    assert torch.equal(layer.packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+    reference = Int4Linear(q, scales, zeros, 32, None)
+    for rows in (1, 200):  # the kernel, and prefill's dequantized weight
+        x = torch.randn(rows, 96, generator=generator)
+        assert torch.equal(layer(x), reference(x))
+
+
 @pytest.mark.parametrize("family", ["llama-tied", "llama-gqa-untied", "gpt2"])
 @pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_quantized_models_look_up_int8_embedding_rows_shared_with_a_tied_head(family, mode):

@@ -19,6 +19,7 @@ import torch
 
 from ..config import GPT4Config
 from ..errors import ModelFileError
+from ..quant import unpack_block_nibbles
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 # The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups).
@@ -89,32 +90,37 @@ class GGUFFile:
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
         if info.type_name in _TORCH_DEQUANT:
             return _TORCH_DEQUANT[info.type_name](torch.from_numpy(raw))
-        from gguf import quants  # the other block formats: the gguf package's numpy decoders
+        from gguf import GGMLQuantizationType, quants  # the other block formats: the gguf package's numpy decoders
 
         try:
-            return torch.from_numpy(quants.dequantize(raw.reshape(-1, info.row_bytes), info.ggml_type))
+            return torch.from_numpy(quants.dequantize(raw.reshape(-1, info.row_bytes),
+                                                      GGMLQuantizationType(info.type_id)))
         except NotImplementedError as e:
             raise ModelFileError(f"{self.path}: tensor {name!r} has type {info.type_name}, which the gguf "
                                  "package cannot dequantize; use a file with a common quant type "
                                  "(F16, Q8_0, Q4_K_M, ...).") from e
 
     def int4_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (q (out, in) in 0..15, scale, zero),
-        scale and zero (out, in / 32), with w = (q - 8) * scale + zero. None for other types."""
+        """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (nibbles, scale, zero), None for other types.
+
+        nibbles (out, in / 2) are the blocks' bytes (gpt4.quant.unpack_block_nibbles gives q (out, in) in 0..15);
+        scale and zero (out, in / 32), with w = (q - 8) * scale + zero."""
         info = self.tensors[name]
         if info.type_name not in INT4_TYPES:
             return None
         raw = torch.from_numpy(self._read(info.offset, info.n_bytes))
         width = 18 if info.type_name == "Q4_0" else 20
         blocks = raw.view(-1, width)
-        d = blocks[:, :2].contiguous().view(torch.float16).float().flatten()
         if info.type_name == "Q4_0":  # w = d * (q - 8)
+            d = blocks[:, :2].contiguous().view(torch.float16).float().flatten()
             zero = torch.zeros_like(d)
-        else:  # w = d * q + m = (q - 8) * d + (m + 8 d)
-            zero = blocks[:, 2:4].contiguous().view(torch.float16).float().flatten() + 8 * d
+        else:  # w = d * q + m = (q - 8) * d + (m + 8 d); d and m converted in one pass
+            d_m = blocks[:, :4].contiguous().view(torch.float16).float()  # (blocks, 2)
+            d = d_m[:, 0].contiguous()
+            zero = d_m[:, 1] + 8 * d
         rows = info.shape[0]
-        q = _nibbles(blocks[:, width - 16:]).reshape(rows, -1)
-        return q, d.reshape(rows, -1), zero.reshape(rows, -1)
+        nibbles = blocks[:, width - 16:].reshape(rows, -1)
+        return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
     def config(self) -> GPT4Config:
         arch = self.architecture
@@ -189,22 +195,17 @@ def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
     return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).flatten()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(N, 16) bytes -> (N, 32) values (uint8): low nibbles are elements 0..15, high nibbles 16..31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
-
-
 def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 18)  # d, 16 bytes of nibbles: w = d * (q - 8)
     d = blocks[:, :2].contiguous().view(torch.float16).float()
-    return (d * (_nibbles(blocks[:, 2:]).float() - 8)).flatten()
+    return (d * (unpack_block_nibbles(blocks[:, 2:]).float() - 8)).flatten()
 
 
 def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 20)  # d, m, 16 bytes of nibbles: w = d * q + m
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * _nibbles(blocks[:, 4:]).float() + m).flatten()
+    return (d * unpack_block_nibbles(blocks[:, 4:]).float() + m).flatten()
 
 
 _DEQUANT_CHUNK = 1 << 21  # values dequantized at once (8 MB in fp32)
@@ -217,10 +218,38 @@ _SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5:
 _MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
 
 
+# ggml's tensor types: id -> (name, values per block, bytes per block), as ggml.h defines them. The gguf package
+# has the same table, but importing it takes ~150 ms (a quarter of loading the default model); a test checks that
+# the two agree, and types missing here are looked up there.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+
+
+def ggml_type(type_id: int) -> tuple[str, int, int] | None:
+    """(name, values per block, bytes per block) of a ggml tensor type; None if neither we nor gguf know it."""
+    if type_id in GGML_TYPES:
+        return GGML_TYPES[type_id]
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        kind = GGMLQuantizationType(type_id)
+    except ValueError:
+        return None
+    return (kind.name, *GGML_QUANT_SIZES[kind]) if kind in GGML_QUANT_SIZES else None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]  # PyTorch order (slowest dimension first)
-    ggml_type: object  # gguf.GGMLQuantizationType
+    type_id: int  # ggml's tensor type
     type_name: str
     offset: int  # absolute byte offset in the file
     n_bytes: int
@@ -248,8 +277,6 @@ def _check_preamble(path: Path) -> None:
 
 def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     """Metadata and tensor infos, every count, length, type and offset checked against the file size."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     size, pos = len(data), 24
     n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
 
@@ -302,22 +329,20 @@ def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
             raise ModelFileError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to 4 allowed); corrupted file.")
         dims = [u64(f"tensor {name!r} shape") for _ in range(n_dims)]
         type_id, offset = u32(f"tensor {name!r} type"), u64(f"tensor {name!r} offset")
-        try:
-            ggml_type = GGMLQuantizationType(type_id)
-        except ValueError as e:
+        if ggml_type(type_id) is None:
             raise ModelFileError(f"{path}: tensor {name!r} has tensor type {type_id}, unknown to the installed gguf "
                                  "package; upgrade gguf (`pip install -U gguf`) or use a file with a common quant "
-                                 "type.") from e
-        infos.append((name, dims, ggml_type, offset))
+                                 "type.")
+        infos.append((name, dims, type_id, offset))
     alignment = int(metadata.get("general.alignment", 32))
     if alignment <= 0 or alignment & (alignment - 1):
         raise ModelFileError(f"{path}: general.alignment={alignment} is not a power of two; corrupted file.")
     data_start = -(-pos // alignment) * alignment
     tensors = {}
-    for name, dims, ggml_type, offset in infos:
-        block_values, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    for name, dims, type_id, offset in infos:
+        type_name, block_values, block_bytes = ggml_type(type_id)
         if dims[0] % block_values or any(d == 0 for d in dims):
-            raise ModelFileError(f"{path}: tensor {name!r} of shape {dims} does not fit {ggml_type.name} blocks of "
+            raise ModelFileError(f"{path}: tensor {name!r} of shape {dims} does not fit {type_name} blocks of "
                                  f"{block_values}; corrupted file.")
         row_bytes = dims[0] // block_values * block_bytes
         n_bytes = row_bytes * math.prod(dims[1:])
@@ -325,7 +350,7 @@ def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         if start + n_bytes > size:
             raise ModelFileError(f"{path}: tensor {name!r} ends at byte {start + n_bytes:,}, past the file's "
                                  f"{size:,} bytes; the file is truncated: download it again.")
-        tensors[name] = TensorInfo(tuple(reversed(dims)), ggml_type, ggml_type.name, start, n_bytes, row_bytes)
+        tensors[name] = TensorInfo(tuple(reversed(dims)), type_id, type_name, start, n_bytes, row_bytes)
     return metadata, tensors
 
 
