@@ -37,15 +37,18 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype=torch.bfloat16,
                  quantize_activations: bool = False):
+        """weight (out, in): a tensor, or a row reader (.shape, and row slices as tensors, e.g. read from a file)."""
         super().__init__()
         out_features, in_features = weight.shape
         weight_int8 = torch.empty(out_features, in_features, dtype=torch.int8)
         scales = torch.empty(out_features)
-        for start in range(0, out_features, QUANTIZE_ROWS):
-            w = weight[start:start + QUANTIZE_ROWS].detach().to(torch.float32, copy=True)  # (rows, in)
-            row_scales = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).clamp(min=1e-12) / 127.0  # (rows,)
-            weight_int8[start:start + QUANTIZE_ROWS] = w.div_(row_scales[:, None]).round_().clamp_(-127, 127)
-            scales[start:start + QUANTIZE_ROWS] = row_scales
+        with torch.no_grad():
+            for start in range(0, out_features, QUANTIZE_ROWS):
+                w = weight[start:start + QUANTIZE_ROWS].to(torch.float32, copy=True)  # (rows, in)
+                low, high = torch.aminmax(w, dim=1)  # (rows,) each, in one pass
+                row_scales = torch.maximum(high, -low).clamp(min=1e-12) / 127.0  # (rows,)
+                weight_int8[start:start + QUANTIZE_ROWS] = w.div_(row_scales[:, None]).round_().clamp_(-127, 127)
+                scales[start:start + QUANTIZE_ROWS] = row_scales
         self.register_buffer("weight_int8", weight_int8)
         # w8a8 scales its fp32 products: fp32 scales, converted once here rather than on every call.
         self.register_buffer("scales", scales.to(torch.float32 if quantize_activations else dtype))
@@ -230,7 +233,7 @@ def _kernel_layout_is_known() -> bool:
     return True
 
 
-def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None) -> nn.Module:
+def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None, embedding_rows=None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with quantized ones (see the module's docstring for the
     modes); returns the model.
 
@@ -238,14 +241,15 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     straight from a 4-bit file (Int4Linear.from_block_nibbles); those modules use them instead of re-quantizing. In int4 mode the LM head (tied to the
     embedding or not) is int8 unless the file holds it in 4 bits: every logit goes through it, and 4 bits there
     cost the default model 5% perplexity (its head is Q8_0 in the file) for a ~10% faster decode. The token
-    embedding becomes an int8 lookup (Int8Embedding), sharing a tied head's table.
+    embedding becomes an int8 lookup (Int8Embedding), sharing a tied head's table; embedding_rows (a row reader,
+    see Int8Linear) stands for an embedding loaded as a shape-only placeholder.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
     if mode == "none":
         return model
     exact_int4 = exact_int4 or {}
-    _quantize_embedding_(model, mode, exact_int4)
+    _quantize_embedding_(model, mode, exact_int4, embedding_rows)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -264,7 +268,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     return model
 
 
-def _quantize_embedding_(model: nn.Module, mode: str, exact_int4) -> None:
+def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows) -> None:
     """The token embedding becomes an int8 lookup (about the error of the 8-bit head): a tied head's own table,
     that head quantized here. Done before quantize_'s walk over the modules, which holds every original module
     until it ends, so that the full-precision table is freed now (the default model's: 57 MB in bf16)."""
@@ -273,10 +277,12 @@ def _quantize_embedding_(model: nn.Module, mode: str, exact_int4) -> None:
         return
     dtype = embedding.weight.dtype
     tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
+    rows = embedding_rows if embedding.weight.is_meta else embedding.weight
+    assert rows is not None, "the embedding is a placeholder, and no rows were given for it"
     if tied and not (mode == "int4" and exact_int4.get("lm_head") is not None):
-        model.lm_head = table = Int8Linear(head.weight, head.bias, quantize_activations=mode == "w8a8")
+        model.lm_head = table = Int8Linear(rows, head.bias, quantize_activations=mode == "w8a8")
     else:  # its own table
-        table = Int8Linear(embedding.weight, None, dtype=dtype)
+        table = Int8Linear(rows, None, dtype=dtype)
     model.embed_tokens = Int8Embedding(table, dtype)
 
 

@@ -113,6 +113,24 @@ def test_int4_loading_skips_full_precision_only_for_layers_entirely_in_4_bits(tm
     assert not qkv & mixed and {"blk.0.attn_output.weight", "blk.1.attn_q.weight"} <= mixed
 
 
+@pytest.mark.parametrize("mode,tied", [("int4", True), ("int4", False), ("int8", False), ("w8a8", True)])
+def test_quantized_loads_read_the_embedding_from_the_file_as_the_full_table_would_give_it(mode, tied, tmp_path,
+                                                                                          monkeypatch):
+    from gpt4 import quant
+    from gpt4.quant import quantize_
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q8_0", tied=tied)
+    monkeypatch.setattr(quant, "QUANTIZE_ROWS", 7)  # the embedding read and quantized a few rows at a time
+    loaded = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant=mode)
+    # The reference: the whole table dequantized to bf16 first, then quantized.
+    reference = quantize_(GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16"), mode)
+    assert (loaded.lm_head.weight_int8 is loaded.embed_tokens.weight_int8) == tied
+    for module in ("embed_tokens", "lm_head"):
+        mine, theirs = getattr(loaded, module).state_dict(), getattr(reference, module).state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 @pytest.mark.parametrize("qtype", ["BF16", "Q8_0", "Q4_1", "Q4_K"])  # the torch and the numpy dequantizers
 def test_tensors_dequantize_the_same_a_row_at_a_time_and_straight_to_bf16(qtype, tmp_path, monkeypatch):
     from gpt4.weights import gguf_file

@@ -135,14 +135,19 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
     from ..generation import GenerationConfig
     from ..tokenizer import Tokenizer
 
-    gguf = None
+    gguf, placeholders = None, set()
     try:
         if kind == "gguf":
             gguf = GGUFFile(path)
             config = gguf.config()
-            # int4 from Q4_0/Q4_1 layers: their 4-bit groups are used as they are, so the full-precision copies
-            # are never made (shape-only placeholders): less memory and a faster load.
-            state = _gguf_state(gguf, config, dtype, placeholders=_exact_int4_tensors(gguf) if quant == "int4" else ())
+            # Weights the quantized model takes straight from the file are shape-only placeholders here (their
+            # full-precision copies are never made: less memory and a faster load): int4 from Q4_0/Q4_1 layers,
+            # whose 4-bit groups are used as they are, and the token embedding, made int8 a slice of rows at a time.
+            if quant != "none":
+                placeholders = {n for n in ("token_embd.weight",) if n in gguf.tensors}
+            if quant == "int4":
+                placeholders |= _exact_int4_tensors(gguf)
+            state = _gguf_state(gguf, config, dtype, placeholders=placeholders)
             has_vocab = gguf.get("tokenizer.ggml.model") is not None
             tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
         else:
@@ -155,7 +160,9 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if quant != "none":
             from ..quant import quantize_
 
-            quantize_(model, quant, exact_int4=_GGUFInt4Groups(gguf, config) if gguf and quant == "int4" else None)
+            from_file = gguf is not None and "token_embd.weight" in placeholders
+            quantize_(model, quant, exact_int4=_GGUFInt4Groups(gguf, config) if gguf and quant == "int4" else None,
+                      embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None)
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a placeholder was not replaced"
         _return_freed_memory()
     finally:
@@ -290,7 +297,6 @@ class _GGUFInt4Groups:
 
     def get(self, module: str) -> tuple | None:
         if _block_of(module) != self.block:
-            _return_freed_memory()  # the last block's temporaries (without: load peak up to ~120 MB higher)
             self.block = _block_of(module)
             self.groups = self._read(self.tensors_of_block.get(self.block, []))
         return self.groups.get(module)
@@ -338,7 +344,7 @@ def _return_freed_memory() -> None:
 
 @functools.cache
 def _libc():
-    """The C library, found once: find_library takes ~1.4 ms, and a load trims once per transformer block."""
+    """The C library, found once (find_library takes ~1.4 ms)."""
     import ctypes
     import ctypes.util
 

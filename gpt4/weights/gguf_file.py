@@ -66,9 +66,18 @@ class GGUFFile:
         step = max(1, _DEQUANT_CHUNK // width)
         for start in range(0, rows, step):
             n = min(step, rows - start)
-            raw = self._read(info.offset + start * info.row_bytes, n * info.row_bytes)
-            out[start:start + n] = self._dequantize(name, info, raw).reshape(n, width)
+            out[start:start + n] = self._rows(name, start, n)
         return out.reshape(info.shape)
+
+    def _rows(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Rows start..start+count-1 of a tensor (all dimensions but the fastest flattened), in fp32."""
+        info = self.tensors[name]
+        raw = self._read(info.offset + start * info.row_bytes, count * info.row_bytes)
+        return self._dequantize(name, info, raw).reshape(count, info.shape[-1])
+
+    def row_reader(self, name: str, dtype: torch.dtype) -> "RowReader":
+        """A 2-D tensor's rows in `dtype`, read and dequantized when sliced (no copy of the whole matrix)."""
+        return RowReader(self, name, dtype)
 
     def _read(self, offset: int, count: int) -> np.ndarray:
         """A copy of `count` bytes at `offset` (the map is read-only and closed after loading). The map's pages
@@ -182,6 +191,22 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: its rope_freqs tensor matches no Llama-3 rope scaling this "
                                  "package knows.")
         return scaling
+
+
+@dataclass(frozen=True)
+class RowReader:
+    gguf: GGUFFile
+    name: str
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.gguf.tensors[self.name].shape
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, step = rows.indices(self.shape[0])
+        assert step == 1 and len(self.shape) == 2, "row readers give contiguous row slices of matrices"
+        return self.gguf._rows(self.name, start, max(0, stop - start)).to(self.dtype)
 
 
 def _int_or_none(value):
