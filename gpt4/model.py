@@ -326,8 +326,12 @@ class GPT4LMHeadModel(nn.Module):
         # Settings dynamo reads from the global config while it traces (torch.compile's options reach only
         # inductor) are set around each call of the step (~6 us each). specialize_float: the modules' float
         # attributes (norm eps, dropout p) are constants of the graph instead of symbolic inputs that every step
-        # re-checks in Python (180 of the default model's 430 shape guards; ~0.1 ms a step).
+        # re-checks in Python (180 of the default model's 430 shape guards; ~0.1 ms a step). No duck shaping:
+        # dynamo would otherwise assume that sizes equal when it first traced stay equal, e.g. a first step's
+        # kv_length and the number of KV heads (3 for the default model, after a 2-token prompt), and compile the
+        # whole step again (a minute here) the moment they differ.
         compiled = torch._dynamo.config.patch(specialize_float=True)(compiled)
+        compiled = torch.fx.experimental._config.patch(use_duck_shape=False)(compiled)
         if mode == "max-autotune":
             # `freezing` applies to graphs compiled without autograd, which is how decoding runs.
             compiled = torch._inductor.config.patch(freezing=True)(compiled)

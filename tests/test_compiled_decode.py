@@ -58,6 +58,17 @@ def test_compiled_decode_equals_eager(family, quant, mode):
     torch.testing.assert_close(compiled[2], eager[2], atol=1e-4 if quant == "none" else 2e-2, rtol=1e-4)
 
 
+@needs_compiler
+def test_a_first_step_whose_length_equals_another_size_does_not_make_later_steps_recompile():
+    model = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)  # 2 KV heads
+    eager = _tokens(model, [[5]])
+    model.compile_decode()
+    # The first step attends to 2 slots, as many as there are KV heads; the next steps to 3, 4, ...
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile would fall back to eager
+        assert _tokens(model, [[5]]) == eager
+    assert model._compiled_decode is not None
+
+
 def test_an_unknown_compile_mode_is_refused_before_loading():
     from gpt4 import GPT4LMHeadModel
 
