@@ -48,6 +48,12 @@ def _gguf_cases(good: bytes) -> dict[str, tuple[bytes, str]]:
     }
     # A string length past the end of the file: the first metadata key's length field (right after the header).
     cases["string length past end"] = (good[:24] + struct.pack("<Q", 1 << 40) + good[32:], "truncated")
+    # The same inside the vocabulary (an array of strings): its 10th token's length.
+    at = good.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 4 + 4 + 8  # type, item type, count
+    for _ in range(9):
+        at += 8 + struct.unpack_from("<Q", good, at)[0]
+    cases["vocabulary string past end"] = (good[:at] + struct.pack("<Q", 1 << 40) + good[at + 8:],
+                                           "tokenizer.ggml.tokens")
     type_at = _tensor_info_offset(good, "token_embd.weight")
     cases["unknown tensor type"] = (good[:type_at] + struct.pack("<I", 977) + good[type_at + 4:], "")
     return cases
@@ -55,7 +61,7 @@ def _gguf_cases(good: bytes) -> dict[str, tuple[bytes, str]]:
 
 @pytest.mark.parametrize("case", ["empty", "text file", "bad magic", "future version", "huge tensor count",
                                   "huge kv count", "truncated header", "truncated data", "string length past end",
-                                  "unknown tensor type"])
+                                  "vocabulary string past end", "unknown tensor type"])
 def test_broken_gguf_is_rejected_with_a_clear_error(case, good_gguf, tmp_path):
     data, fragment = _gguf_cases(good_gguf)[case]
     path = tmp_path / "broken.gguf"

@@ -240,6 +240,7 @@ _TORCH_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant
 # GGUF metadata value types: numpy dtypes of the scalars (8 is a string, 9 an array).
 _SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
             7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_U64 = struct.Struct("<Q")
 _MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
 
 
@@ -324,6 +325,21 @@ def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         start = take(n, what)
         return data[start:start + n].decode("utf-8", "replace")
 
+    def strings(count, what):
+        # An array of strings (a vocabulary: ~100k) in one loop without the per-value helpers: 59 -> 39 ms for
+        # the default model's metadata.
+        nonlocal pos
+        items, p, read_length = [], pos, _U64.unpack_from
+        for _ in range(count):
+            n = read_length(data, p)[0] if p + 8 <= size else size
+            if p + 8 + n > size:
+                pos = p
+                take(8 + n, what)  # raises: the string runs past the end of the file
+            items.append(data[p + 8:p + 8 + n].decode("utf-8", "replace"))
+            p += 8 + n
+        pos = p
+        return items
+
     def value(kind, what):
         if kind in _SCALARS:
             dtype = np.dtype(_SCALARS[kind])
@@ -338,7 +354,7 @@ def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
             if item == 8:
                 if count * 8 > size - pos:  # every string has at least its 8-byte length: a cheap bound first
                     take(count * 8, what)
-                return [string(what) for _ in range(count)]
+                return strings(count, what)
             raise ModelFileError(f"{path}: metadata {what} is an array of unknown type {item}; corrupted file.")
         raise ModelFileError(f"{path}: metadata {what} has unknown value type {kind}; the file is corrupted.")
 
