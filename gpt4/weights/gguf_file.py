@@ -195,6 +195,9 @@ class GGUFFile:
 
 @dataclass(frozen=True)
 class RowReader:
+    """A matrix in a GGUF file, read as row slices: reader[a:b] is rows a..b-1 dequantized to `dtype`, exactly as
+    GGUFFile.tensor(name, dtype)[a:b] would be, without the whole matrix ever existing (see Int8Linear)."""
+
     gguf: GGUFFile
     name: str
     dtype: torch.dtype
