@@ -157,3 +157,28 @@ def test_our_ggml_type_table_agrees_with_the_gguf_package():
     for kind in newer:  # types added to ggml after our table: still known, through the package
         assert ggml_type(kind.value) == (kind.name, *gguf.GGML_QUANT_SIZES[kind])
     assert ggml_type(977) is None
+
+
+def test_loading_pauses_the_garbage_collector_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    import gc
+
+    from gpt4.errors import ModelFileError
+    from gpt4.weights import gguf_file
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    seen = []
+    parse = gguf_file._parse
+    monkeypatch.setattr(gguf_file, "_parse", lambda *a: seen.append(gc.isenabled()) or parse(*a))
+    assert gc.isenabled()
+    GPT4LMHeadModel.from_pretrained(path)
+    assert seen == [False] and gc.isenabled()
+    (tmp_path / "broken.gguf").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ModelFileError):
+        GPT4LMHeadModel.from_pretrained(tmp_path / "broken.gguf")
+    assert gc.isenabled()  # a failed load too
+    gc.disable()
+    try:
+        GPT4LMHeadModel.from_pretrained(path)
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
