@@ -241,9 +241,9 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     straight from a 4-bit file (Int4Linear.from_block_nibbles); those modules use them instead of re-quantizing.
     In int4 mode the LM head (tied to the embedding or not) is int8 unless the file holds it in 4 bits: every
     logit goes through it, and 4 bits there cost the default model 5% perplexity (its head is Q8_0 in the file)
-    for a ~10% faster decode. The token
-    embedding becomes an int8 lookup (Int8Embedding), sharing a tied head's table; embedding_rows (a row reader,
-    see Int8Linear) stands for an embedding loaded as a shape-only placeholder.
+    for a ~10% faster decode. The token embedding becomes an int8 lookup (Int8Embedding), sharing a tied head's
+    table; embedding_rows (a row reader, see Int8Linear) stands for an embedding loaded as a shape-only
+    placeholder.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")

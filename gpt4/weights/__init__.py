@@ -143,8 +143,8 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             # Weights the quantized model takes straight from the file are shape-only placeholders here (their
             # full-precision copies are never made: less memory and a faster load): int4 from Q4_0/Q4_1 layers,
             # whose 4-bit groups are used as they are, and the token embedding, made int8 a slice of rows at a time.
-            if quant != "none":
-                placeholders = {n for n in ("token_embd.weight",) if n in gguf.tensors}
+            if quant != "none" and "token_embd.weight" in gguf.tensors:
+                placeholders = {"token_embd.weight"}
             if quant == "int4":
                 placeholders |= _exact_int4_tensors(gguf)
             state = _gguf_state(gguf, config, dtype, placeholders=placeholders)
@@ -160,7 +160,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if quant != "none":
             from ..quant import quantize_
 
-            from_file = gguf is not None and "token_embd.weight" in placeholders
+            from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
             quantize_(model, quant, exact_int4=_GGUFInt4Groups(gguf, config) if gguf and quant == "int4" else None,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None)
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a placeholder was not replaced"

@@ -373,18 +373,18 @@ def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
             raise ModelFileError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to 4 allowed); corrupted file.")
         dims = [u64(f"tensor {name!r} shape") for _ in range(n_dims)]
         type_id, offset = u32(f"tensor {name!r} type"), u64(f"tensor {name!r} offset")
-        if ggml_type(type_id) is None:
+        kind = ggml_type(type_id)
+        if kind is None:
             raise ModelFileError(f"{path}: tensor {name!r} has tensor type {type_id}, unknown to the installed gguf "
                                  "package; upgrade gguf (`pip install -U gguf`) or use a file with a common quant "
                                  "type.")
-        infos.append((name, dims, type_id, offset))
+        infos.append((name, dims, type_id, kind, offset))
     alignment = int(metadata.get("general.alignment", 32))
     if alignment <= 0 or alignment & (alignment - 1):
         raise ModelFileError(f"{path}: general.alignment={alignment} is not a power of two; corrupted file.")
     data_start = -(-pos // alignment) * alignment
     tensors = {}
-    for name, dims, type_id, offset in infos:
-        type_name, block_values, block_bytes = ggml_type(type_id)
+    for name, dims, type_id, (type_name, block_values, block_bytes), offset in infos:
         if dims[0] % block_values or any(d == 0 for d in dims):
             raise ModelFileError(f"{path}: tensor {name!r} of shape {dims} does not fit {type_name} blocks of "
                                  f"{block_values}; corrupted file.")
