@@ -24,8 +24,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="named model (see `gpt4 models`), local folder, .gguf file or hub id (default: gpt4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "w8a8"],
-                   help="quantized linear layers for faster decoding: int8 / int4 weights with bf16 activations, "
-                        "or w8a8 (int8 weights and 8-bit activations: fastest for batches, +4%% perplexity)")
+                   help="quantized linear layers for faster decoding: int8 weights (with VNNI: integer matmuls, "
+                        "activations in two int8 halves, bf16's accuracy; fast for batches), int4 weights (bf16 "
+                        "activations; least memory), or w8a8 (8-bit activations: fastest for batches and prompts, "
+                        "+3%% perplexity)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (about 2x faster decoding; the first run "
                         "compiles for about a minute)")

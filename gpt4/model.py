@@ -21,6 +21,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import GPT4Config
+from .quant import Int8Linear
 
 # torch.compile modes of the decode step (compile_decode): inductor's default, or weights frozen into the graph
 # with autotuned C++ GEMM templates.
@@ -335,6 +336,9 @@ class GPT4LMHeadModel(nn.Module):
         if mode == "max-autotune":
             # `freezing` applies to graphs compiled without autograd, which is how decoding runs.
             compiled = torch._inductor.config.patch(freezing=True)(compiled)
+        for module in self.modules():
+            if isinstance(module, Int8Linear):  # frozen graphs may lower its integer matmuls themselves
+                module.frozen_in_graphs = mode == "max-autotune"
         self._compiled_decode = compiled
         return self
 

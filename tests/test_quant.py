@@ -6,34 +6,72 @@ import torch
 import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel
-from gpt4.quant import Int4Linear, Int8Embedding, Int8Linear, linear_bytes, quantize_
+from gpt4.quant import Int4Linear, Int8Embedding, Int8Linear, integer_matmul_available, linear_bytes, quantize_
 
 from .conftest import tiny_model
 
 
+def _activations_seen(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x as the integer matmuls see it: each row over its own max |x| in int8 steps; with 16 bits, plus the
+    remainder in steps 254 times finer."""
+    rows = x.reshape(-1, x.shape[-1])
+    step = rows.abs().amax(-1, keepdim=True) / 127
+    high = (rows / step).round()
+    seen = high * step
+    if bits == 16:
+        seen = seen + ((rows / step - high) * 254).round() * (step / 254)
+    return seen.reshape(x.shape)
+
+
 @pytest.mark.parametrize("rows", [5, 200])  # decode and prefill sizes
-@pytest.mark.parametrize("quantize_activations", [False, True])
-def test_int8_linear_equals_matmul_with_its_dequantized_weight(rows, quantize_activations):
+@pytest.mark.parametrize("activation_bits", [None, 8, 16])
+def test_int8_linear_equals_matmul_with_its_dequantized_weight(rows, activation_bits):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(rows, 3, 64)
-    layer = Int8Linear(w, b, quantize_activations=quantize_activations)
+    layer = Int8Linear(w, b, activation_bits=activation_bits)
     assert (layer.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # half a step at most, x2
-    if quantize_activations:  # w8a8: activations in 8 bits too, each row over its own max |x|
-        flat = x.reshape(-1, 64)
-        row_scales = flat.abs().amax(-1, keepdim=True) / 127
-        x_seen = ((flat / row_scales).round() * row_scales).reshape(x.shape)
-        want = F.linear(x_seen, layer.dequantized(), b.bfloat16().float())
+    exact = F.linear(x, layer.dequantized(), b)
+    if activation_bits == 8 or (activation_bits == 16 and rows < 100 and integer_matmul_available()):
+        want = F.linear(_activations_seen(x, activation_bits), layer.dequantized(), b.bfloat16().float())
         torch.testing.assert_close(layer(x).float(), want, atol=1e-3, rtol=0.01)  # bf16 output
-        assert not torch.allclose(layer(x).float(), F.linear(x, layer.dequantized(), b), atol=1e-3, rtol=0.01)
-    else:  # the weight-only kernel: bf16 activations
+        # 8 bits are visibly off the exact product; 16 are within bf16's rounding of it
+        off = (layer(x).float() - exact).abs().max() / exact.abs().max()
+        assert off > 3e-3 if activation_bits == 8 else off < 3e-3
+    else:  # bf16 activations: the weight-only kernel, or (prompt chunks) a bf16 matmul
         want = F.linear(x.bfloat16().float(), layer.dequantized(), b)
         torch.testing.assert_close(layer(x).float(), want, atol=0.15, rtol=0.02)
 
 
-def test_w8a8_rows_do_not_depend_on_the_rest_of_the_batch():
+@pytest.mark.parametrize("activation_bits", [8, 16])
+def test_integer_matmuls_are_exact(activation_bits):
+    """The integer products (oneDNN's on packed weights where the CPU has VNNI) equal int64 arithmetic, scaled
+    by the weight's and the activations' steps."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(192, 128), None, activation_bits=activation_bits)
+    assert (layer.packed is not None) == integer_matmul_available()
+    if layer.packed is not None:  # the packed copy is the only one
+        assert layer.weight_int8 is None
+        kept = Int8Linear(torch.randn(192, 128), None, activation_bits=activation_bits, keep_rows=True)
+        assert kept.weight_int8 is not None
+    elif activation_bits == 16:
+        pytest.skip("no VNNI: 16-bit activations use the weight-only kernel")
+    q = (layer.dequantized() / layer.scales[:, None]).round().long()  # (out, in)
+    rows = torch.randn(7, 128) * torch.tensor([0.01, 1, 100, 1, 5, 0.2, 3])[:, None]
+    step = rows.abs().amax(-1, keepdim=True) / 127
+    high = (rows / step).round()
+    products = (high.long() @ q.t()).double() * layer.scales.double()  # exact integer sums, then scaled
+    if activation_bits == 16:
+        low = ((rows / step - high) * 254).round()
+        assert low.abs().max() <= 127
+        products = products + (low.long() @ q.t()).double() * layer.scales.double() / 254
+    torch.testing.assert_close(layer._integer_matmul(rows), (products * step.double()).float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("activation_bits", [8, 16])
+def test_integer_matmul_rows_do_not_depend_on_the_rest_of_the_batch(activation_bits):
     """Activations are quantized per row: a sequence's logits are the same alone or batched with others."""
     torch.manual_seed(0)
-    layer = Int8Linear(torch.randn(96, 64), None, quantize_activations=True)
+    layer = Int8Linear(torch.randn(96, 64), None, activation_bits=activation_bits)
     batch = torch.randn(6, 64) * torch.tensor([0.01, 1, 100, 1, 5, 0.2])[:, None]
     together = layer(batch)
     for i in range(6):
@@ -91,7 +129,8 @@ def test_quantized_models_look_up_int8_embedding_rows_shared_with_a_tied_head(fa
     embedding = model.embed_tokens
     assert isinstance(embedding, Int8Embedding)
     tied = model.config.tie_word_embeddings
-    assert (embedding.weight_int8.data_ptr() == model.lm_head.weight_int8.data_ptr()) == tied  # held once if tied
+    head_rows = model.lm_head.weight_int8  # None where the head holds only a packed copy
+    assert (head_rows is not None and embedding.weight_int8.data_ptr() == head_rows.data_ptr()) == tied  # held once
     rows = embedding(ids)[0]
     assert rows.dtype == torch.float32 and model.dtype == torch.float32
     step = table[ids[0]].abs().amax(-1, keepdim=True) / 127  # one int8 step of each row

@@ -21,8 +21,9 @@ def register(sub) -> None:
                         "Clients pass the same string as 'model'.")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "w8a8"],
-                   help="quantized linear layers: int8 / int4 weights, or w8a8 (8-bit weights and activations, "
-                        "fastest for many clients, +4%% perplexity)")
+                   help="quantized linear layers: int8 weights (fast for many clients on CPUs with VNNI), int4 "
+                        "weights (least memory), or w8a8 (8-bit weights and activations: fastest for many "
+                        "clients, +3%% perplexity)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile before serving (faster decoding; loading "
                         "takes a minute or two longer)")
