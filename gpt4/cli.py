@@ -27,7 +27,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="quantized linear layers for faster decoding: int8 weights (with VNNI: integer matmuls, "
                         "activations in two int8 halves, bf16's accuracy; fast for batches), int4 weights (bf16 "
                         "activations; least memory), or w8a8 (8-bit activations: fastest for batches and prompts, "
-                        "+3%% perplexity)")
+                        "+3-4%% perplexity)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (about 2x faster decoding; the first run "
                         "compiles for about a minute)")

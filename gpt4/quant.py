@@ -6,7 +6,7 @@
           Elsewhere `aten._weight_int8pack_mm` with bf16 activations.
     int4: group-wise affine int4 weights, `aten._weight_int4pack_mm_for_cpu` (bf16 activations)
     w8a8: the same int8 weights, and activations quantized to a single int8 per value, per row: the fastest
-          mode for batches and prompts, +3% perplexity from the 8-bit activations.
+          mode for batches and prompts, +3-4% perplexity from the 8-bit activations.
 
 Decoding one token reads every weight once, so its speed is set by bytes of weights: int8 halves bf16's bytes,
 int4 quarters them.

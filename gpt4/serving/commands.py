@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "w8a8"],
                    help="quantized linear layers: int8 weights (fast for many clients on CPUs with VNNI), int4 "
                         "weights (least memory), or w8a8 (8-bit weights and activations: fastest for many "
-                        "clients, +3%% perplexity)")
+                        "clients, +3-4%% perplexity)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile before serving (faster decoding; loading "
                         "takes a minute or two longer)")
