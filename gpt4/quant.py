@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4", "w8a8")
-# Int8Linear's activations per mode (int4's LM head, when int8, too); see Int8Linear.
+# Int8Linear's activation_bits in each mode (in int4 mode, for the LM head when it is int8); see Int8Linear.
 ACTIVATION_BITS = {"int8": 16, "int4": None, "w8a8": 8}
 # From this many input rows (a prefill chunk) dequantizing the matrix to bf16 and one bf16 matmul beats the
 # weight-only kernels, whose time grows with every row (measured on AVX512/AMX, 512 rows: 9x for int8, 2x for
