@@ -97,18 +97,19 @@ def test_4bit_blocks_become_int4_groups_exactly(qtype, tmp_path):
 def test_int4_loading_skips_full_precision_only_for_layers_entirely_in_4_bits(tmp_path):
     import dataclasses
 
-    from gpt4.weights import _exact_int4_tensors
+    from gpt4.weights import _linear_tensors
+    from gpt4.weights.gguf_file import INT4_TYPES
     from gpt4.weights.gguf_file import GGUFFile
 
     gguf = GGUFFile(write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_0"))
     qkv = {f"blk.0.attn_{p}.weight" for p in "qkv"}
-    everything = _exact_int4_tensors(gguf)
+    everything = _linear_tensors(gguf, INT4_TYPES)
     assert qkv | {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.1.ffn_down.weight"} <= everything
     assert "token_embd.weight" not in everything  # a lookup table, not a linear layer
     # One part of a fused layer in another type: that layer needs real weights for all its parts.
     v = gguf.tensors["blk.0.attn_v.weight"]
     gguf.tensors["blk.0.attn_v.weight"] = dataclasses.replace(v, type_name="Q8_0")
-    mixed = _exact_int4_tensors(gguf)
+    mixed = _linear_tensors(gguf, INT4_TYPES)
     gguf.close()
     assert not qkv & mixed and {"blk.0.attn_output.weight", "blk.1.attn_q.weight"} <= mixed
 
@@ -129,6 +130,25 @@ def test_quantized_loads_read_the_embedding_from_the_file_as_the_full_table_woul
         mine, theirs = getattr(loaded, module).state_dict(), getattr(reference, module).state_dict()
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False)])  # q/k rows permuted
+def test_int8_loads_quantize_each_layer_as_read_from_the_file_as_the_full_model_would_give_it(mode, arch, tied,
+                                                                                              tmp_path):
+    from gpt4.quant import Int4Linear, Int8Linear, quantize_
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_1", arch=arch, tied=tied)
+    loaded = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant=mode)
+    reference = quantize_(GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16"), mode)  # all of it in bf16 first
+    mine, theirs = dict(loaded.named_modules()), dict(reference.named_modules())
+    assert mine.keys() == theirs.keys()
+    linears = [name for name, m in mine.items() if isinstance(m, Int8Linear)]
+    assert len(linears) == 4 * 2 + 1 and not any(isinstance(m, Int4Linear) for m in mine.values())
+    for name in linears:  # the weights, also where only a packed copy holds them
+        assert torch.equal(mine[name].dequantized(), theirs[name].dequantized()), name
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+    assert loaded.state_dict().keys() == reference.state_dict().keys()
 
 
 @pytest.mark.parametrize("qtype", ["BF16", "Q8_0", "Q4_1", "Q4_K"])  # the torch and the numpy dequantizers

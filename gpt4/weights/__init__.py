@@ -140,13 +140,16 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if kind == "gguf":
             gguf = GGUFFile(path)
             config = gguf.config()
-            # Weights the quantized model takes straight from the file are shape-only placeholders here (their
-            # full-precision copies are never made: less memory and a faster load): int4 from Q4_0/Q4_1 layers,
-            # whose 4-bit groups are used as they are, and the token embedding, made int8 a slice of rows at a time.
+            # Weights the quantized model takes straight from the file are shape-only placeholders here (the
+            # whole model in full precision is never made: less memory and a faster load): int4 from Q4_0/Q4_1
+            # layers, whose 4-bit groups are used as they are; int8 and w8a8 every linear layer, read and
+            # quantized a transformer block at a time; and the token embedding, made int8 a slice of rows at a time.
             if quant != "none" and "token_embd.weight" in gguf.tensors:
                 placeholders = {"token_embd.weight"}
             if quant == "int4":
-                placeholders |= _exact_int4_tensors(gguf)
+                placeholders |= _linear_tensors(gguf, INT4_TYPES)
+            elif quant != "none":
+                placeholders |= _linear_tensors(gguf)
             state = _gguf_state(gguf, config, dtype, placeholders=placeholders)
             has_vocab = gguf.get("tokenizer.ggml.model") is not None
             tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
@@ -161,7 +164,11 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             from ..quant import quantize_
 
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
-            quantize_(model, quant, exact_int4=_GGUFInt4Groups(gguf, config) if gguf and quant == "int4" else None,
+            int4, from_blocks = quant == "int4", gguf is not None and quant in ("int8", "w8a8")
+            quantize_(model, quant, exact_int4=_GGUFBlockTensors(gguf, config, gguf.int4_groups) if gguf and int4
+                      else None,
+                      weights=_GGUFBlockTensors(gguf, config, lambda name: gguf.tensor(name, dtype)) if from_blocks
+                      else None,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None)
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a placeholder was not replaced"
         _return_freed_memory()
@@ -277,59 +284,66 @@ def _block_of(name: str) -> str:
     return ".".join(name.split(".")[:2]) + "." if name.startswith("layers.") else name.split(".")[0]
 
 
-class _GGUFInt4Groups:
-    """{linear module name: (nibbles, scale, zero)} for the 4-bit GGUF matrices (see GGUFFile.int4_groups),
-    permuted and fused like the weights, read one transformer block at a time (only one block's groups exist at
-    once).
+class _GGUFBlockTensors:
+    """{linear module name: read(file tensor name)} for the GGUF's linear layers, permuted and fused like the
+    weights, read one transformer block at a time (only one block's tensors exist at once). `read` returns a
+    tensor, a tuple of tensors (each permuted and fused alike), or None for a tensor it does not give.
 
-    Q4_0 / Q4_1 blocks are affine int4 groups of 32 already: the int4 layers take them as they are instead of
-    re-quantizing a dequantized copy (which would add a second rounding).
+    With GGUFFile.int4_groups (nibbles, scale, zero): Q4_0 / Q4_1 blocks are affine int4 groups of 32 already, and
+    the int4 layers take them as they are instead of re-quantizing a dequantized copy (a second rounding). With
+    GGUFFile.tensor: the full-precision weights, for int8 layers quantized as they are read.
     """
 
-    def __init__(self, gguf: GGUFFile, config: GPT4Config):
-        self.gguf, self.config = gguf, config
+    def __init__(self, gguf: GGUFFile, config: GPT4Config, read):
+        self.gguf, self.config, self.read = gguf, config, read
         self.tensors_of_block: dict[str, list[tuple[str, str]]] = {}  # block -> [(file name, our name)]
         for foreign in gguf.tensors:
             ours = names.rename(foreign, names.GGUF)
             if ours and ours.endswith(".weight"):
                 self.tensors_of_block.setdefault(_block_of(ours), []).append((foreign, ours))
-        self.block, self.groups = None, {}
+        self.block, self.values = None, {}
 
-    def get(self, module: str) -> tuple | None:
+    def get(self, module: str):
         if _block_of(module) != self.block:
+            self.block, self.values = None, {}  # the previous block's tensors are freed before the next is read
+            self.values = self._read(self.tensors_of_block.get(_block_of(module), []))
             self.block = _block_of(module)
-            self.groups = self._read(self.tensors_of_block.get(self.block, []))
-        return self.groups.get(module)
+        return self.values.get(module)
 
-    def _read(self, tensors: list[tuple[str, str]]) -> dict[str, tuple]:
-        parts = {"nibbles": {}, "scale": {}, "zero": {}}
+    def _read(self, tensors: list[tuple[str, str]]) -> dict:
+        parts: list[dict[str, torch.Tensor]] = []  # one {our name: tensor} per element of what read returns
+        single = True
         permuted = self.gguf.architecture in ("llama", "mistral")
         for foreign, ours in tensors:
-            groups = self.gguf.int4_groups(foreign)
-            if groups is None:
+            value = self.read(foreign)
+            if value is None:
                 continue
-            for key, t in zip(parts, groups):
+            single = isinstance(value, torch.Tensor)
+            for i, t in enumerate((value,) if single else value):
                 if permuted and ours.endswith("attn.q_proj.weight"):
                     t = permute_for_rope(t, self.config.num_attention_heads)
                 elif permuted and ours.endswith("attn.k_proj.weight"):
                     t = permute_for_rope(t, self.config.num_key_value_heads)
-                parts[key][ours] = t
-        fused = {key: names.fuse(d) for key, d in parts.items()}
-        # A fused matrix is exact only if every part was 4-bit: fuse() leaves unfused names for partial sets.
-        return {name.removesuffix(".weight"): (fused["nibbles"][name], fused["scale"][name], fused["zero"][name])
-                for name in fused["nibbles"] if name.endswith(_LINEAR_WEIGHTS)}
+                if i == len(parts):
+                    parts.append({})
+                parts[i][ours] = t
+        fused = [names.fuse(d) for d in parts]
+        # A fused matrix is whole only if every part was read: fuse() leaves unfused names for partial sets.
+        return {name.removesuffix(".weight"): fused[0][name] if single else tuple(f[name] for f in fused)
+                for name in (fused[0] if fused else ()) if name.endswith(_LINEAR_WEIGHTS)}
 
 
-def _exact_int4_tensors(gguf: GGUFFile) -> set[str]:
-    """GGUF names of the tensors that int4 loading takes as exact 4-bit groups: every part (q, k, v; gate, up) of
-    a linear layer in Q4_0 / Q4_1 (the layers _GGUFInt4Groups returns)."""
+def _linear_tensors(gguf: GGUFFile, types=None) -> set[str]:
+    """GGUF names of the linear layers' weights; with `types`, of the layers every part of which (q, k, v; gate,
+    up) is of one of those types (the layers int4 loading takes as exact 4-bit groups)."""
     layers: dict[str, list[str]] = {}
     for foreign in gguf.tensors:
         ours = names.rename(foreign, names.GGUF) or ""
         layer = re.sub(r"attn\.[qkv]_proj", "attn.qkv_proj", ours).replace("mlp.gate_proj", "mlp.up_proj")
         if layer.endswith(_LINEAR_WEIGHTS):
             layers.setdefault(layer, []).append(foreign)
-    return {foreign for parts in layers.values() if all(gguf.tensors[f].type_name in INT4_TYPES for f in parts)
+    return {foreign for parts in layers.values() if types is None or all(gguf.tensors[f].type_name in types
+                                                                         for f in parts)
             for foreign in parts}
 
 
