@@ -163,12 +163,13 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if quant != "none":
             from ..quant import quantize_
 
+            layers = None  # the placeholder layers' tensors, read from the file a block at a time
+            if gguf is not None:
+                read = gguf.int4_groups if quant == "int4" else (lambda name: gguf.tensor(name, dtype))
+                layers = _GGUFBlockTensors(gguf, config, read)
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
-            int4, from_blocks = quant == "int4", gguf is not None and quant in ("int8", "w8a8")
-            quantize_(model, quant, exact_int4=_GGUFBlockTensors(gguf, config, gguf.int4_groups) if gguf and int4
-                      else None,
-                      weights=_GGUFBlockTensors(gguf, config, lambda name: gguf.tensor(name, dtype)) if from_blocks
-                      else None,
+            quantize_(model, quant, exact_int4=layers if quant == "int4" else None,
+                      weights=None if quant == "int4" else layers,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None)
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a placeholder was not replaced"
         _return_freed_memory()
