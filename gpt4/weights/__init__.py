@@ -298,9 +298,10 @@ class _GGUFBlockTensors:
     def __init__(self, gguf: GGUFFile, config: GPT4Config, read):
         self.gguf, self.config, self.read = gguf, config, read
         self.tensors_of_block: dict[str, list[tuple[str, str]]] = {}  # block -> [(file name, our name)]
-        for foreign in gguf.tensors:
-            ours = names.rename(foreign, names.GGUF)
-            if ours and ours.endswith(".weight"):
+        linear = _linear_tensors(gguf)  # not the norms (loaded with the model) nor the embedding
+        for foreign in gguf.tensors:  # in the file's order
+            if foreign in linear:
+                ours = names.rename(foreign, names.GGUF)
                 self.tensors_of_block.setdefault(_block_of(ours), []).append((foreign, ours))
         self.block, self.values = None, {}
 
