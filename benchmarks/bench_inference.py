@@ -1,8 +1,10 @@
 """CPU inference benchmark: this engine against llama.cpp and transformers on the same model and prompts.
 
 Each engine runs in its own process (clean peak-RSS and load-time figures) and reports, for the same token ids:
-load time, prefill of a 512-token prompt, decode speed at context 16 and 512, total throughput of 8 concurrent
-sequences x 64 tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path).
+prefill of a 512-token prompt, decode speed at context 16 and 512, total throughput of 8 concurrent sequences x 64
+tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path). Cold start is measured apart, in
+`--repeats` fresh processes per engine: seconds from the start of loading the model (its Python modules already
+imported) to the first token of the 16-token prompt, and the load alone.
 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
@@ -24,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+PROCESS_START = time.perf_counter()  # a cold worker's imports (torch, llama_cpp) count from here
 
 HERE = Path(__file__).resolve().parent
 TEXT = (
@@ -62,21 +66,26 @@ def _timed(fn, repeats):
     return times, result
 
 
-def worker_ours(work, repeats, dtype, quant, compile=False):
+def worker_ours(work, repeats, dtype, quant, compile=False, cold=False):
     import torch
 
     from gpt4 import GPT4LMHeadModel
     from gpt4.generation import GenerationConfig, generate_tokens, warm_up_decode
 
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
     start = time.perf_counter()
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype=dtype, quant=quant, compile=compile)
     load = time.perf_counter() - start
+    if cold:  # the first token comes from the eager prefill: a compiled decode step compiles on the second
+        tokens = generate_tokens(model, [work["ctx16"]], config)
+        next(tokens)
+        tokens.close()
+        return _cold(start, load)
     compile_s = None
     if compile:  # both graphs (one sequence, a batch) compiled before timing; reported apart
         start = time.perf_counter()
         warm_up_decode(model)
         compile_s = time.perf_counter() - start
-    config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
 
     def decode(prompts):
         """Tokens of each row, and the seconds spent after the first token (prefill excluded)."""
@@ -97,7 +106,7 @@ def worker_ours(work, repeats, dtype, quant, compile=False):
     return {**_measure(load, prefill, decode, work, repeats), "compile_s": compile_s}
 
 
-def worker_transformers(work, repeats, dtype):
+def worker_transformers(work, repeats, dtype, cold=False):
     import torch
     import transformers
 
@@ -112,6 +121,10 @@ def worker_transformers(work, repeats, dtype):
     def generate(ids, n):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, pad_token_id=0)
+
+    if cold:
+        generate(torch.tensor([work["ctx16"]]), 1)
+        return _cold(start, load)
 
     def decode(prompts):
         """transformers' generate does not split prefill from decode: time it with 1 and with 64 new tokens."""
@@ -130,7 +143,7 @@ def worker_transformers(work, repeats, dtype):
     return _measure(load, prefill, decode, work, repeats)
 
 
-def worker_llamacpp(work, repeats):
+def worker_llamacpp(work, repeats, cold=False):
     import llama_cpp
     import numpy as np
 
@@ -152,7 +165,6 @@ def worker_llamacpp(work, repeats):
 
     single = context(1)
     load = time.perf_counter() - start
-    multi = context(8)  # a second context for the 8-stream test, as llama.cpp's server would configure it
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
 
@@ -172,6 +184,12 @@ def worker_llamacpp(work, repeats):
         llama_cpp.llama_batch_free(batch)
         return rows
 
+    if cold:  # its weights are memory-mapped: the first batch also reads them in
+        ids = work["ctx16"]
+        run_batch(single, [(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
+        return _cold(start, load)
+    multi = context(8)  # a second context for the 8-stream test, as llama.cpp's server would configure it
+
     def decode(prompts):
         ctx = single if len(prompts) == 1 else multi
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
@@ -190,6 +208,11 @@ def worker_llamacpp(work, repeats):
         return run_batch(single, [(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
 
     return _measure(load, prefill, decode, work, repeats)
+
+
+def _cold(load_start, load_s):
+    now = time.perf_counter()
+    return {"load_s": load_s, "first_token_s": now - load_start, "process_first_token_s": now - PROCESS_START}
 
 
 def _measure(load, prefill, decode, work, repeats):
@@ -214,7 +237,7 @@ def _peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------------
-def run_engine(spec: str, repeats: int, llama_python: str) -> dict | None:
+def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False) -> dict | None:
     python = llama_python if spec == "llama.cpp" else sys.executable
     if spec == "llama.cpp" and not Path(llama_python).exists():
         print(f"llama.cpp: {llama_python} not found; build it with "
@@ -224,7 +247,7 @@ def run_engine(spec: str, repeats: int, llama_python: str) -> dict | None:
 
     env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve("gpt4")), TQDM_DISABLE="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats)]
+    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats)] + ["--cold"] * cold
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -238,7 +261,10 @@ def run_engine(spec: str, repeats: int, llama_python: str) -> dict | None:
 def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
     best = lambda xs: min(xs)  # noqa: E731
     med = statistics.median
-    row = {"engine": name, "load_s": r["load_s"], "compile_s": r.get("compile_s"), "peak_rss_mb": r["peak_rss_mb"]}
+    row = {"engine": name, "compile_s": r.get("compile_s"), "peak_rss_mb": r["peak_rss_mb"]}
+    for key in ("load", "first_token", "process_first_token"):  # from the fresh processes
+        row[f"{key}_best"] = best(c[f"{key}_s"] for c in r["cold"])
+        row[f"{key}_median"] = med([c[f"{key}_s"] for c in r["cold"]])
     for key, n in (("prefill512", 512), ("decode16", NEW_TOKENS - 1), ("decode512", NEW_TOKENS - 1),
                    ("streams", 8 * (NEW_TOKENS - 1))):
         row[f"{key}_best"] = n / best(r[f"{key}_s"])
@@ -260,6 +286,7 @@ def main():
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)  # a worker that only times cold start
     args = parser.parse_args()
 
     if args.worker:
@@ -268,11 +295,11 @@ def main():
         if kind == "ours":
             mode = rest[2] if len(rest) > 2 else None  # "compile" or "max-autotune"
             result = worker_ours(work, args.repeats, rest[0], rest[1],
-                                 compile={None: False, "compile": True}.get(mode, mode))
+                                 compile={None: False, "compile": True}.get(mode, mode), cold=args.cold)
         elif kind == "transformers":
-            result = worker_transformers(work, args.repeats, rest[0])
+            result = worker_transformers(work, args.repeats, rest[0], cold=args.cold)
         else:
-            result = worker_llamacpp(work, args.repeats)
+            result = worker_llamacpp(work, args.repeats, cold=args.cold)
         print(json.dumps(result))
         return
 
@@ -281,8 +308,9 @@ def main():
     for spec in args.engines:
         print(f"running {spec} ...", file=sys.stderr, flush=True)
         r = run_engine(spec, args.repeats, args.llama_python)
-        if r is not None:
-            results[spec] = r
+        cold = [run_engine(spec, args.repeats, args.llama_python, cold=True) for _ in range(args.repeats)]
+        if r is not None and None not in cold:
+            results[spec] = {**r, "cold": cold}
     reference = results.get("ours:float32:none", {}).get("greedy16")
     rows = [summarize(name, r, reference) for name, r in results.items()]
     base = next((r for r in rows if r["engine"] == "llama.cpp"), None)
@@ -297,9 +325,9 @@ def print_table(rows, base):
     cols = [("prefill512", "prefill 512 tok/s"), ("decode16", "decode ctx16 tok/s"),
             ("decode512", "decode ctx512 tok/s"), ("streams", "8x64 streams tok/s")]
     header = "| engine | " + " | ".join(c[1] + " (best / median)" for c in cols) + \
-        " | peak RSS MB | load s | greedy = fp32 |"
+        " | peak RSS MB | load s | first token s | with imports s | greedy = fp32 |"
     print(header)
-    print("|" + "---|" * (len(cols) + 4))
+    print("|" + "---|" * (len(cols) + 6))
     for r in rows:
         cells = []
         for key, _ in cols:
@@ -309,12 +337,18 @@ def print_table(rows, base):
             cells.append(cell)
         mem = f"{r['peak_rss_mb']:.0f}" + (f" ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x)" if base and r is not base
                                            else "")
-        load = f"{r['load_s']:.2f}" + (f" ({r['load_s'] / base['load_s']:.1f}x)" if base and r is not base else "")
+        cold = []
+        for key in ("load", "first_token", "process_first_token"):
+            cell = f"{r[key + '_median']:.2f}"
+            if base and r is not base:
+                cell += f" ({r[key + '_median'] / base[key + '_median']:.1f}x)"
+            cold.append(cell)
         if r.get("compile_s"):
-            load += f" + {r['compile_s']:.0f} compile"
-        print(f"| {r['engine']} | " + " | ".join(cells) + f" | {mem} | {load} | {r.get('greedy_agree', '-')} |")
+            cold[0] += f" + {r['compile_s']:.0f} compile"
+        print(f"| {r['engine']} | " + " | ".join(cells + [mem] + cold) + f" | {r.get('greedy_agree', '-')} |")
     if base:
-        print("(ratios: engine / llama.cpp, medians)")
+        print("(ratios: engine / llama.cpp, medians; load and first token in fresh processes, timed from the start of "
+              "loading the model, and with imports from the worker's start, before it imports torch / llama_cpp)")
 
 
 def plot(rows, path):
@@ -328,10 +362,12 @@ def plot(rows, path):
         return
     keys = [("prefill512", "prefill 512"), ("decode16", "decode ctx16"), ("decode512", "decode ctx512"),
             ("streams", "8 streams")]
+    keys.append(("first_token", "cold start to first token"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4))
     for ax, (key, title) in zip(axes, keys):
-        ax.barh([r["engine"] for r in rows], [r[key + "_median"] for r in rows], color="tab:blue")
-        ax.set_title(f"{title} (tok/s, median)")
+        ax.barh([r["engine"] for r in rows], [r[key + "_median"] for r in rows],
+                color="tab:orange" if key == "first_token" else "tab:blue")
+        ax.set_title(f"{title} ({'s' if key == 'first_token' else 'tok/s'}, median)")
         ax.invert_yaxis()
     for ax in axes[1:]:
         ax.set_yticklabels([])

