@@ -3,8 +3,9 @@
 Each engine runs in its own process (clean peak-RSS and load-time figures) and reports, for the same token ids:
 prefill of a 512-token prompt, decode speed at context 16 and 512, total throughput of 8 concurrent sequences x 64
 tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path). Cold start is measured apart, in
-`--repeats` fresh processes per engine: seconds from the start of loading the model (its Python modules already
-imported) to the first token of the 16-token prompt, and the load alone.
+`--cold-repeats` fresh processes per engine, the engines taking turns: seconds from the start of loading the model
+(its Python modules already imported) to the first token of the 16-token prompt, the load alone, and the first
+token counted from the worker's start (with `import torch` / `import llama_cpp`).
 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
@@ -283,6 +284,7 @@ def main():
         "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:w8a8", "ours:bfloat16:int4:compile",
         "ours:bfloat16:int4:max-autotune", "ours:bfloat16:int8:max-autotune"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cold-repeats", type=int, default=5, help="fresh processes per engine timing cold start")
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -308,9 +310,16 @@ def main():
     for spec in args.engines:
         print(f"running {spec} ...", file=sys.stderr, flush=True)
         r = run_engine(spec, args.repeats, args.llama_python)
-        cold = [run_engine(spec, args.repeats, args.llama_python, cold=True) for _ in range(args.repeats)]
-        if r is not None and None not in cold:
-            results[spec] = {**r, "cold": cold}
+        if r is not None:
+            results[spec] = {**r, "cold": []}
+    # Cold starts taken in turns, engine after engine, so that the machine's drift reaches every engine alike.
+    for _ in range(args.cold_repeats):
+        for spec in results:
+            print(f"cold start of {spec} ...", file=sys.stderr, flush=True)
+            cold = run_engine(spec, args.repeats, args.llama_python, cold=True)
+            if cold is None:
+                sys.exit(f"the cold start of {spec} failed (above)")
+            results[spec]["cold"].append(cold)
     reference = results.get("ours:float32:none", {}).get("greedy16")
     rows = [summarize(name, r, reference) for name, r in results.items()]
     base = next((r for r in rows if r["engine"] == "llama.cpp"), None)
