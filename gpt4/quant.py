@@ -4,8 +4,7 @@
           matmuls (oneDNN, weights packed once) with each activation row carried as two int8 rows (~16-bit
           precision): the perplexity of bf16 activations, and batches of 8 rows at about the cost of one.
           Elsewhere `aten._weight_int8pack_mm` with bf16 activations.
-    int4: group-wise affine int4 weights, `aten._weight_int4pack_mm_for_cpu` (bf16 activations); the LM head
-          int8 as in the int8 mode
+    int4: group-wise affine int4 weights, `aten._weight_int4pack_mm_for_cpu` (bf16 activations)
     w8a8: the same int8 weights, and activations quantized to a single int8 per value, per row: the fastest
           mode for batches and prompts, +3-4% perplexity from the 8-bit activations.
 
@@ -22,11 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4", "w8a8")
-# Int8Linear's activation_bits in each mode (in int4 mode, for the LM head when it is int8); see Int8Linear. The
-# int4 mode's head too takes the packed integer path where the CPU has VNNI: one row 2.1 -> ~1 ms, 8 rows 6 ->
-# ~1.6 ms (decoding 7-15% faster, AVX-512 EPYC), for 28 MB more with the default model's tied head (its plain rows
-# stay for the embedding beside the packed copy).
-ACTIVATION_BITS = {"int8": 16, "int4": 16, "w8a8": 8}
+# Int8Linear's activation_bits in each mode (in int4 mode, for the LM head when it is int8); see Int8Linear.
+ACTIVATION_BITS = {"int8": 16, "int4": None, "w8a8": 8}
 # From this many input rows (a prefill chunk) dequantizing the matrix to bf16 and one bf16 matmul beats the
 # weight-only kernels, whose time grows with every row (measured on AVX512/AMX, 512 rows: 9x for int8, 2x for
 # int4; at 128 rows int4 breaks even). Decoding (a row per sequence) keeps the kernels: fewer bytes read.
