@@ -217,3 +217,22 @@ def test_tensor_with_absurd_rank(good_gguf, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match="has 77 dimensions"):
         GPT4LMHeadModel.from_pretrained(path)
+
+
+def test_gguf_truncated_while_it_loads_gives_a_clear_error(good_gguf, tmp_path):
+    """Tensor data is read with system calls after the header is parsed: a file cut short in between gives an
+    error naming it (through the memory map the header was read with, the process would die of SIGBUS)."""
+    from gpt4.weights.gguf_file import GGUFFile
+
+    path = tmp_path / "shrinking.gguf"
+    path.write_bytes(good_gguf)
+    gguf = GGUFFile(path)
+    try:
+        info = gguf.tensors["token_embd.weight"]
+        with open(path, "r+b") as f:
+            f.truncate(info.offset + info.n_bytes // 2)
+        with pytest.raises(ModelFileError, match="truncated or replaced while loading") as err:
+            gguf.tensor("token_embd.weight")
+        assert str(path) in str(err.value)
+    finally:
+        gguf.close()

@@ -85,9 +85,10 @@ class GGUFFile:
         return RowReader(self, name, dtype)
 
     def _read(self, offset: int, count: int) -> np.ndarray:
-        """A copy of `count` bytes at `offset`, read with a system call rather than through the memory map (the
-        header's parser uses): no page of the file is mapped into the process, so a load's resident memory does not
-        grow by the size of the file, and there are no page faults (3x faster for the default model's 95 MB)."""
+        """A copy of `count` bytes at `offset`, read with system calls rather than through the memory map, which
+        only the header's parser uses: no page of the file is mapped into the process (a load's resident memory
+        does not grow by the size of the file), and no page is faulted in (the default model's 95 MB of tensors:
+        18 ms, where copying out of the map and then releasing its pages took 42)."""
         raw = np.empty(count, dtype=np.uint8)
         view, done = memoryview(raw), 0
         self.file.seek(offset)
