@@ -264,8 +264,11 @@ def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
     med = statistics.median
     row = {"engine": name, "compile_s": r.get("compile_s"), "peak_rss_mb": r["peak_rss_mb"]}
     for key in ("load", "first_token", "process_first_token"):  # from the fresh processes
-        row[f"{key}_best"] = best(c[f"{key}_s"] for c in r["cold"])
-        row[f"{key}_median"] = med([c[f"{key}_s"] for c in r["cold"]])
+        seconds = [c[f"{key}_s"] for c in r["cold"]]
+        if key == "load" and not seconds:  # --cold-repeats 0: the benchmark worker's own load
+            seconds = [r["load_s"]]
+        if seconds:
+            row[f"{key}_best"], row[f"{key}_median"] = best(seconds), med(seconds)
     for key, n in (("prefill512", 512), ("decode16", NEW_TOKENS - 1), ("decode512", NEW_TOKENS - 1),
                    ("streams", 8 * (NEW_TOKENS - 1))):
         row[f"{key}_best"] = n / best(r[f"{key}_s"])
@@ -348,8 +351,11 @@ def print_table(rows, base):
                                            else "")
         cold = []
         for key in ("load", "first_token", "process_first_token"):
+            if key + "_median" not in r:
+                cold.append("-")
+                continue
             cell = f"{r[key + '_median']:.2f}"
-            if base and r is not base:
+            if base and r is not base and key + "_median" in base:
                 cell += f" ({r[key + '_median'] / base[key + '_median']:.1f}x)"
             cold.append(cell)
         if r.get("compile_s"):
@@ -371,7 +377,8 @@ def plot(rows, path):
         return
     keys = [("prefill512", "prefill 512"), ("decode16", "decode ctx16"), ("decode512", "decode ctx512"),
             ("streams", "8 streams")]
-    keys.append(("first_token", "cold start to first token"))
+    if all("first_token_median" in r for r in rows):
+        keys.append(("first_token", "cold start to first token"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4))
     for ax, (key, title) in zip(axes, keys):
         ax.barh([r["engine"] for r in rows], [r[key + "_median"] for r in rows],
