@@ -166,7 +166,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             layers = None  # the placeholder layers' tensors, read from the file a block at a time
             if gguf is not None:
                 read = gguf.int4_groups if quant == "int4" else (lambda name: gguf.tensor(name, dtype))
-                layers = _GGUFBlockTensors(gguf, config, read)
+                layers = _GGUFBlockTensors(gguf, config, read, placeholders - {"token_embd.weight"})
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
             quantize_(model, quant, exact_int4=layers if quant == "int4" else None,
                       weights=None if quant == "int4" else layers,
@@ -286,21 +286,20 @@ def _block_of(name: str) -> str:
 
 
 class _GGUFBlockTensors:
-    """{linear module name: read(file tensor name)} for the GGUF's linear layers, permuted and fused like the
-    weights, read one transformer block at a time (only one block's tensors exist at once). `read` returns a
-    tensor, a tuple of tensors (each permuted and fused alike), or None for a tensor it does not give.
+    """{linear module name: read(file tensor name)} for the GGUF linear-layer tensors named in `tensors` (the
+    load's placeholders), permuted and fused like the weights, read one transformer block at a time (only one
+    block's tensors exist at once). `read` returns a tensor or a tuple of tensors (each permuted and fused alike).
 
     With GGUFFile.int4_groups (nibbles, scale, zero): Q4_0 / Q4_1 blocks are affine int4 groups of 32 already, and
     the int4 layers take them as they are instead of re-quantizing a dequantized copy (a second rounding). With
     GGUFFile.tensor: the full-precision weights, for int8 layers quantized as they are read.
     """
 
-    def __init__(self, gguf: GGUFFile, config: GPT4Config, read):
+    def __init__(self, gguf: GGUFFile, config: GPT4Config, read, tensors: set[str]):
         self.gguf, self.config, self.read = gguf, config, read
         self.tensors_of_block: dict[str, list[tuple[str, str]]] = {}  # block -> [(file name, our name)]
-        linear = _linear_tensors(gguf)  # not the norms (loaded with the model) nor the embedding
         for foreign in gguf.tensors:  # in the file's order
-            if foreign in linear:
+            if foreign in tensors:
                 ours = names.rename(foreign, names.GGUF)
                 self.tensors_of_block.setdefault(_block_of(ours), []).append((foreign, ours))
         self.block, self.values = None, {}
@@ -318,8 +317,7 @@ class _GGUFBlockTensors:
         permuted = self.gguf.architecture in ("llama", "mistral")
         for foreign, ours in tensors:
             value = self.read(foreign)
-            if value is None:
-                continue
+            assert value is not None, f"{foreign} was made a placeholder, and its reader cannot give it"
             single = isinstance(value, torch.Tensor)
             for i, t in enumerate((value,) if single else value):
                 if permuted and ours.endswith("attn.q_proj.weight"):
@@ -330,7 +328,6 @@ class _GGUFBlockTensors:
                     parts.append({})
                 parts[i][ours] = t
         fused = [names.fuse(d) for d in parts]
-        # A fused matrix is whole only if every part was read: fuse() leaves unfused names for partial sets.
         return {name.removesuffix(".weight"): fused[0][name] if single else tuple(f[name] for f in fused)
                 for name in (fused[0] if fused else ()) if name.endswith(_LINEAR_WEIGHTS)}
 
