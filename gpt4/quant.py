@@ -136,6 +136,23 @@ class Int8Linear(nn.Module):
             products = products[:n] + products[n:] / 254.0  # (N, out)
         return products * step
 
+    def use_integer_matmul(self, keep_rows: bool) -> bool:
+        """A weight-only layer (activation_bits=None) from now on multiplies in integers with ~16-bit activations
+        (activation_bits=16), where the CPU has VNNI; returns whether it does. For the default model's 49152 x
+        576 LM head (AMX Xeon): 0.88 ms for one row instead of 1.31, 1.19 for 8 instead of 4.26, but packing
+        takes 0.09-0.15 s, which compile_decode pays and an eager load's cold start does not. keep_rows: keep the
+        plain rows (a tied embedding looks tokens up in them)."""
+        assert self.activation_bits is None and self.weight_int8 is not None
+        if not integer_matmul_available():
+            return False
+        self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
+        if not keep_rows:
+            self.weight_int8 = None
+        # Integer products are scaled in fp32. A new tensor: a tied embedding keeps its own (model dtype) scales.
+        self.scales = self.scales.float()
+        self.activation_bits = 16
+        return True
+
     def _dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
         """(in, out) weights in dtype, from the plain rows or (0.4 ms for 576 x 3072) from the packed copy."""
         if self.weight_int8 is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt4.generation import GenerationConfig, generate_tokens
-from gpt4.quant import quantize_
+from gpt4.quant import integer_matmul_available, quantize_
 
 from .conftest import tiny_model
 
@@ -54,6 +54,8 @@ def test_compiled_decode_equals_eager(family, quant, mode):
     model.compile_decode(mode)
     compiled = (_tokens(model, PROMPTS[:1]), _tokens(model, PROMPTS), _step_logits(model, PROMPTS))
     assert model._compiled_decode is not None  # still compiled: nothing fell back to eager
+    if quant == "int4" and mode == "default" and integer_matmul_available():  # its 8-bit head now in integers
+        assert model.lm_head.activation_bits == 16 and model.lm_head.packed is not None
     assert compiled[0] == eager[0] and compiled[1] == eager[1]
     torch.testing.assert_close(compiled[2], eager[2], atol=1e-4 if quant == "none" else 2e-2, rtol=1e-4)
 

@@ -168,3 +168,23 @@ def test_int4_from_a_4bit_gguf_keeps_the_files_quality(default_model):
     want = perplexity(default_model, text, window=512)["ppl"]
     got = perplexity(int4, text, window=512)["ppl"]
     assert abs(got / want - 1) < 0.01, (got, want)
+
+
+def test_a_weight_only_int8_layer_switched_to_integer_matmuls_keeps_its_tied_embedding():
+    """use_integer_matmul (int4's LM head under compile_decode): 16-bit activations, the embedding that shares
+    the head's rows looks up the same values as before."""
+    torch.manual_seed(0)
+    model = tiny_model("llama-tied", hidden_size=64, intermediate_size=128)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    quantize_(model, "int4")
+    head, embedding = model.lm_head, model.embed_tokens
+    assert head.activation_bits is None and embedding.weight_int8 is head.weight_int8
+    ids, x = torch.tensor([[3, 1, 4, 1, 5]]), torch.randn(7, 64)
+    looked_up, weight_only = embedding(ids), head(x)
+    if not head.use_integer_matmul(keep_rows=True):
+        pytest.skip("no VNNI: the head keeps the weight-only kernel")
+    assert head.activation_bits == 16 and head.packed is not None and head.scales.dtype == torch.float32
+    assert torch.equal(embedding(ids), looked_up) and embedding.scales.dtype == torch.bfloat16
+    want = F.linear(_activations_seen(x, 16), head.dequantized())
+    torch.testing.assert_close(head(x).float(), want, atol=1e-3, rtol=0.01)
+    torch.testing.assert_close(head(x).float(), weight_only.float(), atol=0.05, rtol=0.02)
