@@ -346,9 +346,9 @@ class GPT4LMHeadModel(nn.Module):
             module.frozen_in_graphs = mode == "max-autotune"  # frozen graphs may lower its integer matmuls
             if mode == "default" and module.activation_bits is None and module.weight_int8 is not None:
                 # int4's 8-bit LM head in integers, where the CPU has VNNI (~0.1 s to pack here, not in an eager
-                # load's cold start). Default mode, AMX Xeon, an A/B of int4 --compile: ctx 512 67 -> 83 tokens/s,
-                # 8 streams 280 -> 340, ctx 16 even. Under max-autotune inductor's GEMM templates for it were
-                # slower in the same A/B (8 streams 510 -> 370), so there the weight-only kernel stays.
+                # load's cold start). AMX Xeon, int4 --compile, two models alternating in one process: 8 streams
+                # 255 -> 357 tokens/s, ctx 512 66 -> 72, ctx 16 91 -> 95. Under max-autotune it was no faster
+                # (inductor's templates or oneDNN's kernel for the head alike), so there the weight-only kernel stays.
                 module.use_integer_matmul(keep_rows=module.weight_int8 is embedding_rows)
         self._compiled_decode = compiled
         return self
