@@ -112,9 +112,21 @@ def test_the_briefs_snippet_runs_offline(tmp_path):
 
 
 def test_bfloat16_agrees_with_float32_on_greedy_tokens(default_model):
+    """Teacher-forced on fp32's greedy continuations, bf16 picks fp32's token wherever that is not a near-tie (top
+    two logits within 0.1). bf16 may flip a near-tie, after which free-running outputs part: on an AMX Xeon, the
+    second token after PROMPTS[0], whose top two fp32 logits are 0.017 apart."""
     bf16 = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16")
-    ids = torch.tensor([default_model.tokenizer.encode(PROMPTS[0])])
-    a = default_model.generate(ids, max_new_tokens=8)
-    b = bf16.generate(ids, max_new_tokens=8)
     assert bf16.dtype == torch.bfloat16
-    assert (a == b).float().mean() > 0.9
+    decided = agreed = 0
+    for prompt in PROMPTS:
+        ids = torch.tensor([default_model.tokenizer.encode(prompt)])
+        greedy = default_model.generate(ids, max_new_tokens=8)  # (1, prompt + 8)
+        with torch.inference_mode():
+            want, got = default_model(greedy).logits[0], bf16(greedy).logits[0].float()  # (T, V)
+        for position in range(ids.shape[1] - 1, greedy.shape[1] - 1):  # the logits that chose each new token
+            top_two = want[position].topk(2).values
+            if top_two[0] - top_two[1] > 0.1:
+                decided += 1
+                agreed += int(got[position].argmax() == want[position].argmax())
+    assert decided >= 18, decided  # of the 24 choices, most are clear ones
+    assert agreed == decided
