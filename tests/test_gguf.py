@@ -202,3 +202,28 @@ def test_loading_pauses_the_garbage_collector_and_leaves_it_as_it_was(tmp_path, 
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("with_nul", [False, True])  # a NUL byte inside a string: each string decoded alone
+def test_string_arrays_decode_as_each_string_alone_would(with_nul, tmp_path):
+    """The parser decodes a string array in one piece, split at its lengths: the same strings as decoding each
+    alone, for empty strings, multi-byte characters, invalid UTF-8 (a cut character, a stray byte) and lengths
+    of 256 and more (a second length byte)."""
+    import gguf
+
+    from gpt4.weights.gguf_file import GGUFFile
+
+    values = [b"", b"a", "Ġthe".encode(), "日本語".encode(), "日本".encode()[:4], b"\xff\xfeab", b"", b"x" * 300,
+              "ü".encode()[:1], b"end"] + ([b"a\x00b", b"\x00"] if with_nul else [])
+    path = tmp_path / "strings.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("test.strings", values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    file = GGUFFile(path)
+    try:
+        assert file.get("test.strings") == [v.decode("utf-8", "replace") for v in values]
+    finally:
+        file.close()

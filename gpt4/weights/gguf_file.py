@@ -339,17 +339,25 @@ def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         return data[start:start + n].decode("utf-8", "replace")
 
     def strings(count, what):
-        # An array of strings (a vocabulary: ~100k) in one loop without the per-value helpers: 59 -> 39 ms for
-        # the default model's metadata.
+        # An array of strings (a vocabulary: ~100k). A loop finds where each starts (the lengths chain them);
+        # then, unless a string holds a NUL byte, each 8-byte length becomes 8 NULs and the whole array is
+        # decoded at once and split at them (the default model's header, 98k strings: 50-55 -> 37-40 ms).
         nonlocal pos
-        items, p, read_length = [], pos, _U64.unpack_from
-        for _ in range(count):
+        starts, p, read_length = [0] * count, pos, _U64.unpack_from
+        for i in range(count):
             n = read_length(data, p)[0] if p + 8 <= size else size
             if p + 8 + n > size:
                 pos = p
                 take(8 + n, what)  # raises: the string runs past the end of the file
-            items.append(data[p + 8:p + 8 + n].decode("utf-8", "replace"))
+            starts[i] = p
             p += 8 + n
+        region = np.frombuffer(data, dtype=np.uint8, count=p - pos, offset=pos).copy()
+        lengths_at = np.asarray(starts, dtype=np.int64) - pos  # (count,)
+        region[(lengths_at[:, None] + np.arange(8)).ravel()] = 0
+        if np.count_nonzero(region == 0) == 8 * count:  # the NULs are the lengths' and no string's
+            items = region.tobytes().decode("utf-8", "replace").split("\x00" * 8)[1:]
+        else:
+            items = [data[a + 8:b].decode("utf-8", "replace") for a, b in zip(starts, starts[1:] + [p])]
         pos = p
         return items
 
