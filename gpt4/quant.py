@@ -213,13 +213,14 @@ class Int4Linear(nn.Module):
     def from_block_nibbles(cls, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            bias: torch.Tensor | None, dtype=torch.bfloat16) -> "Int4Linear":
         """From groups of 32 as GGUF's Q4_0 / Q4_1 blocks store them: nibbles (out, in // 2) uint8, byte j of a
-        group's 16 holding element j (low nibble) and element 16 + j (high); scales, zeros (out, in // 32).
+        group's 16 holding element j (low nibble) and element 16 + j (high), or the same as (out, in // 32, 16),
+        which may be a view into the file's blocks (GGUFFile.int4_groups); scales, zeros (out, in // 32).
 
         Repacked for the kernel byte to byte, never as a byte per value (a third of the default model's load).
         """
-        out_features, in_features = nibbles.shape[0], nibbles.shape[1] * 2
+        out_features, in_features = nibbles.shape[0], nibbles[0].numel() * 2
         if out_features % 64 or not _kernel_layout_is_known():
-            return cls(unpack_block_nibbles(nibbles), scales, zeros, 32, bias, dtype)
+            return cls(unpack_block_nibbles(nibbles.reshape(out_features, -1)), scales, zeros, 32, bias, dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._hold(_pack_kernel_layout_from_blocks(nibbles), None, scales, zeros, 32, bias, dtype, in_features)
@@ -282,8 +283,9 @@ def _pack_kernel_layout(q: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_kernel_layout_from_blocks(nibbles: torch.Tensor) -> torch.Tensor:
-    """_pack_kernel_layout(unpack_block_nibbles(nibbles)), computed on the bytes as they are."""
-    out_features, half_in = nibbles.shape
+    """_pack_kernel_layout(unpack_block_nibbles(nibbles)), computed on the bytes as they are: nibbles (out, in // 2)
+    or (out, in // 32, 16), read where they lie (e.g. between the blocks' scales)."""
+    out_features, half_in = nibbles.shape[0], nibbles[0].numel()
     rows = nibbles.view(out_features // 64, 2, 32, half_in // 16, 16)  # (block, half, i, group, j)
     first, second = rows[:, 0], rows[:, 1]  # rows i and 32 + i of each block of 64: (block, i, group, j)
     packed = torch.empty(out_features // 64, half_in // 16, 2, 16, 32, dtype=torch.uint8)  # (block, in, i)

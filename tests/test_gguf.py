@@ -71,7 +71,7 @@ def test_4bit_blocks_become_int4_groups_exactly(qtype, tmp_path):
             assert groups is None
             continue
         nibbles, scale, zero = groups  # w = (q - 8) * scale + zero, groups of 32 along the input dimension
-        q = unpack_block_nibbles(nibbles)
+        q = unpack_block_nibbles(nibbles.reshape(nibbles.shape[0], -1))
         rows, cols = q.shape
         w = (q.float().reshape(rows, cols // 32, 32) - 8) * scale[..., None] + zero[..., None]
         torch.testing.assert_close(w.reshape(rows, cols), gguf.tensor(name), atol=1e-6, rtol=0)

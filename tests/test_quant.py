@@ -110,6 +110,11 @@ def test_int4_layers_packed_from_gguf_block_bytes_match_pytorchs_own_packing(out
     layer = Int4Linear.from_block_nibbles(nibbles, scales, zeros, None)
     # The bytes the kernel reads are exactly those of PyTorch's packing op.
     assert torch.equal(layer.packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+    # The same from the groups where they lie in Q4_1 blocks, between the scales (a strided (out, 3, 16) view).
+    blocks = torch.zeros(out_features, 3, 20, dtype=torch.uint8)
+    blocks[..., 4:] = nibbles.view(out_features, 3, 16)
+    in_place = Int4Linear.from_block_nibbles(blocks[..., 4:], scales, zeros, None)
+    assert not blocks[..., 4:].is_contiguous() and torch.equal(in_place.packed, layer.packed)
     reference = Int4Linear(q, scales, zeros, 32, None)
     for rows in (1, 200):  # the kernel, and prefill's dequantized weight
         x = torch.randn(rows, 96, generator=generator)

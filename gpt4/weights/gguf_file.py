@@ -123,8 +123,10 @@ class GGUFFile:
     def int4_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (nibbles, scale, zero), None for other types.
 
-        nibbles (out, in / 2) are the blocks' bytes (gpt4.quant.unpack_block_nibbles gives q (out, in) in 0..15);
-        scale and zero (out, in / 32), with w = (q - 8) * scale + zero."""
+        nibbles (out, in / 32, 16) are each group's 16 bytes, a view into the blocks as read (not copied out from
+        between the scales: the int4 layers are packed from them, or copied once when fused or permuted);
+        gpt4.quant.unpack_block_nibbles of nibbles.reshape(out, -1) gives q (out, in) in 0..15. scale and zero
+        (out, in / 32), with w = (q - 8) * scale + zero."""
         info = self.tensors[name]
         if info.type_name not in INT4_TYPES:
             return None
@@ -138,7 +140,7 @@ class GGUFFile:
         else:  # w = d * q + m = (q - 8) * d + (m + 8 d)
             zero = torch.add(halves[:, 1].float(), d, alpha=8)
         rows = info.shape[0]
-        nibbles = blocks[:, width - 16:].reshape(rows, -1)
+        nibbles = blocks[:, width - 16:].unflatten(0, (rows, -1))  # (out, in / 32, 16)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
     def config(self) -> GPT4Config:
