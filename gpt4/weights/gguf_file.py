@@ -345,13 +345,14 @@ def _parse(data, path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         # then, unless a string holds a NUL byte, each 8-byte length becomes 8 NULs and the whole array is
         # decoded at once and split at them (the default model's header, 98k strings: 50-55 -> 37-40 ms).
         nonlocal pos
-        starts, p, read_length = [0] * count, pos, _U64.unpack_from
-        for i in range(count):
+        # (Appended as found, not preallocated: a corrupted count must not allocate before the file runs out.)
+        starts, p, read_length = [], pos, _U64.unpack_from
+        for _ in range(count):
             n = read_length(data, p)[0] if p + 8 <= size else size
             if p + 8 + n > size:
                 pos = p
                 take(8 + n, what)  # raises: the string runs past the end of the file
-            starts[i] = p
+            starts.append(p)
             p += 8 + n
         region = np.frombuffer(data, dtype=np.uint8, count=p - pos, offset=pos).copy()
         lengths_at = np.asarray(starts, dtype=np.int64) - pos  # (count,)
