@@ -124,7 +124,7 @@ class GGUFFile:
         """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (nibbles, scale, zero), None for other types.
 
         nibbles (out, in / 32, 16) are each group's 16 bytes, a view into the blocks as read (not copied out from
-        between the scales: the int4 layers are packed from them, or copied once when fused or permuted);
+        between the scales: the int4 layers are packed from them; only fusing or permuting rows copies them);
         gpt4.quant.unpack_block_nibbles of nibbles.reshape(out, -1) gives q (out, in) in 0..15. scale and zero
         (out, in / 32), with w = (q - 8) * scale + zero."""
         info = self.tensors[name]
