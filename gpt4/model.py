@@ -116,6 +116,16 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v, positions, kv_length)  # (B, Hkv, T, D)
+        if S == 1 and self.n_kv_heads != self.n_heads:
+            # One query per row (a decode step): the query heads sharing a KV head become that head's query rows,
+            # which see the same slots, so one mask row serves them all. SDPA's CPU kernel then works per KV head
+            # rather than per query head: 1.5-2x faster here for 8 rows (8 x 9 heads over 80 slots: 49 -> 29 us
+            # a layer), up to 1.5x for one row at 576 slots, never slower.
+            y = F.scaled_dot_product_attention(
+                q.to(k.dtype).reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, Hkv, Hq / Hkv, D): query heads in order
+            return self.o_proj(y.to(x.dtype).reshape(B, 1, -1))
         # No mask: either a full causal sequence (S == T) or one query that sees every cached slot.
         y = F.scaled_dot_product_attention(
             q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and S > 1,
