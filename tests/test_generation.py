@@ -5,7 +5,7 @@ import torch
 
 from gpt4 import GenerationConfig
 from gpt4.generation import generate_tokens
-from gpt4.generation.sampling import apply_penalties, warp
+from gpt4.generation.sampling import apply_penalties, argmax, warp
 
 from .conftest import tiny_model
 
@@ -146,3 +146,20 @@ def test_presence_frequency_penalties_and_logit_bias_follow_openai():
     out = apply_penalties(logits, None, counts, presence_penalty=0.5, frequency_penalty=0.25,
                           logit_bias={4: -100.0})
     assert out.tolist() == [[0.0, -0.75, -1.25, 0.0, -100.0]]
+
+
+@pytest.mark.parametrize("vocab", [50, 2048, 49152, 49153, 151936])
+def test_greedy_argmax_picks_the_ids_torch_argmax_picks(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    cases = [torch.randn(8, vocab, generator=generator)]
+    ties = torch.zeros(3, vocab)  # across blocks (the first wins), and at the very last id
+    ties[0, [vocab // 2, vocab - 1]] = 1
+    ties[1, [7, vocab // 3]] = 1
+    ties[2, vocab - 1] = 1
+    cases.append(ties)
+    nans = torch.randn(3, vocab, generator=generator)  # NaN counts as the maximum, as in torch.argmax
+    nans[0, vocab - 1] = nans[1, vocab // 3] = nans[1, vocab - 2] = float("nan")
+    nans[2, 0] = float("inf")
+    cases += [nans, torch.full((2, vocab), float("-inf"))]
+    for logits in cases:
+        assert torch.equal(argmax(logits), logits.argmax(-1))

@@ -52,6 +52,27 @@ def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = Non
 def choose(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,): argmax, or a draw from softmax(logits)."""
     if not do_sample:
-        return logits.argmax(-1)
+        return argmax(logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+ARGMAX_BLOCK = 1024
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) for (B, V), the same ids (first maximum; a NaN counts as the maximum), found in two passes:
+    each block of 1024 logits' maximum, then the argmax within the first block holding the largest. PyTorch's CPU
+    argmax along a row is several times slower than its max: for 49152 logits, 1 / 8 rows, 119 / 473 us against
+    55 / 121 here (a compiled decode step of 8 sequences takes 7-11 ms on this machine)."""
+    batch, vocab = logits.shape
+    if vocab < 2 * ARGMAX_BLOCK:
+        return logits.argmax(-1)
+    full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
+    maxima = logits[:, :full].reshape(batch, -1, ARGMAX_BLOCK).amax(-1)  # (B, blocks); amax propagates NaN
+    if full < vocab:  # the last, shorter block
+        maxima = torch.cat([maxima, logits[:, full:].amax(-1, keepdim=True)], dim=1)
+    first = maxima.argmax(-1, keepdim=True) * ARGMAX_BLOCK  # (B, 1)
+    # The block's ids; past the end of the vocabulary they repeat its last id, after that id's own first place.
+    ids = (first + torch.arange(ARGMAX_BLOCK, device=logits.device)).clamp_(max=vocab - 1)  # (B, block)
+    return ids.gather(1, logits.gather(1, ids).argmax(-1, keepdim=True)).squeeze(1)
