@@ -58,6 +58,27 @@ def test_a_bf16_model_caches_keys_and_values_in_fp32_on_the_cpu():
     assert step.argmax() == full.argmax()
 
 
+@pytest.mark.parametrize("family", ["llama-gqa-untied", "mistral"])
+def test_a_prompts_first_chunk_attends_like_the_cache_free_forward_and_later_chunks_read_its_cache(family):
+    # The first chunk (rows at slots 0..S-1) attends causally to its own keys in the model's dtype, as the forward
+    # without a cache does (bit for bit in bf16); the cache still receives them for the chunks and steps after.
+    model = tiny_model(family).to(torch.bfloat16)  # mistral: a window of 8, shorter than the prompt
+    ids = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(0))
+    first, second = 10, 4
+    positions = torch.arange(14).expand(2, 14)
+    with torch.inference_mode():
+        cache = model.new_cache(2, 16)
+        chunk = model.hidden_states(ids[:, :first], positions[:, :first], cache)
+        whole = model.hidden_states(ids)  # no cache: bf16 attention over the whole prompt
+        if family == "mistral":  # prompts past the window keep the mask (and the fp32 cache's keys)
+            torch.testing.assert_close(chunk, whole[:, :first], atol=0.05, rtol=0)
+        else:
+            assert torch.equal(chunk, whole[:, :first])
+        after = model.hidden_states(ids[:, first:], positions[:, first:], cache)  # reads the first chunk's cache
+    torch.testing.assert_close(after, whole[:, first:], atol=0.05, rtol=0)
+    assert cache.keys[0][:, :, first + second:].abs().sum() == 0  # nothing written past the prompt
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa-untied"])
 def test_batched_generation_equals_one_by_one(family):
     model = tiny_model(family)
