@@ -254,9 +254,12 @@ def test_queue_overflow_is_429(default_model):
             next(running.iter_lines())
             with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as queued:
                 assert queued.status_code == 200
-                deadline = time.monotonic() + 10
+                # On a loaded machine the second request can take seconds to reach the queue; until it does, a
+                # third would be queued too (and wait out the 2000 tokens) rather than refused.
+                deadline = time.monotonic() + 30
                 while s.engine().queue_depth < 1 and time.monotonic() < deadline:
                     time.sleep(0.02)
+                assert s.engine().queue_depth == 1, "the second request never reached the queue"
                 r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
                 assert r.status_code == 429 and r.headers["retry-after"] == "1"
                 assert r.json()["error"]["code"] == "rate_limit_exceeded"
