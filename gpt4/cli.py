@@ -19,15 +19,20 @@ COMMAND_MODULES: list[str] = ["gpt4.serving.commands", "gpt4.training.commands",
                                "gpt4.tasks.commands"]
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+QUANT_HELP = ("int8 weights (with VNNI: integer matmuls, activations in two int8 halves, bf16's accuracy; fast for "
+              "batches), int4 weights (bf16 activations; least memory), w8a8 (8-bit activations: fastest for "
+              "batches and prompts, +3-4%% perplexity), or auto: int4 where the file's linear layers are Q4_0 / "
+              "Q4_1 (its own 4-bit weights, as llama.cpp runs them) on an AVX2 / AVX-512 CPU, else none")
+
+
+def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto") -> None:
+    """--model, --dtype, --quant (default `quant`: auto where speed matters, none where the verb measures the
+    model), --compile, --max-autotune."""
     p.add_argument("--model", "-m", default="gpt4",
                    help="named model (see `gpt4 models`), local folder, .gguf file or hub id (default: gpt4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "w8a8"],
-                   help="quantized linear layers for faster decoding: int8 weights (with VNNI: integer matmuls, "
-                        "activations in two int8 halves, bf16's accuracy; fast for batches), int4 weights (bf16 "
-                        "activations; least memory), or w8a8 (8-bit activations: fastest for batches and prompts, "
-                        "+3-4%% perplexity)")
+    p.add_argument("--quant", default=quant, choices=["auto", "none", "int8", "int4", "w8a8"],
+                   help=f"quantized linear layers: {QUANT_HELP} (default: {quant})")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (about 2x faster decoding; the first run "
                         "compiles for about a minute)")
@@ -68,6 +73,8 @@ def load(args):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant,
                                             compile=compile_mode(args))
+    if args.quant == "auto":
+        print(f"--quant auto: {model.quant}", file=sys.stderr, flush=True)
     if args.compile or args.max_autotune:
         print(f"compiling the decode step (first run in this environment: "
               f"{'a few minutes' if args.max_autotune else 'about a minute'}) ...", file=sys.stderr, flush=True)

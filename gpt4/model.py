@@ -204,6 +204,7 @@ class GPT4LMHeadModel(nn.Module):
         if config.position_embedding == "rope":
             self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
+        self.quant = "none"  # the linear layers' quantization mode, set by gpt4.quant.quantize_
         self._compiled_decode = None  # set by compile_decode()
         self.generation_config = None
         self.apply(self._init_weights)

@@ -364,6 +364,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)
                 new = Int4Linear.from_float(weight, child.bias, group)
             setattr(parent, name, new)
+    model.quant = mode
     return model
 
 

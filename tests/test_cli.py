@@ -110,3 +110,13 @@ def test_ctrl_c_stops_a_reply_but_not_the_session():
         proc.kill()
     assert proc.returncode == 0, err
     assert "[stopped]" in seen + rest
+
+
+def test_inference_verbs_default_to_auto_quantization_and_measuring_verbs_to_none():
+    from gpt4.cli import build_parser
+
+    parser = build_parser()
+    for verb in (["generate", "hi"], ["chat"], ["serve"], ["translate", "hi", "--to", "French"]):
+        assert parser.parse_args(verb).quant == "auto", verb
+    for verb in (["eval", "--task", "arc_easy"], ["perplexity", "file.txt"]):
+        assert parser.parse_args(verb).quant == "none", verb

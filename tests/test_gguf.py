@@ -227,3 +227,42 @@ def test_string_arrays_decode_as_each_string_alone_would(with_nul, tmp_path):
         assert file.get("test.strings") == [v.decode("utf-8", "replace") for v in values]
     finally:
         file.close()
+
+
+def test_auto_quant_is_int4_only_where_that_is_the_files_own_weights(tmp_path, monkeypatch):
+    import dataclasses
+
+    from gpt4.quant import Int4Linear
+    from gpt4.weights import choose_quant
+    from gpt4.weights.gguf_file import GGUFFile
+
+    ids = torch.tensor([[3, 70, 12, 250, 9]])
+    for qtype in ("Q4_0", "Q4_1"):
+        path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
+        auto, int4 = (GPT4LMHeadModel.from_pretrained(path, quant=q) for q in ("auto", "int4"))
+        assert auto.quant == int4.quant == "int4" and isinstance(auto.layers[1].mlp.down_proj, Int4Linear)
+        with torch.no_grad():
+            assert torch.equal(auto(ids).logits, int4(ids).logits)
+    for qtype in ("Q8_0", "Q4_K", "F32"):  # int4 would round these weights a second time
+        model = GPT4LMHeadModel.from_pretrained(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype),
+                                                quant="auto")
+        assert model.quant == "none" and isinstance(model.layers[0].attn.qkv_proj, torch.nn.Linear), qtype
+
+    gguf = GGUFFile(tmp_path / "tiny-Q4_1.gguf")
+    assert choose_quant(gguf, "cpu") == "int4"
+    down = gguf.tensors["blk.1.ffn_down.weight"]  # one layer of another type: none
+    gguf.tensors["blk.1.ffn_down.weight"] = dataclasses.replace(down, type_name="Q6_K")
+    assert choose_quant(gguf, "cpu") == "none"
+    gguf.tensors["blk.1.ffn_down.weight"] = down
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # int4 kernel not vectorized
+    assert choose_quant(gguf, "cpu") == "none"
+    gguf.close()
+
+    folder = tmp_path / "saved"
+    GPT4LMHeadModel.from_pretrained(tmp_path / "tiny-Q4_1.gguf").save_pretrained(folder)
+    assert GPT4LMHeadModel.from_pretrained(folder, quant="auto").quant == "none"  # float weights: kept as they are
+
+
+def test_an_unknown_quantization_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="Unknown quantization 'int3'.*auto"):
+        GPT4LMHeadModel.from_pretrained(tmp_path / "not-even-there.gguf", quant="int3")

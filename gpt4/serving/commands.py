@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..cli import compile_mode
+from ..cli import QUANT_HELP, compile_mode
 from ..errors import GPT4Error
 
 
@@ -20,10 +20,8 @@ def register(sub) -> None:
                    help="named model, local folder or .gguf file (repeatable; default: gpt4). "
                         "Clients pass the same string as 'model'.")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "w8a8"],
-                   help="quantized linear layers: int8 weights (fast for many clients on CPUs with VNNI), int4 "
-                        "weights (least memory), or w8a8 (8-bit weights and activations: fastest for many "
-                        "clients, +3-4%% perplexity)")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"],
+                   help=f"quantized linear layers: {QUANT_HELP} (default: auto)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile before serving (faster decoding; loading "
                         "takes a minute or two longer)")
@@ -69,6 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(f"loading {name} ...", file=sys.stderr, flush=True)
             loaded[name] = GPT4LMHeadModel.from_pretrained(name, dtype=args.dtype, quant=args.quant,
                                                            compile=compile_mode(args))
+            if args.quant == "auto":
+                print(f"--quant auto: {loaded[name].quant}", file=sys.stderr, flush=True)
         if args.compile or args.max_autotune:
             print(f"compiling the decode step ({'a few minutes' if args.max_autotune else 'about a minute'} per "
                   "graph) ...", file=sys.stderr, flush=True)

@@ -116,13 +116,17 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
     """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id.
 
     quant="int8"|"int4"|"w8a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
+    quant="auto" picks int4 where that is the file's own weights (see choose_quant), else none;
     compile=True compiles the decode step with torch.compile, compile="max-autotune" in that mode (see
     GPT4LMHeadModel.compile_decode).
     """
     from ..model import COMPILE_MODES
+    from ..quant import QUANT_MODES
 
     if kwargs:
         raise TypeError(f"from_pretrained() got unexpected arguments: {', '.join(kwargs)}.")
+    if quant not in ("auto", *QUANT_MODES):
+        raise ValueError(f"Unknown quantization {quant!r}; choose one of {('auto', *QUANT_MODES)}.")
     if compile not in (False, True, None, *COMPILE_MODES):  # before the minutes of loading, not after
         raise ValueError(f"Unknown compile mode {compile!r}; pass True or one of {COMPILE_MODES}.")
     dtype = _parse_dtype(dtype if dtype is not None else torch_dtype)
@@ -140,6 +144,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if kind == "gguf":
             gguf = GGUFFile(path)
             config = gguf.config()
+            quant = choose_quant(gguf, device) if quant == "auto" else quant
             # Weights the quantized model takes straight from the file are shape-only placeholders here (the
             # whole model in full precision is never made: less memory and a faster load): int4 from Q4_0/Q4_1
             # layers, whose 4-bit groups are used as they are; int8 and w8a8 every linear layer, read and
@@ -154,6 +159,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             has_vocab = gguf.get("tokenizer.ggml.model") is not None
             tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
         else:
+            quant = "none" if quant == "auto" else quant
             config = _hf_config(path)
             state = _hf_state(path, config)
             tokenizer = Tokenizer.from_pretrained(path) if load_tokenizer and (path / "tokenizer.json").is_file() \
@@ -330,6 +336,22 @@ class _GGUFBlockTensors:
         fused = [names.fuse(d) for d in parts]
         return {name.removesuffix(".weight"): fused[0][name] if single else tuple(f[name] for f in fused)
                 for name in (fused[0] if fused else ()) if name.endswith(_LINEAR_WEIGHTS)}
+
+
+def choose_quant(gguf: GGUFFile, device) -> str:
+    """quant="auto": "int4" when every linear layer of the transformer blocks is Q4_0 / Q4_1, so that int4 runs
+    the file's own 4-bit groups (the weights llama.cpp runs, no second rounding), on a CPU where PyTorch's int4
+    kernel is vectorized; else "none" (the file's weights dequantized to the model dtype).
+
+    Measured on the default model (Q4_1), fp32 activations, AMX Xeon: decode 24 -> 41 tokens/s, peak memory 936 ->
+    424 MB, first token 0.83 -> 0.55 s, perplexity 11.815 -> 11.827. With ATen's vector kernels limited to AVX2
+    (ATEN_CPU_CAPABILITY=avx2) int4 still decodes 1.6x faster; without vector kernels ("default": no AVX2, as on
+    other architectures) it is 5x slower, hence the capability check.
+    """
+    if torch.device(device).type != "cpu" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "none"
+    block_layers = {name for name in _linear_tensors(gguf) if name.startswith("blk.")}  # the head stays int8
+    return "int4" if block_layers and block_layers <= _linear_tensors(gguf, INT4_TYPES) else "none"
 
 
 def _linear_tensors(gguf: GGUFFile, types=None) -> set[str]:
