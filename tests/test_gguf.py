@@ -266,3 +266,20 @@ def test_auto_quant_is_int4_only_where_that_is_the_files_own_weights(tmp_path, m
 def test_an_unknown_quantization_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="Unknown quantization 'int3'.*auto"):
         GPT4LMHeadModel.from_pretrained(tmp_path / "not-even-there.gguf", quant="int3")
+
+
+@pytest.mark.parametrize("qtype,width,scale_fields", [
+    ("Q8_0", 34, [0]), ("Q4_0", 18, [0]), ("Q4_1", 20, [0, 2]), ("Q5_0", 22, [0]), ("Q5_1", 24, [0, 2]),
+    ("Q4_K", 144, [0, 2]), ("Q6_K", 210, [208])])
+def test_torch_block_decoders_equal_the_gguf_packages_bit_for_bit(qtype, width, scale_fields):
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from gpt4.weights.gguf_file import _TORCH_DEQUANT
+
+    rng = np.random.default_rng(width)
+    blocks = rng.integers(0, 256, (512, width), dtype=np.uint8)  # every bit pattern of the quantized values
+    for at in scale_fields:  # finite fp16 scales (random bytes would include NaN and inf)
+        blocks[:, at:at + 2] = (rng.standard_normal(512) * 0.01).astype(np.float16).view(np.uint8).reshape(512, 2)
+    reference = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType[qtype]).reshape(-1))
+    assert torch.equal(_TORCH_DEQUANT[qtype](torch.from_numpy(blocks.reshape(-1))), reference)

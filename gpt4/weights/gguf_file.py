@@ -228,7 +228,8 @@ def _int_or_none(value):
     return None if value is None else int(value)
 
 
-# The default model's block formats, decoded with torch (several times faster than the numpy reference).
+# The common block formats (the default model's; Q4_K_M files' Q5_0, Q4_K, Q6_K), decoded with torch: several
+# times faster than the numpy reference.
 def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 34)  # fp16 scale d, then 32 int8 values: w = d * q
     d = blocks[:, :2].contiguous().view(torch.float16).float()  # (N, 1)
@@ -248,8 +249,61 @@ def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     return (d * unpack_block_nibbles(blocks[:, 4:]).float() + m).flatten()
 
 
+def _fp16(field: torch.Tensor) -> torch.Tensor:
+    """(N, 2) bytes of little-endian fp16 -> (N, 1) fp32."""
+    return field.contiguous().view(torch.float16).float()
+
+
+def _five_bit(nibbles: torch.Tensor, high_bits: torch.Tensor) -> torch.Tensor:
+    """Q5_0 / Q5_1 values (N, 32) in 0..31: 16 bytes of low nibbles (element j low, 16 + j high) and a 32-bit
+    word of fifth bits (bit i for element i)."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    fifth = ((high_bits[:, :, None] >> shifts) & 1).view(-1, 32)  # (N, 32): bit b of byte k is element 8 k + b
+    return unpack_block_nibbles(nibbles) | (fifth << 4)
+
+
+def _dequant_q5_0(raw: torch.Tensor) -> torch.Tensor:
+    blocks = raw.view(-1, 22)  # d, 4 bytes of fifth bits, 16 bytes of nibbles: w = d * (q - 16)
+    return (_fp16(blocks[:, :2]) * (_five_bit(blocks[:, 6:], blocks[:, 2:6]).float() - 16)).flatten()
+
+
+def _dequant_q5_1(raw: torch.Tensor) -> torch.Tensor:
+    blocks = raw.view(-1, 24)  # d, m, fifth bits, nibbles: w = d * q + m
+    q = _five_bit(blocks[:, 8:], blocks[:, 4:8]).float()
+    return (_fp16(blocks[:, :2]) * q + _fp16(blocks[:, 2:4])).flatten()
+
+
+def _dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
+    """Super-blocks of 256: d, dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles; each 32 bytes
+    of nibbles hold two sub-blocks of 32 (low nibbles, then high): w = d * scale * q - dmin * min."""
+    blocks = raw.view(-1, 144)
+    packed = blocks[:, 4:16].view(-1, 3, 4)  # rows: low 6 bits of scales 0-3 (top 2: of scales 4-7), of mins 0-3,
+    low, mid, top = packed[:, 0], packed[:, 1], packed[:, 2]  # and the low 4 bits of scales / mins 4-7
+    scales = torch.cat((low & 63, (top & 15) | ((low >> 2) & 48)), dim=1).float()  # (N, 8)
+    mins = torch.cat((mid & 63, (top >> 4) | ((mid >> 2) & 48)), dim=1).float()
+    nibbles = blocks[:, 16:].view(-1, 4, 1, 32)
+    q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(-1, 8, 32).float()  # (N, sub-block, 32)
+    d, dmin = _fp16(blocks[:, :2]) * scales, _fp16(blocks[:, 2:4]) * mins  # (N, 8)
+    return (d[..., None] * q - dmin[..., None]).flatten()
+
+
+def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
+    """Super-blocks of 256: 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales (one per 16
+    values), d: w = d * scale * (q - 32). In each half of 128 values, value i takes its low nibble from byte i % 64
+    (low nibble for i < 64, high after) and its high bits from byte i % 32, bits 2 * (i // 32)."""
+    blocks = raw.view(-1, 210)
+    low = blocks[:, :128].view(-1, 2, 1, 64)
+    low = torch.cat((low & 15, low >> 4), dim=2).view(-1, 2, 128)  # (N, half, i)
+    high = blocks[:, 128:192].view(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
+    high = (high & 3).view(-1, 2, 128)
+    q = ((low | (high << 4)).view(torch.int8) - 32).view(-1, 16, 16).float()  # (N, 16 groups, 16)
+    scales = _fp16(blocks[:, 208:]) * blocks[:, 192:208].contiguous().view(torch.int8).float()  # (N, 16)
+    return (scales[..., None] * q).flatten()
+
+
 _DEQUANT_CHUNK = 1 << 21  # values dequantized at once (8 MB in fp32)
-_TORCH_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1}
+_TORCH_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q5_0": _dequant_q5_0,
+                  "Q5_1": _dequant_q5_1, "Q4_K": _dequant_q4_k, "Q6_K": _dequant_q6_k}
 
 
 # GGUF metadata value types: numpy dtypes of the scalars (8 is a string, 9 an array).
