@@ -11,6 +11,7 @@ token counted from the worker's start (with `import torch` / `import llama_cpp`)
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:compile   # torch.compile'd decode
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:max-autotune  # in max-autotune mode
+    python benchmarks/bench_inference.py --model qwen --engines llama.cpp ours:float32:none ours:float32:int8
 
 llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
 /work/llamacpp-venv/bin/python): CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36".
@@ -49,7 +50,7 @@ def workload():
     """Token ids shared by every engine (from our tokenizer of the same GGUF)."""
     from gpt4 import GPT4LMHeadModel
 
-    tok = GPT4LMHeadModel.from_pretrained("gpt4", load_tokenizer=True).tokenizer
+    tok = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], load_tokenizer=True).tokenizer
     long_ids = (tok.encode(TEXT * 40))[:512]
     streams = [(tok.encode(p) * 4)[:16] for p in STREAM_PROMPTS]
     return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams}
@@ -75,7 +76,7 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False):
 
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
     start = time.perf_counter()
-    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype=dtype, quant=quant, compile=compile)
+    model = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], dtype=dtype, quant=quant, compile=compile)
     load = time.perf_counter() - start
     if cold:  # the first token comes from the eager prefill: a compiled decode step compiles on the second
         tokens = generate_tokens(model, [work["ctx16"]], config)
@@ -113,7 +114,7 @@ def worker_transformers(work, repeats, dtype, cold=False):
 
     from gpt4.models import resolve
 
-    path = resolve("gpt4")
+    path = resolve(os.environ["GPT4_BENCH_MODEL"])
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                               dtype=getattr(torch, dtype)).eval()
@@ -246,7 +247,7 @@ def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False) -
         return None
     from gpt4.models import resolve
 
-    env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve("gpt4")), TQDM_DISABLE="1",
+    env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve(os.environ["GPT4_BENCH_MODEL"])), TQDM_DISABLE="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats)] + ["--cold"] * cold
     start = time.perf_counter()
@@ -287,6 +288,7 @@ def main():
         "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:w8a8", "ours:bfloat16:int4:compile",
         "ours:bfloat16:int4:max-autotune", "ours:bfloat16:int8:max-autotune"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="gpt4", help="a named GGUF model (see `gpt4 models`; default: gpt4)")
     parser.add_argument("--cold-repeats", type=int, default=5, help="fresh processes per engine timing cold start")
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -308,6 +310,7 @@ def main():
         print(json.dumps(result))
         return
 
+    os.environ["GPT4_BENCH_MODEL"] = args.model  # the workers inherit it
     os.environ["GPT4_BENCH_WORK"] = json.dumps(workload())
     results = {}
     for spec in args.engines:

@@ -21,8 +21,9 @@ COMMAND_MODULES: list[str] = ["gpt4.serving.commands", "gpt4.training.commands",
 
 QUANT_HELP = ("int8 weights (with VNNI: integer matmuls, activations in two int8 halves, bf16's accuracy; fast for "
               "batches), int4 weights (bf16 activations; least memory), w8a8 (8-bit activations: fastest for "
-              "batches and prompts, +3-4%% perplexity), or auto: int4 where the file's linear layers are Q4_0 / "
-              "Q4_1 (its own 4-bit weights, as llama.cpp runs them) on an AVX2 / AVX-512 CPU, else none")
+              "batches and prompts, +3-4%% perplexity), or auto: on an AVX2 / AVX-512 CPU, int4 where the file's "
+              "linear layers are Q4_0 / Q4_1 (its own 4-bit weights, as llama.cpp runs them), int8 where they are "
+              "in other formats of up to 8 bits, else none")
 
 
 def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto") -> None:

@@ -229,32 +229,32 @@ def test_string_arrays_decode_as_each_string_alone_would(with_nul, tmp_path):
         file.close()
 
 
-def test_auto_quant_is_int4_only_where_that_is_the_files_own_weights(tmp_path, monkeypatch):
+def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_files_in_int8(tmp_path, monkeypatch):
     import dataclasses
 
-    from gpt4.quant import Int4Linear
+    from gpt4.quant import Int4Linear, Int8Linear
     from gpt4.weights import choose_quant
     from gpt4.weights.gguf_file import GGUFFile
 
     ids = torch.tensor([[3, 70, 12, 250, 9]])
-    for qtype in ("Q4_0", "Q4_1"):
+    for qtype, mode, layer in (("Q4_0", "int4", Int4Linear), ("Q4_1", "int4", Int4Linear),
+                               ("Q8_0", "int8", Int8Linear), ("Q4_K", "int8", Int8Linear),  # int4 would round
+                               ("Q6_K", "int8", Int8Linear),  # these a second time, to fewer bits
+                               ("F32", "none", torch.nn.Linear), ("F16", "none", torch.nn.Linear)):
         path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
-        auto, int4 = (GPT4LMHeadModel.from_pretrained(path, quant=q) for q in ("auto", "int4"))
-        assert auto.quant == int4.quant == "int4" and isinstance(auto.layers[1].mlp.down_proj, Int4Linear)
-        with torch.no_grad():
-            assert torch.equal(auto(ids).logits, int4(ids).logits)
-    for qtype in ("Q8_0", "Q4_K", "F32"):  # int4 would round these weights a second time
-        model = GPT4LMHeadModel.from_pretrained(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype),
-                                                quant="auto")
-        assert model.quant == "none" and isinstance(model.layers[0].attn.qkv_proj, torch.nn.Linear), qtype
+        auto = GPT4LMHeadModel.from_pretrained(path, quant="auto")
+        assert auto.quant == mode and type(auto.layers[1].mlp.down_proj) is layer, qtype
+        with torch.no_grad():  # the same model as asking for that mode
+            assert torch.equal(auto(ids).logits, GPT4LMHeadModel.from_pretrained(path, quant=mode)(ids).logits)
 
     gguf = GGUFFile(tmp_path / "tiny-Q4_1.gguf")
     assert choose_quant(gguf, "cpu") == "int4"
-    down = gguf.tensors["blk.1.ffn_down.weight"]  # one layer of another type: none
-    gguf.tensors["blk.1.ffn_down.weight"] = dataclasses.replace(down, type_name="Q6_K")
-    assert choose_quant(gguf, "cpu") == "none"
+    down = gguf.tensors["blk.1.ffn_down.weight"]
+    for other, mode in (("Q6_K", "int8"), ("F16", "none")):  # one layer of another type decides
+        gguf.tensors["blk.1.ffn_down.weight"] = dataclasses.replace(down, type_name=other)
+        assert choose_quant(gguf, "cpu") == mode, other
     gguf.tensors["blk.1.ffn_down.weight"] = down
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # int4 kernel not vectorized
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no vectorized kernels
     assert choose_quant(gguf, "cpu") == "none"
     gguf.close()
 
