@@ -116,7 +116,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
     """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id.
 
     quant="int8"|"int4"|"w8a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
-    quant="auto" picks int4 where that is the file's own weights (see choose_quant), else none;
+    quant="auto" picks one of those from a GGUF's block formats (see choose_quant), "none" for other weights;
     compile=True compiles the decode step with torch.compile, compile="max-autotune" in that mode (see
     GPT4LMHeadModel.compile_decode).
     """
@@ -347,10 +347,10 @@ def choose_quant(gguf: GGUFFile, device) -> str:
     - otherwise (F32 / F16 / BF16 layers) "none", the file's precision, as on other CPUs: without vector kernels
       ("default" capability, e.g. other architectures) PyTorch's int4 kernel decodes 5x slower than "none".
 
-    Measured (fp32 activations, AMX Xeon; README, Performance): the default model (Q4_1) with int4 decodes 33 -> 59
-    tokens/s in 960 -> 427 MB, perplexity 11.815 -> 11.827; Qwen2.5-Coder-0.5B (Q4_K_M: Q5_0, Q8_0, Q4_K, Q6_K)
-    with int8 12 -> 24 tokens/s in 2.86 -> 1.29 GB, perplexity 8.118 -> 8.150. Kernels limited to AVX2 without
-    VNNI: int4 1.6x and int8 1.4x "none"'s decoding speed.
+    Measured (fp32 activations, AMX Xeon; README, Performance, "Defaults"): the default model (Q4_1) with int4
+    decodes 33 -> 59 tokens/s in 960 -> 427 MB, perplexity 11.815 -> 11.827; Qwen2.5-Coder-0.5B (Q4_K_M: Q5_0,
+    Q8_0, Q4_K, Q6_K) with int8 14 -> 27 tokens/s in 2934 -> 1253 MB, perplexity 8.118 -> 8.150. With kernels
+    limited to AVX2 (and no VNNI for int8): int4 1.6x and int8 1.4x "none"'s decoding speed.
     """
     if torch.device(device).type != "cpu" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "none"
