@@ -230,28 +230,24 @@ def _int_or_none(value):
 
 # The common block formats (the default model's; Q4_K_M files' Q5_0, Q4_K, Q6_K), decoded with torch: several
 # times faster than the numpy reference.
+def _fp16(field: torch.Tensor) -> torch.Tensor:
+    """(N, 2) bytes of little-endian fp16 -> (N, 1) fp32."""
+    return field.contiguous().view(torch.float16).float()
+
+
 def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 34)  # fp16 scale d, then 32 int8 values: w = d * q
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (N, 1)
-    return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).flatten()
+    return (_fp16(blocks[:, :2]) * blocks[:, 2:].contiguous().view(torch.int8).float()).flatten()
 
 
 def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 18)  # d, 16 bytes of nibbles: w = d * (q - 8)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    return (d * (unpack_block_nibbles(blocks[:, 2:]).float() - 8)).flatten()
+    return (_fp16(blocks[:, :2]) * (unpack_block_nibbles(blocks[:, 2:]).float() - 8)).flatten()
 
 
 def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 20)  # d, m, 16 bytes of nibbles: w = d * q + m
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * unpack_block_nibbles(blocks[:, 4:]).float() + m).flatten()
-
-
-def _fp16(field: torch.Tensor) -> torch.Tensor:
-    """(N, 2) bytes of little-endian fp16 -> (N, 1) fp32."""
-    return field.contiguous().view(torch.float16).float()
+    return (_fp16(blocks[:, :2]) * unpack_block_nibbles(blocks[:, 4:]).float() + _fp16(blocks[:, 2:4])).flatten()
 
 
 def _five_bit(nibbles: torch.Tensor, high_bits: torch.Tensor) -> torch.Tensor:
