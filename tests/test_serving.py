@@ -251,7 +251,10 @@ def test_queue_overflow_is_429(default_model):
         body = {"model": "gpt4", "messages": MSG, "max_tokens": 2000, "temperature": 0, "stream": True,
                 "logit_bias": no_eos(default_model)}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as running:
-            next(running.iter_lines())
+            # Keep the line iterator: a dropped one closes the connection, which cancels the reply (the cause of
+            # this test's rare failures, when the second request arrived after the cancellation freed the row).
+            running_lines = running.iter_lines()
+            next(running_lines)
             with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as queued:
                 assert queued.status_code == 200
                 # On a loaded machine the second request can take seconds to reach the queue; until it does, a
