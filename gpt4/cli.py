@@ -26,12 +26,17 @@ QUANT_HELP = ("int8 weights (with VNNI: integer matmuls, activations in two int8
               "in other formats of up to 8 bits, else none")
 
 
-def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto") -> None:
-    """--model, --dtype, --quant (default `quant`: auto where speed matters, none where the verb measures the
-    model), --compile, --max-autotune."""
+DTYPE_HELP = ("compute dtype: float32, bfloat16, or auto: bfloat16 on a CPU that computes it natively (AMX or "
+              "AVX512-BF16), float32 elsewhere")
+
+
+def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str = "auto") -> None:
+    """--model, --dtype, --quant (defaults: auto where speed matters; float32 and none where the verb measures
+    the model), --compile, --max-autotune."""
     p.add_argument("--model", "-m", default="gpt4",
                    help="named model (see `gpt4 models`), local folder, .gguf file or hub id (default: gpt4)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--dtype", default=dtype, choices=["auto", "float32", "bfloat16"],
+                   help=f"{DTYPE_HELP} (default: {dtype})")
     p.add_argument("--quant", default=quant, choices=["auto", "none", "int8", "int4", "w8a8"],
                    help=f"quantized linear layers: {QUANT_HELP} (default: {quant})")
     p.add_argument("--compile", action="store_true",
@@ -74,12 +79,20 @@ def load(args):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant,
                                             compile=compile_mode(args))
-    if args.quant == "auto":
-        print(f"--quant auto: {model.quant}", file=sys.stderr, flush=True)
+    report_auto_choices(args, model)
     if args.compile or args.max_autotune:
         print(f"compiling the decode step (first run in this environment: "
               f"{'a few minutes' if args.max_autotune else 'about a minute'}) ...", file=sys.stderr, flush=True)
     return model
+
+
+def report_auto_choices(args, model) -> None:
+    """Say what --dtype auto and --quant auto chose, on stderr."""
+    chosen = [f"--{flag} auto: {value}" for flag, value in
+              (("dtype", str(model.dtype).removeprefix("torch.")), ("quant", model.quant))
+              if getattr(args, flag) == "auto"]
+    if chosen:
+        print(", ".join(chosen), file=sys.stderr, flush=True)
 
 
 def read_text_argument(value: str | None, what: str) -> str:

