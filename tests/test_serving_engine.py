@@ -122,6 +122,30 @@ def test_cancel_leaves_within_a_step_and_others_continue(default_model):
         engine.stop(30)
 
 
+def test_an_idle_engine_gives_its_kv_cache_memory_back(monkeypatch):
+    """Going idle drops the cache and hands freed heap to the OS, once per busy spell (a server that once served a
+    burst of long prompts stayed resident at 1.8 GB without the second step, 0.4 GB with it)."""
+    import gpt4.serving.engine as engine_module
+
+    trims = []
+    monkeypatch.setattr(engine_module, "return_freed_memory", lambda: trims.append(engine.cache))
+    model = tiny_model("gpt2")
+    model.generation_config = GenerationConfig(eos_token_id=None)
+    model.tokenizer = Tok()
+    engine = Engine(model, max_batch=2).start()
+    try:
+        for spell in (1, 2):
+            _, c = run(engine, [5, 6, 7], max_tokens=4)
+            assert c.done.wait(30) and c.failed is None
+            deadline = time.monotonic() + 10
+            while len(trims) < spell and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # no second trim while it stays idle
+            assert trims == [None] * spell and engine.cache is None  # the cache was dropped before trimming
+    finally:
+        engine.stop(30)
+
+
 def test_queue_bound_and_draining():
     from gpt4.serving.engine import Draining, QueueFull
 

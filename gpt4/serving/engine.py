@@ -26,6 +26,7 @@ from ..cache import KVCache
 from ..generation import PREFILL_CHUNK
 from ..generation.sampling import apply_penalties, choose, warp
 from ..tokenizer import IncrementalDecoder
+from ..weights import return_freed_memory
 from .jsonmode import JSONPrefix, token_texts
 
 log = logging.getLogger("gpt4.serving")
@@ -251,8 +252,12 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
+                idle = not self.rows and not self.waiting
+            if idle and self.cache is not None:  # give the KV cache's memory back (outside the lock: submit waits)
+                self.cache = None
+                return_freed_memory()
+            with self._wake:
                 while not self.rows and not self.waiting:
-                    self.cache = None  # idle: give the memory back
                     if self._stopping:
                         return
                     self._wake.wait()
