@@ -45,7 +45,7 @@ class KVCache:
             keys, values = keys[:batch], values[:batch]
         rows = torch.arange(batch, device=positions.device)[:, None]  # (B, 1) broadcasts with positions (B, S)
         # Advanced indices separated by a slice put the broadcast dims first: the target is (B, S, Hkv, D).
-        keys[rows, :, positions] = k.transpose(1, 2).to(keys.dtype)  # a bf16 model's keys into an fp32 cache
+        keys[rows, :, positions] = k.transpose(1, 2).to(keys.dtype)  # a bf16 model's keys into an fp32 cache too
         values[rows, :, positions] = v.transpose(1, 2).to(values.dtype)
         return keys[:, :, :kv_length], values[:, :, :kv_length]
 

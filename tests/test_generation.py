@@ -43,12 +43,20 @@ def test_cached_logits_equal_recomputed_logits():
             torch.testing.assert_close(model.lm_head(h[:, -1])[0], logits[i + 1], atol=1e-5, rtol=1e-5)
 
 
-def test_a_bf16_model_caches_keys_and_values_in_fp32_on_the_cpu():
-    # fp32: PyTorch's CPU attention is several times faster than in bf16 for one query row (see new_cache).
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_bf16_model_caches_keys_and_values_in_fp32_on_the_cpu_unless_it_decodes_eagerly_on_amx(amx, monkeypatch):
+    # fp32 where PyTorch's CPU attention is several times faster than in bf16 for one query row, and for compiled
+    # steps; bf16, half the bytes, where it is as fast (see GPT4LMHeadModel._cache_dtype).
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     model = tiny_model("llama-gqa-untied").to(torch.bfloat16)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     cache = model.new_cache(1, 16)
-    assert cache.keys[0].dtype == cache.values[0].dtype == torch.float32
+    expected = torch.bfloat16 if amx else torch.float32
+    assert cache.keys[0].dtype == cache.values[0].dtype == expected
+    model._compiled_decode = "a compiled step"  # (only its presence matters here)
+    assert model.new_cache(1, 16).keys[0].dtype == torch.float32
+    model._compiled_decode = None
+    assert tiny_model("llama-gqa-untied").new_cache(1, 16).keys[0].dtype == torch.float32  # an fp32 model
     with torch.inference_mode():
         full = model(torch.tensor([prompt])).logits[0, -1].float()  # no cache: attention in bf16
         model.hidden_states(torch.tensor([prompt[:-1]]), torch.arange(7)[None], cache)

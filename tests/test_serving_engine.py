@@ -100,6 +100,29 @@ def test_n_choices_share_the_prefill():
     assert outs[1][1].tokens[0] == [s[0] for s in generate_tokens(model, [[9] * 11], config)]
 
 
+def test_a_bf16_cache_serves_shared_prefills_and_leaving_rows(monkeypatch):
+    """The engine's row operations on a bf16 cache (a bf16 model on an AMX CPU): a prefill shared by n choices is
+    copied to their rows, which then decode alike, and a row moves into the hole a finished one leaves."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    model = tiny_model("llama-gqa-untied").to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=None)
+    model.tokenizer = Tok()
+    assert model.new_cache(1, 8).keys[0].dtype == torch.bfloat16
+    engine = Engine(model, max_batch=4).start()
+    try:
+        # Rows 0-1: the two choices; row 2 leaves after 5 tokens, and row 3 moves into it.
+        outs = [run(engine, p, n=n, max_tokens=m)[1] for p, n, m in (([5, 6, 7], 2, 20), ([1, 2], 1, 5),
+                                                                     ([9] * 11, 1, 40))]
+        for c in outs:
+            assert c.done.wait(60) and c.failed is None
+    finally:
+        engine.stop(30)
+    assert outs[0].tokens[0] == outs[0].tokens[1] and len(outs[0].tokens[0]) == 20
+    assert [len(outs[1].tokens[0]), len(outs[2].tokens[0])] == [5, 40] and outs[2].reasons == ["length"]
+
+
 @pytest.mark.slow
 def test_cancel_leaves_within_a_step_and_others_continue(default_model):
     tok = default_model.tokenizer
