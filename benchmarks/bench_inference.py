@@ -2,7 +2,9 @@
 
 Each engine runs in its own process (clean peak-RSS and load-time figures) and reports, for the same token ids:
 prefill of a 512-token prompt, decode speed at context 16 and 512, total throughput of 8 concurrent sequences x 64
-tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path). Cold start is measured apart, in
+tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path). Its quality is measured apart, in a
+fresh process (whose peak memory is not counted): the perplexity of the same real text (pydoc's topics, the first
+--perplexity-tokens tokens, in windows of 512). Cold start is measured apart too, in
 `--cold-repeats` fresh processes per engine, the engines taking turns: seconds from the start of loading the model
 (its Python modules already imported) to the first token of the 16-token prompt, the load alone, and the first
 token counted from the worker's start (with `import torch` / `import llama_cpp`).
@@ -44,19 +46,40 @@ STREAM_PROMPTS = [
     "Give a recipe for pancakes.", "Summarize the plot of Hamlet.",
 ]
 NEW_TOKENS = 64
+PERPLEXITY_WINDOW = 512  # tokens per window: every engine scores the same non-overlapping windows
 
 
-def workload():
+def workload(perplexity_tokens: int):
     """Token ids shared by every engine (from our tokenizer of the same GGUF)."""
+    from pydoc_data.topics import topics
+
     from gpt4 import GPT4LMHeadModel
 
     tok = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], load_tokenizer=True).tokenizer
     long_ids = (tok.encode(TEXT * 40))[:512]
     streams = [(tok.encode(p) * 4)[:16] for p in STREAM_PROMPTS]
-    return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams}
+    # The README's perplexity text (`gpt4 perplexity`): the first 8 pydoc topics, cut into whole windows.
+    scored = tok.encode("\n\n".join(topics[k] for k in sorted(topics)[:8]))[:perplexity_tokens]
+    starts = range(0, len(scored) - PERPLEXITY_WINDOW + 1, PERPLEXITY_WINDOW)
+    windows = [scored[i:i + PERPLEXITY_WINDOW] for i in starts]
+    return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams, "windows": windows}
 
 
-# ------------------------------------------------------------------------------------------------------
+def _perplexity(window_logits, windows) -> dict:
+    """Perplexity of the windows from each window's logits (S, V) as numpy arrays, each row predicting the next
+    token. (numpy: llama.cpp's environment has no torch.)"""
+    import numpy as np
+
+    nll, count = 0.0, 0
+    for logits, ids in zip(window_logits, windows):
+        rows = np.asarray(logits, dtype=np.float64)[:-1]  # (S - 1, V)
+        top = rows.max(axis=1)
+        log_z = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))  # (S - 1,)
+        nll += float((log_z - rows[np.arange(len(rows)), ids[1:]]).sum())
+        count += len(rows)
+    return {"perplexity": float(np.exp(nll / count)), "perplexity_tokens": count}
+
+
 # Engine workers (run in a child process): each returns a dict of timings.
 def _timed(fn, repeats):
     """Seconds of each of `repeats` calls, after one untimed warm-up call (every engine gets one)."""
@@ -68,13 +91,18 @@ def _timed(fn, repeats):
     return times, result
 
 
-def worker_ours(work, repeats, dtype, quant, compile=False, cold=False):
+def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexity=False):
     import torch
 
     from gpt4 import GPT4LMHeadModel
     from gpt4.generation import GenerationConfig, generate_tokens, warm_up_decode
 
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
+    if perplexity:  # the whole-window forward: a compiled decode step plays no part in it
+        model = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], dtype=dtype, quant=quant)
+        with torch.inference_mode():
+            return _perplexity((model(torch.tensor([w])).logits[0].float().numpy() for w in work["windows"]),
+                               work["windows"])
     start = time.perf_counter()
     model = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], dtype=dtype, quant=quant, compile=compile)
     load = time.perf_counter() - start
@@ -108,7 +136,7 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False):
     return {**_measure(load, prefill, decode, work, repeats), "compile_s": compile_s}
 
 
-def worker_transformers(work, repeats, dtype, cold=False):
+def worker_transformers(work, repeats, dtype, cold=False, perplexity=False):
     import torch
     import transformers
 
@@ -119,6 +147,10 @@ def worker_transformers(work, repeats, dtype, cold=False):
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                               dtype=getattr(torch, dtype)).eval()
     load = time.perf_counter() - start
+    if perplexity:
+        with torch.inference_mode():
+            return _perplexity((model(torch.tensor([w])).logits[0].float().numpy() for w in work["windows"]),
+                               work["windows"])
 
     def generate(ids, n):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -145,7 +177,7 @@ def worker_transformers(work, repeats, dtype, cold=False):
     return _measure(load, prefill, decode, work, repeats)
 
 
-def worker_llamacpp(work, repeats, cold=False):
+def worker_llamacpp(work, repeats, cold=False, perplexity=False):
     import llama_cpp
     import numpy as np
 
@@ -169,6 +201,21 @@ def worker_llamacpp(work, repeats, cold=False):
     load = time.perf_counter() - start
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+
+    def window_logits(ids):
+        """(S, V) logits of one window, every position's, from a cleared cache."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(single), True)
+        batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+        for i, token in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, i, 1, 0, True
+        batch.n_tokens = len(ids)
+        assert llama_cpp.llama_decode(single, batch) == 0
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(single), shape=(len(ids), n_vocab)).copy()
+        llama_cpp.llama_batch_free(batch)
+        return logits
+
+    if perplexity:
+        return _perplexity((window_logits(w) for w in work["windows"]), work["windows"])
 
     def run_batch(ctx, entries):
         """entries: (token, position, sequence, want_logits); returns the argmax for the wanted entries."""
@@ -239,7 +286,7 @@ def _peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------------
-def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False) -> dict | None:
+def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, perplexity: bool = False) -> dict | None:
     python = llama_python if spec == "llama.cpp" else sys.executable
     if spec == "llama.cpp" and not Path(llama_python).exists():
         print(f"llama.cpp: {llama_python} not found; build it with "
@@ -249,7 +296,8 @@ def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False) -
 
     env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve(os.environ["GPT4_BENCH_MODEL"])), TQDM_DISABLE="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats)] + ["--cold"] * cold
+    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats)] + ["--cold"] * cold \
+        + ["--perplexity-worker"] * perplexity
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -274,6 +322,8 @@ def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
                    ("streams", 8 * (NEW_TOKENS - 1))):
         row[f"{key}_best"] = n / best(r[f"{key}_s"])
         row[f"{key}_median"] = n / med(r[f"{key}_s"])
+    if "perplexity" in r:
+        row["perplexity"] = r["perplexity"]
     if reference_tokens is not None:
         same = next((i for i, (a, b) in enumerate(zip(reference_tokens, r["greedy16"])) if a != b),
                     len(reference_tokens))
@@ -290,34 +340,45 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="gpt4", help="a named GGUF model (see `gpt4 models`; default: gpt4)")
     parser.add_argument("--cold-repeats", type=int, default=5, help="fresh processes per engine timing cold start")
+    parser.add_argument("--perplexity-tokens", type=int, default=4096,
+                        help="tokens of pydoc's topics each engine scores for its perplexity (0: none)")
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)  # a worker that only times cold start
+    parser.add_argument("--perplexity-worker", action="store_true", help=argparse.SUPPRESS)  # ... only scores the text
     args = parser.parse_args()
 
     if args.worker:
         work = json.loads(os.environ["GPT4_BENCH_WORK"])
         kind, *rest = args.worker.split(":")
+        modes = {"cold": args.cold, "perplexity": args.perplexity_worker}
         if kind == "ours":
             mode = rest[2] if len(rest) > 2 else None  # "compile" or "max-autotune"
             result = worker_ours(work, args.repeats, rest[0], rest[1],
-                                 compile={None: False, "compile": True}.get(mode, mode), cold=args.cold)
+                                 compile={None: False, "compile": True}.get(mode, mode), **modes)
         elif kind == "transformers":
-            result = worker_transformers(work, args.repeats, rest[0], cold=args.cold)
+            result = worker_transformers(work, args.repeats, rest[0], **modes)
         else:
-            result = worker_llamacpp(work, args.repeats, cold=args.cold)
+            result = worker_llamacpp(work, args.repeats, **modes)
         print(json.dumps(result))
         return
 
     os.environ["GPT4_BENCH_MODEL"] = args.model  # the workers inherit it
-    os.environ["GPT4_BENCH_WORK"] = json.dumps(workload())
+    os.environ["GPT4_BENCH_WORK"] = json.dumps(workload(args.perplexity_tokens))
     results = {}
     for spec in args.engines:
         print(f"running {spec} ...", file=sys.stderr, flush=True)
         r = run_engine(spec, args.repeats, args.llama_python)
-        if r is not None:
-            results[spec] = {**r, "cold": []}
+        if r is None:
+            continue
+        results[spec] = {**r, "cold": []}
+        if args.perplexity_tokens >= PERPLEXITY_WINDOW:  # (fewer tokens: no whole window to score)
+            print(f"perplexity of {spec} ...", file=sys.stderr, flush=True)
+            quality = run_engine(spec, args.repeats, args.llama_python, perplexity=True)
+            if quality is None:
+                sys.exit(f"the perplexity run of {spec} failed (above)")
+            results[spec].update(quality)
     # Cold starts taken in turns, engine after engine, so that the machine's drift reaches every engine alike.
     for _ in range(args.cold_repeats):
         for spec in results:
@@ -340,9 +401,9 @@ def print_table(rows, base):
     cols = [("prefill512", "prefill 512 tok/s"), ("decode16", "decode ctx16 tok/s"),
             ("decode512", "decode ctx512 tok/s"), ("streams", "8x64 streams tok/s")]
     header = "| engine | " + " | ".join(c[1] + " (best / median)" for c in cols) + \
-        " | peak RSS MB | load s | first token s | with imports s | greedy = fp32 |"
+        " | peak RSS MB | load s | first token s | with imports s | greedy = fp32 | perplexity |"
     print(header)
-    print("|" + "---|" * (len(cols) + 6))
+    print("|" + "---|" * (len(cols) + 7))
     for r in rows:
         cells = []
         for key, _ in cols:
@@ -363,10 +424,12 @@ def print_table(rows, base):
             cold.append(cell)
         if r.get("compile_s"):
             cold[0] += f" + {r['compile_s']:.0f} compile"
-        print(f"| {r['engine']} | " + " | ".join(cells + [mem] + cold) + f" | {r.get('greedy_agree', '-')} |")
+        quality = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
+        print(f"| {r['engine']} | " + " | ".join(cells + [mem] + cold + [r.get("greedy_agree", "-"), quality]) + " |")
     if base:
         print("(ratios: engine / llama.cpp, medians; load and first token in fresh processes, timed from the start of "
-              "loading the model, and with imports from the worker's start, before it imports torch / llama_cpp)")
+              "loading the model, and with imports from the worker's start, before it imports torch / llama_cpp; "
+              f"perplexity of pydoc's topics in windows of {PERPLEXITY_WINDOW} tokens, in a fresh process)")
 
 
 def plot(rows, path):

@@ -176,6 +176,24 @@ def test_sliding_window_perplexity_matches_a_direct_computation(default_model):
     assert windowed["ppl"] > full["ppl"]  # less context, higher perplexity
 
 
+def test_the_inference_benchmarks_perplexity_equals_the_models_loss_over_the_same_windows():
+    """benchmarks/bench_inference.py scores every engine's logits (llama.cpp's too, in numpy) the same way."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_model("llama-gqa-untied")
+    windows = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = bench._perplexity((model(w[None]).logits[0].numpy() for w in windows), windows.tolist())
+        loss = model(windows, labels=windows).loss.item()  # the mean over the same 3 x 19 predictions
+    assert got["perplexity_tokens"] == 3 * 19
+    assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
 def test_perplexity_rejects_empty_text():
     with pytest.raises(GPT4Error, match="empty"):
         perplexity(tiny_model("gpt2"), "   ")
