@@ -235,10 +235,10 @@ class GPT4LMHeadModel(nn.Module):
         return KVCache(self.config, batch_size, max_length, dtype=self._cache_dtype(), device=self.device)
 
     def _cache_dtype(self) -> torch.dtype:
-        """The model's dtype, but fp32 on CPUs where PyTorch's attention is slow over a bf16 cache.
+        """The model's dtype, except on the CPU: there bf16 only for eager decoding on AMX, fp32 otherwise.
 
         A bf16 model's keys and values are bf16 already, so an fp32 cache holds the same values in twice the bytes
-        (the default model: 46 KB a token instead of 23). It pays on the AVX512-BF16 EPYC without AMX, where the CPU
+        (the default model: 46 KB a token instead of 23). fp32 pays on the AVX512-BF16 EPYC without AMX, where the CPU
         attention kernel took 300 vs 44 us per layer for one query row over 512 bf16 / fp32 slots (int4
         --max-autotune decode at 512 tokens 56 -> 99 tok/s with fp32), and in compiled steps on the AMX Xeon (ctx
         512 81 vs 73 tok/s, 8 streams 358 vs 317). Eager decoding on AMX is as fast over bf16 (bf16 int4, 4
