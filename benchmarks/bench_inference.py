@@ -80,6 +80,15 @@ def _perplexity(window_logits, windows) -> dict:
     return {"perplexity": float(np.exp(nll / count)), "perplexity_tokens": count}
 
 
+def _torch_perplexity(model, windows) -> dict:
+    """_perplexity of a torch model whose forward returns .logits (B, S, V): ours and transformers'."""
+    import torch
+
+    with torch.inference_mode():
+        return _perplexity((model(torch.tensor([w])).logits[0].float().numpy() for w in windows), windows)
+
+
+# ------------------------------------------------------------------------------------------------------
 # Engine workers (run in a child process): each returns a dict of timings.
 def _timed(fn, repeats):
     """Seconds of each of `repeats` calls, after one untimed warm-up call (every engine gets one)."""
@@ -100,9 +109,7 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexi
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None)
     if perplexity:  # the whole-window forward: a compiled decode step plays no part in it
         model = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], dtype=dtype, quant=quant)
-        with torch.inference_mode():
-            return _perplexity((model(torch.tensor([w])).logits[0].float().numpy() for w in work["windows"]),
-                               work["windows"])
+        return _torch_perplexity(model, work["windows"])
     start = time.perf_counter()
     model = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], dtype=dtype, quant=quant, compile=compile)
     load = time.perf_counter() - start
@@ -148,9 +155,7 @@ def worker_transformers(work, repeats, dtype, cold=False, perplexity=False):
                                                               dtype=getattr(torch, dtype)).eval()
     load = time.perf_counter() - start
     if perplexity:
-        with torch.inference_mode():
-            return _perplexity((model(torch.tensor([w])).logits[0].float().numpy() for w in work["windows"]),
-                               work["windows"])
+        return _torch_perplexity(model, work["windows"])
 
     def generate(ids, n):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -202,23 +207,9 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False):
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
 
-    def window_logits(ids):
-        """(S, V) logits of one window, every position's, from a cleared cache."""
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(single), True)
-        batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
-        for i, token in enumerate(ids):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, i, 1, 0, True
-        batch.n_tokens = len(ids)
-        assert llama_cpp.llama_decode(single, batch) == 0
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(single), shape=(len(ids), n_vocab)).copy()
-        llama_cpp.llama_batch_free(batch)
-        return logits
-
-    if perplexity:
-        return _perplexity((window_logits(w) for w in work["windows"]), work["windows"])
-
-    def run_batch(ctx, entries):
-        """entries: (token, position, sequence, want_logits); returns the argmax for the wanted entries."""
+    def run_batch(ctx, entries, whole_logits=False):
+        """entries: (token, position, sequence, want_logits); returns the argmax for the wanted entries, or with
+        whole_logits their logits (wanted entries, V)."""
         batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
         for i, (token, pos, seq, want) in enumerate(entries):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
@@ -229,9 +220,16 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False):
         for i, (_, _, _, want) in enumerate(entries):
             if want:
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
-                rows.append(int(logits.argmax()))
+                rows.append(logits.copy() if whole_logits else int(logits.argmax()))
         llama_cpp.llama_batch_free(batch)
-        return rows
+        return np.stack(rows) if whole_logits else rows
+
+    if perplexity:
+        def window_logits(ids):  # every position's logits, from a cleared cache
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(single), True)
+            return run_batch(single, [(t, p, 0, True) for p, t in enumerate(ids)], whole_logits=True)
+
+        return _perplexity((window_logits(w) for w in work["windows"]), work["windows"])
 
     if cold:  # its weights are memory-mapped: the first batch also reads them in
         ids = work["ctx16"]

@@ -30,15 +30,20 @@ DTYPE_HELP = ("compute dtype: float32, bfloat16, or auto: bfloat16 on a CPU that
               "AVX512-BF16), float32 elsewhere")
 
 
-def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str = "auto") -> None:
-    """--model, --dtype, --quant (defaults: auto where speed matters; float32 and none where the verb measures
-    the model), --compile, --max-autotune."""
-    p.add_argument("--model", "-m", default="gpt4",
-                   help="named model (see `gpt4 models`), local folder, .gguf file or hub id (default: gpt4)")
+def add_dtype_and_quant_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str = "auto") -> None:
+    """--dtype and --quant (defaults: auto where speed matters; float32 and none where the verb measures the
+    model)."""
     p.add_argument("--dtype", default=dtype, choices=["auto", "float32", "bfloat16"],
                    help=f"{DTYPE_HELP} (default: {dtype})")
     p.add_argument("--quant", default=quant, choices=["auto", "none", "int8", "int4", "w8a8"],
                    help=f"quantized linear layers: {QUANT_HELP} (default: {quant})")
+
+
+def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str = "auto") -> None:
+    """--model, --dtype, --quant (see add_dtype_and_quant_flags), --compile, --max-autotune."""
+    p.add_argument("--model", "-m", default="gpt4",
+                   help="named model (see `gpt4 models`), local folder, .gguf file or hub id (default: gpt4)")
+    add_dtype_and_quant_flags(p, quant, dtype)
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (about 2x faster decoding; the first run "
                         "compiles for about a minute)")

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..cli import DTYPE_HELP, QUANT_HELP, compile_mode, report_auto_choices
+from ..cli import add_dtype_and_quant_flags, compile_mode, report_auto_choices
 from ..errors import GPT4Error
 
 
@@ -19,10 +19,7 @@ def register(sub) -> None:
     p.add_argument("--model", "-m", action="append", default=None,
                    help="named model, local folder or .gguf file (repeatable; default: gpt4). "
                         "Clients pass the same string as 'model'.")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help=f"{DTYPE_HELP} (default: auto)")
-    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"],
-                   help=f"quantized linear layers: {QUANT_HELP} (default: auto)")
+    add_dtype_and_quant_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile before serving (faster decoding; loading "
                         "takes a minute or two longer)")

@@ -252,12 +252,10 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                idle = not self.rows and not self.waiting
-            if idle and self.cache is not None:  # give the KV cache's memory back (outside the lock: submit waits)
-                self.cache = None
-                return_freed_memory()
-            with self._wake:
                 while not self.rows and not self.waiting:
+                    if self.cache is not None:  # idle: give the KV cache's memory back to the OS (~2 ms, once)
+                        self.cache = None
+                        return_freed_memory()
                     if self._stopping:
                         return
                     self._wake.wait()
