@@ -17,12 +17,15 @@ token counted from the worker's start (with `import torch` / `import llama_cpp`)
 
 llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
 /work/llamacpp-venv/bin/python): CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36".
-Writes benchmarks/results/inference.json and inference.png.
+Writes benchmarks/results/inference.json and inference.png. The JSON also records the machine (CPU model, caches,
+the ISA extensions the engines use, library versions): the ratios depend on it. On a CPU whose last-level cache holds
+the whole model, llama.cpp decodes about twice as fast as on one whose cache does not (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import statistics
@@ -47,6 +50,49 @@ STREAM_PROMPTS = [
 ]
 NEW_TOKENS = 64
 PERPLEXITY_WINDOW = 512  # tokens per window: every engine scores the same non-overlapping windows
+
+
+# The CPU features the engines' kernels choose between (flag names as /proc/cpuinfo spells them).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine(cpuinfo: Path = Path("/proc/cpuinfo"), caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict:
+    """What the ratios depend on: the CPU's model, logical CPUs, data caches (KiB, per instance as the kernel
+    reports them), the ISA extensions of ISA_FLAGS it has, and the libraries' versions. Fields Linux does not
+    expose here stay None / empty."""
+    info = {"cpu": None, "logical_cpus": len(os.sched_getaffinity(0)), "caches_kib": {}, "isa": [],
+            "torch": _version("torch")}
+    if cpuinfo.is_file():
+        first = cpuinfo.read_text().split("\n\n")[0]  # the first logical CPU's block
+        fields = {key.strip(): value.strip() for key, _, value in
+                  (line.partition(":") for line in first.splitlines())}
+        info["cpu"] = fields.get("model name")
+        flags = set(fields.get("flags", "").split())
+        info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
+    for index in sorted(caches.glob("index*")):
+        if (index / "type").read_text().strip() == "Instruction":
+            continue
+        size = (index / "size").read_text().strip()  # e.g. "2048K"
+        assert size.endswith("K"), f"unexpected cache size {size!r} in {index}"
+        info["caches_kib"][f"L{(index / 'level').read_text().strip()}"] = int(size[:-1])
+    return info
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe(info: dict) -> str:
+    caches = ", ".join(f"{level} {kib // 1024} MiB" if kib % 1024 == 0 else f"{level} {kib} KiB"
+                       for level, kib in info["caches_kib"].items())
+    versions = ", ".join(f"{name} {info[key]}" for name, key in (("torch", "torch"),
+                                                                  ("llama-cpp-python", "llama_cpp_python"))
+                         if info.get(key))
+    return (f"machine: {info['cpu'] or 'unknown CPU'}, {info['logical_cpus']} logical CPUs"
+            + (f", {caches}" if caches else "") + f"; {' '.join(info['isa']) or 'no AVX2'}; {versions}")
 
 
 def workload(perplexity_tokens: int):
@@ -254,7 +300,7 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False):
         ids = work["ctx512"]
         return run_batch(single, [(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
 
-    return _measure(load, prefill, decode, work, repeats)
+    return {**_measure(load, prefill, decode, work, repeats), "version": llama_cpp.__version__}
 
 
 def _cold(load_start, load_s):
@@ -388,10 +434,12 @@ def main():
     reference = results.get("ours:float32:none", {}).get("greedy16")
     rows = [summarize(name, r, reference) for name, r in results.items()]
     base = next((r for r in rows if r["engine"] == "llama.cpp"), None)
+    info = {**machine(), "llama_cpp_python": results.get("llama.cpp", {}).get("version")}
+    print(describe(info))
     print_table(rows, base)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inference.json").write_text(json.dumps({"rows": rows, "raw": results}, indent=2) + "\n")
+    (out / "inference.json").write_text(json.dumps({"machine": info, "rows": rows, "raw": results}, indent=2) + "\n")
     plot(rows, out / "inference.png")
 
 

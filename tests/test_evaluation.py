@@ -176,8 +176,7 @@ def test_sliding_window_perplexity_matches_a_direct_computation(default_model):
     assert windowed["ppl"] > full["ppl"]  # less context, higher perplexity
 
 
-def test_the_inference_benchmarks_perplexity_equals_the_models_loss_over_the_same_windows():
-    """benchmarks/bench_inference.py scores every engine's logits (llama.cpp's too, in numpy) the same way."""
+def _inference_benchmark():
     import importlib.util
     from pathlib import Path
 
@@ -185,6 +184,12 @@ def test_the_inference_benchmarks_perplexity_equals_the_models_loss_over_the_sam
     spec = importlib.util.spec_from_file_location("bench_inference", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_inference_benchmarks_perplexity_equals_the_models_loss_over_the_same_windows():
+    """benchmarks/bench_inference.py scores every engine's logits (llama.cpp's too, in numpy) the same way."""
+    bench = _inference_benchmark()
     model = tiny_model("llama-gqa-untied")
     windows = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -192,6 +197,29 @@ def test_the_inference_benchmarks_perplexity_equals_the_models_loss_over_the_sam
         loss = model(windows, labels=windows).loss.item()  # the mean over the same 3 x 19 predictions
     assert got["perplexity_tokens"] == 3 * 19
     assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_the_inference_benchmark_records_the_cpu_its_ratios_depend_on(tmp_path):
+    bench = _inference_benchmark()
+    flags = "fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_tile"
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nmodel name\t: Test CPU @ 2.0GHz\nflags\t\t: {flags}\n\n"
+                                      "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n")
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "2048K"), (3, "Unified", "307200K")]):
+        folder = tmp_path / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(f"{value}\n")
+    info = bench.machine(tmp_path / "cpuinfo", tmp_path / "cache")
+    assert info["cpu"] == "Test CPU @ 2.0GHz"  # the first logical CPU's block
+    assert info["isa"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"]
+    assert info["caches_kib"] == {"L1": 48, "L2": 2048, "L3": 307200}  # data and unified caches only
+    line = bench.describe({**info, "llama_cpp_python": "0.3.36"})
+    assert "Test CPU @ 2.0GHz" in line and "L1 48 KiB, L2 2 MiB, L3 300 MiB" in line
+    assert line.endswith(f"torch {info['torch']}, llama-cpp-python 0.3.36")
+    nowhere = bench.machine(tmp_path / "missing", tmp_path / "missing")  # not Linux, or no sysfs
+    assert nowhere["cpu"] is None and nowhere["caches_kib"] == {} and nowhere["isa"] == []
+    assert "unknown CPU" in bench.describe(nowhere)
 
 
 def test_perplexity_rejects_empty_text():
