@@ -23,9 +23,9 @@ from .cache import KVCache
 from .config import GPT4Config
 from .quant import Int8Linear
 
-# torch.compile modes of the decode step (compile_decode): inductor's default, or weights frozen into the graph
-# with autotuned C++ GEMM templates.
-COMPILE_MODES = ("default", "max-autotune")
+# Compiled decode steps (compile_decode): torch.compile in inductor's default mode, or with the weights frozen into
+# the graph and autotuned C++ GEMM templates; or compiled ahead of time by AOTInductor and cached on disk (gpt4.aot).
+COMPILE_MODES = ("default", "max-autotune", "aot")
 
 
 @dataclass
@@ -205,6 +205,7 @@ class GPT4LMHeadModel(nn.Module):
             self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
         self.quant = "none"  # the linear layers' quantization mode, set by gpt4.quant.quantize_
+        self.source = None  # the file or folder from_pretrained read the weights from (keys compiled steps)
         self._compiled_decode = None  # set by compile_decode()
         self.generation_config = None
         self.apply(self._init_weights)
@@ -302,7 +303,8 @@ class GPT4LMHeadModel(nn.Module):
         position + 1. Runs the compiled step after compile_decode(), the eager one otherwise.
         """
         window = self.config.sliding_window
-        if self._compiled_decode is not None:
+        compiled = self._compiled_decode
+        if compiled is not None and input_ids.shape[0] <= getattr(compiled, "max_rows", input_ids.shape[0]):
             # The mask's last dimension carries kv_length into the graph as a dynamic size: no recompiles.
             mask = attention_mask_for(positions, kv_length, window)  # (B, 1, 1, T)
             try:
@@ -339,11 +341,16 @@ class GPT4LMHeadModel(nn.Module):
         In the default mode an int4 model's 8-bit LM head multiplies in integers from here on, where the CPU has
         VNNI (Int8Linear.use_integer_matmul).
 
+        mode="aot" uses the step compiled ahead of time by AOTInductor (gpt4.aot): built once per model, CPU and
+        torch version (a minute or two) into packages cached on disk, which later processes load in milliseconds.
+
         Compile after quantizing: the graphs assume the model's modules (and, for max-autotune, their weights)
         do not change. If compiling fails the step warns once and runs eagerly.
         """
         if mode not in COMPILE_MODES:
             raise ValueError(f"Unknown compile mode {mode!r}; choose one of {COMPILE_MODES}.")
+        if mode == "aot":
+            return self._load_compiled_ahead()
         # Dynamo caches graphs per code object and checks, before reusing one, guards on every module attribute
         # and parameter: ~1 ms per step. This model's modules are fixed from here on, so those guards are
         # skipped, and the step gets its own copy of the code so that no other model can be served its graphs.
@@ -382,6 +389,50 @@ class GPT4LMHeadModel(nn.Module):
                 module.use_integer_matmul(keep_rows=module.weight_int8 is embedding_rows)
         self._compiled_decode = compiled
         return self
+
+    def _load_compiled_ahead(self) -> "GPT4LMHeadModel":
+        """compile_decode("aot"): the step's AOTInductor packages, loaded in milliseconds from the cache, or built
+        and checked against the eager step first (a minute or two, once per model, CPU and torch version). On any
+        failure a warning, and eager decoding."""
+        from . import aot
+
+        if self.device.type != "cpu":
+            warnings.warn(f"The decode step is compiled ahead of time for the CPU only, not {self.device.type}: "
+                          "decoding eagerly.", RuntimeWarning, stacklevel=3)
+            return self
+        folder = aot.package_folder(self)
+        try:
+            if not aot.is_built(folder):
+                warnings.warn(f"Compiling the decode step ahead of time into {folder} (once for this model, CPU "
+                              "and torch version; a minute or two)...", RuntimeWarning, stacklevel=3)
+                aot.build(self, folder, check=self._check_against_eager)
+            compiled = aot.CompiledDecode(self, folder)
+        except Exception as error:  # export, the C++ toolchain, a package that does not load or does not agree
+            warnings.warn(f"The decode step compiled ahead of time is not used, decoding eagerly: "
+                          f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}",
+                          RuntimeWarning, stacklevel=3)
+            return self
+        self._compiled_decode = compiled
+        return self
+
+    def _check_against_eager(self, compiled) -> None:
+        """One step of one row and of two rows after a 2-token prompt, compiled and eager from the same cache, must
+        agree within the rounding of a fused graph (the default model: 1-2% of the logits' norm in bf16)."""
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for rows in (1, 2):
+                prompts = torch.randint(0, self.config.vocab_size, (rows, 2), generator=generator)
+                caches = [KVCache(self.config, rows, 4, dtype=torch.float32, device=self.device) for _ in "ab"]
+                self.hidden_states(prompts, torch.arange(2).expand(rows, 2), caches[0], kv_length=2)
+                caches[1].copy_from(caches[0])
+                ids = torch.randint(0, self.config.vocab_size, (rows, 1), generator=generator)
+                positions = torch.full((rows, 1), 2)
+                mask = attention_mask_for(positions, 3, self.config.sliding_window)
+                got = compiled(ids, positions, mask, caches[0])
+                want = self._decode_step(ids, positions, mask, caches[1])
+                error = float((got - want).norm() / want.norm())
+                if not error < 0.05:
+                    raise RuntimeError(f"its logits differ from the eager step's by {error:.1%}")
 
     def _run(self, input_ids, positions, mask, cache, kv_length) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, S, H)

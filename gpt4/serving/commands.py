@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..cli import add_dtype_and_quant_flags, compile_mode, report_auto_choices
+from ..cli import add_aot_flag, add_dtype_and_quant_flags, compile_mode, report_auto_choices
 from ..errors import GPT4Error
 
 
@@ -27,6 +27,7 @@ def register(sub) -> None:
                    help="--compile in max-autotune mode: weights frozen into the graph, C++ GEMM kernels tuned "
                         "for a full batch (about 2x the batch throughput of --compile; starting takes a few "
                         "minutes and more memory)")
+    add_aot_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("GPT4_API_KEY"),
@@ -56,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if value < 1:
             raise GPT4Error(f"{flag} must be at least 1.")
     names = args.model or ["gpt4"]
+    compile = compile_mode(args)  # (conflicting flags fail here, before the server starts)
 
     def load_models():
         from ..model import GPT4LMHeadModel
@@ -64,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         for name in names:
             print(f"loading {name} ...", file=sys.stderr, flush=True)
             loaded[name] = GPT4LMHeadModel.from_pretrained(name, dtype=args.dtype, quant=args.quant,
-                                                           compile=compile_mode(args))
+                                                           compile=compile)
             report_auto_choices(args, loaded[name])
         if args.compile or args.max_autotune:
             print(f"compiling the decode step ({'a few minutes' if args.max_autotune else 'about a minute'} per "

@@ -121,8 +121,8 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
     choose_dtype), float32 elsewhere.
     quant="int8"|"int4"|"w8a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
     quant="auto" picks one of those from a GGUF's block formats (see choose_quant), "none" for other weights;
-    compile=True compiles the decode step with torch.compile, compile="max-autotune" in that mode (see
-    GPT4LMHeadModel.compile_decode).
+    compile=True compiles the decode step with torch.compile, compile="max-autotune" in that mode, compile="aot"
+    ahead of time into packages cached on disk (see GPT4LMHeadModel.compile_decode and gpt4.aot).
     """
     from ..model import COMPILE_MODES
     from ..quant import QUANT_MODES
@@ -187,6 +187,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if gguf is not None:
             gguf.close()
     model.tokenizer = tokenizer
+    model.source = path
     model.generation_config = GenerationConfig.for_model(config, tokenizer, path if kind == "hf" else None)
     if compile:
         model.compile_decode("default" if compile is True else compile)
