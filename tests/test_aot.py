@@ -52,38 +52,25 @@ def test_the_step_compiled_ahead_equals_eager_and_later_loads_from_its_cache(com
 def test_the_server_engine_batches_through_the_step_compiled_ahead(compiled_home, monkeypatch):
     """Continuous batching (rows join and leave; the running rows as views of a larger cache) on the packages of
     the test above; more rows than the batch graph takes decode eagerly."""
-    from gpt4.generation import GenerationConfig, generate_tokens
-    from gpt4.serving.engine import Engine
+    from gpt4.generation import generate_tokens
 
-    from .test_serving_engine import Tok, run
+    from .test_compiled_decode import ENGINE_PROMPTS, engine_case, engine_case_eager
 
     monkeypatch.setenv("GPT4_HOME", str(compiled_home))
     model = _int4_model()
-    model.generation_config = GenerationConfig(eos_token_id=None)
-    model.tokenizer = Tok()
-    prompts, lengths = [[5, 6, 7], [9] * 11, [1, 2], [3, 30, 40, 50, 60]], [20, 6, 12, 9]
-    config = GenerationConfig(max_new_tokens=1, do_sample=False, top_k=None)
-    expected = [[s[0] for s in generate_tokens(model, [p], config.update(max_new_tokens=m))]
-                for p, m in zip(prompts, lengths)]
+    expected = engine_case_eager(model)
     monkeypatch.setattr(aot, "build", lambda *args, **kwargs: pytest.fail("not built by the test above"))
     model.compile_decode("aot")
     calls = []
     step = model._compiled_decode
     model._compiled_decode = lambda *args: calls.append(args[0].shape[0]) or step(*args)
     model._compiled_decode.max_rows = step.max_rows
-    engine = Engine(model, max_batch=3).start()  # 3 rows for 4 requests
-    try:
-        collected = [run(engine, p, max_tokens=m)[1] for p, m in zip(prompts, lengths)]
-        for c in collected:
-            assert c.done.wait(60) and c.failed is None
-    finally:
-        engine.stop(30)
-    assert [c.tokens[0] for c in collected] == expected
+    assert engine_case(model) == expected
     assert 1 in calls and 3 in calls  # both packages ran
 
     monkeypatch.setattr(step, "max_rows", 2)  # a batch past the graph's range: eager, the same tokens
     model._compiled_decode = step
-    rows = [p for p in prompts[:3]]
+    rows = ENGINE_PROMPTS[:3]
     assert _tokens(model, rows) == [s for s in generate_tokens(_int4_model(), rows, GREEDY)]
 
 

@@ -121,25 +121,43 @@ def test_two_compiled_models_keep_their_own_graphs():
 def test_server_engine_with_a_compiled_model_equals_eager_generation(monkeypatch):
     """Continuous batching (rows join and leave, any number of the cache's rows run) on a compiled model, with no
     graph beyond the two the engine compiles at start."""
-    from gpt4.serving.engine import Engine
-
-    from .test_serving_engine import Tok, run
-
     model = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)
+    expected = engine_case_eager(model)
+    model.compile_decode()
+    def started():  # the engine compiled its two graphs as it started: a recompile now would fall back to eager
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+
+    assert engine_case(model, started) == expected
+    assert model._compiled_decode is not None
+
+
+ENGINE_PROMPTS, ENGINE_LENGTHS = [[5, 6, 7], [9] * 11, [1, 2], [3, 30, 40, 50, 60]], [20, 6, 12, 9]
+
+
+def engine_case_eager(model):
+    """Each of ENGINE_PROMPTS generated alone, greedy, by the eager model (set up for the engine too)."""
+    from .test_serving_engine import Tok
+
     model.generation_config = GenerationConfig(eos_token_id=None)
     model.tokenizer = Tok()
-    prompts, lengths = [[5, 6, 7], [9] * 11, [1, 2], [3, 30, 40, 50, 60]], [20, 6, 12, 9]
     config = GenerationConfig(max_new_tokens=1, do_sample=False, top_k=None)
-    expected = [[s[0] for s in generate_tokens(model, [p], config.update(max_new_tokens=m))]
-                for p, m in zip(prompts, lengths)]
-    model.compile_decode()
-    engine = Engine(model, max_batch=3).start()  # compiles its graphs here; 3 rows for 4 requests
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile would fall back to eager
+    return [[s[0] for s in generate_tokens(model, [p], config.update(max_new_tokens=m))]
+            for p, m in zip(ENGINE_PROMPTS, ENGINE_LENGTHS)]
+
+
+def engine_case(model, started=lambda: None):
+    """ENGINE_PROMPTS through the server's engine with 3 rows for 4 requests: rows join and leave. started() is
+    called once the engine has started."""
+    from gpt4.serving.engine import Engine
+
+    from .test_serving_engine import run
+
+    engine = Engine(model, max_batch=3).start()
+    started()
     try:
-        collected = [run(engine, p, max_tokens=m)[1] for p, m in zip(prompts, lengths)]
+        collected = [run(engine, p, max_tokens=m)[1] for p, m in zip(ENGINE_PROMPTS, ENGINE_LENGTHS)]
         for c in collected:
             assert c.done.wait(60) and c.failed is None
     finally:
         engine.stop(30)
-    assert model._compiled_decode is not None
-    assert [c.tokens[0] for c in collected] == expected
+    return [c.tokens[0] for c in collected]
