@@ -308,7 +308,7 @@ class GPT4LMHeadModel(nn.Module):
             # The mask's last dimension carries kv_length into the graph as a dynamic size: no recompiles.
             mask = attention_mask_for(positions, kv_length, window)  # (B, 1, 1, T)
             try:
-                return self._compiled_decode(input_ids, positions, mask, cache)
+                return compiled(input_ids, positions, mask, cache)
             except torch._dynamo.exc.TorchDynamoException as error:  # InductorError (no C++ compiler...) included
                 # Compiling needs a C++ toolchain and operators dynamo can trace; decoding must not depend on it.
                 warnings.warn(f"torch.compile of the decode step failed, decoding eagerly from now on: "
