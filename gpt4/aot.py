@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .quant import DEQUANTIZE_ROWS, Int4Linear
+from .quant import DEQUANTIZE_ROWS, Int4Linear, Int8Linear
 
 GRAPHS = ("one", "batch")  # a single sequence; 2..MAX_BATCH rows
 MAX_BATCH = DEQUANTIZE_ROWS - 1  # from DEQUANTIZE_ROWS rows on, the quantized layers take another path
@@ -78,6 +78,19 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors of the model, under every name they have (a tied head's table under the head's name too)."""
     return {**dict(model.named_parameters(remove_duplicate=False)),
             **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def unsupported(model) -> str | None:
+    """Why the model's step cannot be compiled ahead of time, or None. (Said before building: a build that could
+    not be bound would be repeated, minutes each time, by every later run.)"""
+    if model.device.type != "cpu":
+        return f"it is compiled for the CPU only, not {model.device.type}"
+    if any(getattr(m, "packed", None) is not None for m in model.modules() if isinstance(m, Int8Linear)):
+        return ("int8 layers packed for oneDNN's integer matmuls (--quant int8 on a CPU with VNNI, w8a8) are not "
+                "supported ahead of time; --compile compiles them")
+    if len({m.group_size for m in model.modules() if isinstance(m, Int4Linear)}) > 1:
+        return "int4 layers of different group sizes are not supported ahead of time"
+    return None
 
 
 def is_built(folder: Path) -> bool:
@@ -135,8 +148,8 @@ class CompiledDecode:
             unnamed = [name for name in names if name not in tensors]
             if unnamed:
                 # The graph's only constants that are not the model's tensors are the int4 matmuls' group sizes
-                # (AOTInductor's C shim takes them as 0-d tensors); with more than one size they cannot be told
-                # apart. (The build checked this binding against the eager step; a load binds the same.)
+                # (AOTInductor's C shim takes them as 0-d tensors; see unsupported()). The build checked this
+                # binding against the eager step; a load binds the same.
                 if len(group_sizes) != 1:
                     raise ValueError(f"{len(unnamed)} constants of the compiled step are not the model's tensors")
                 size = torch.tensor(next(iter(group_sizes)))

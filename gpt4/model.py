@@ -396,9 +396,10 @@ class GPT4LMHeadModel(nn.Module):
         failure a warning, and eager decoding."""
         from . import aot
 
-        if self.device.type != "cpu":
-            warnings.warn(f"The decode step is compiled ahead of time for the CPU only, not {self.device.type}: "
-                          "decoding eagerly.", RuntimeWarning, stacklevel=3)
+        reason = aot.unsupported(self)
+        if reason is not None:
+            warnings.warn(f"The decode step is not compiled ahead of time, decoding eagerly: {reason}.",
+                          RuntimeWarning, stacklevel=3)
             return self
         folder = aot.package_folder(self)
         try:

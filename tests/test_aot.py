@@ -122,6 +122,19 @@ def test_a_package_that_does_not_load_is_a_warning_and_eager_decoding(tmp_path, 
     assert model._compiled_decode is None
 
 
+def test_int8_layers_packed_for_onednn_are_refused_before_any_build(tmp_path, monkeypatch):
+    from gpt4.quant import integer_matmul_available
+
+    monkeypatch.setenv("GPT4_HOME", str(tmp_path))
+    monkeypatch.setattr(aot, "build", lambda *args, **kwargs: pytest.fail("built"))
+    model = quantize_(tiny_model("qwen2", hidden_size=64, intermediate_size=128), "w8a8")
+    if not integer_matmul_available():
+        pytest.skip("no VNNI: w8a8's layers are not packed for oneDNN here")
+    with pytest.warns(RuntimeWarning, match="not supported ahead of time; --compile compiles them"):
+        model.compile_decode("aot")
+    assert model._compiled_decode is None
+
+
 def test_the_cli_refuses_two_compile_flags(capsys):
     from gpt4.cli import main
 
