@@ -55,8 +55,8 @@ def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str 
 
 
 AOT_HELP = ("decode with the step compiled ahead of time (AOTInductor): built once for this model, CPU and torch "
-            "version into ~/.cache/gpt4/compiled ($GPT4_HOME/compiled if set; a minute or two), then loaded in milliseconds (about 2x faster "
-            "decoding than eager, with eager's memory)")
+            "version into ~/.cache/gpt4/compiled ($GPT4_HOME/compiled if set; a minute or two), then loaded in "
+            "milliseconds (about 2x faster decoding than eager, with about eager's memory)")
 
 
 def add_aot_flag(p: argparse.ArgumentParser) -> None:
