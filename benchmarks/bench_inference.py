@@ -172,7 +172,10 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexi
     compile_s = None
     if compile:  # both graphs (one sequence, a batch) compiled before timing; reported apart
         start = time.perf_counter()
-        model.compile_decode("aot") if ahead else warm_up_decode(model)
+        if ahead:
+            model.compile_decode("aot")
+        else:
+            warm_up_decode(model)
         compile_s = time.perf_counter() - start
 
     def decode(prompts):

@@ -406,7 +406,7 @@ class GPT4LMHeadModel(nn.Module):
             if not aot.is_built(folder):
                 warnings.warn(f"Compiling the decode step ahead of time into {folder} (once for this model, CPU "
                               "and torch version; a minute or two)...", RuntimeWarning, stacklevel=3)
-                aot.build(self, folder, check=self._check_against_eager)
+                aot.build(self, folder)
             compiled = aot.CompiledDecode(self, folder)
         except Exception as error:  # export, the C++ toolchain, a package that does not load or does not agree
             warnings.warn(f"The decode step compiled ahead of time is not used, decoding eagerly: "
@@ -415,25 +415,6 @@ class GPT4LMHeadModel(nn.Module):
             return self
         self._compiled_decode = compiled
         return self
-
-    def _check_against_eager(self, compiled) -> None:
-        """One step of one row and of two rows after a 2-token prompt, compiled and eager from the same cache, must
-        agree within the rounding of a fused graph (the default model: 1-2% of the logits' norm in bf16)."""
-        generator = torch.Generator().manual_seed(0)
-        with torch.inference_mode():
-            for rows in (1, 2):
-                prompts = torch.randint(0, self.config.vocab_size, (rows, 2), generator=generator)
-                caches = [KVCache(self.config, rows, 4, dtype=torch.float32, device=self.device) for _ in "ab"]
-                self.hidden_states(prompts, torch.arange(2).expand(rows, 2), caches[0], kv_length=2)
-                caches[1].copy_from(caches[0])
-                ids = torch.randint(0, self.config.vocab_size, (rows, 1), generator=generator)
-                positions = torch.full((rows, 1), 2)
-                mask = attention_mask_for(positions, 3, self.config.sliding_window)
-                got = compiled(ids, positions, mask, caches[0])
-                want = self._decode_step(ids, positions, mask, caches[1])
-                error = float((got - want).norm() / want.norm())
-                if not error < 0.05:
-                    raise RuntimeError(f"its logits differ from the eager step's by {error:.1%}")
 
     def _run(self, input_ids, positions, mask, cache, kv_length) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, S, H)

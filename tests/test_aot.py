@@ -102,7 +102,7 @@ def test_a_build_that_fails_its_check_leaves_nothing_and_decoding_stays_eager(tm
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
     monkeypatch.setattr(aot, "CompiledDecode", lambda model, folder: object())
-    monkeypatch.setattr(type(model), "_check_against_eager", lambda self, compiled: (_ for _ in ()).throw(
+    monkeypatch.setattr(aot, "check_against_eager", lambda model, compiled: (_ for _ in ()).throw(
         RuntimeError("its logits differ from the eager step's by 30.0%")))
     with pytest.warns(RuntimeWarning, match="decoding eagerly: RuntimeError: its logits differ"):
         model.compile_decode("aot")
