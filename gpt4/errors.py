@@ -11,3 +11,7 @@ class ModelNotFoundError(GPT4Error):
 
 class ModelFileError(GPT4Error):
     """A model file that is truncated, corrupted, of an unsupported kind, or that does not match its config."""
+
+
+class GenerationSettingError(GPT4Error, ValueError):
+    """A generation setting out of its range (a ValueError too, as transformers raises for these)."""

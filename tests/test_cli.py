@@ -48,6 +48,8 @@ def test_generate_reads_stdin_and_chat_flag():
     (["generate", "hi", "--model", "no-such-model"], "neither a known model name"),
     (["generate", "hi", "--model", "/nonexistent/model.gguf"], "neither a known model name"),
     (["pull", "nope"], "Unknown model name 'nope'"),
+    (["generate", "hi", "--top-p", "0"], "GenerationConfig.top_p=0.0 must be in (0, 1]"),
+    (["generate", "hi", "--prompt-lookup", "-1"], "GenerationConfig.prompt_lookup_num_tokens=-1 must be >= 0"),
 ])
 def test_user_errors_are_one_clear_line_without_traceback(args, fragment):
     out = run(*args)

@@ -1,7 +1,9 @@
 """Generation: GenerationConfig (transformers' field names), the decode loop as an iterator, and generate().
 
 The loop prefills all prompts of a batch at once (right-padded, each row at its own positions in the KV cache),
-then decodes one token per row per step. Every row stops on its own (EOS, stop string, length).
+then decodes one token per row per step. Every row stops on its own (EOS, stop string, length). One sequence with
+prompt_lookup_num_tokens set decodes several tokens a step where drafts copied from its text are right
+(gpt4.generation.lookup), with the same tokens as one at a time (greedy) or the same distribution (sampling).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Iterator
 
 import torch
 
-from ..errors import GPT4Error
-from .sampling import apply_penalties, choose, warp
+from ..errors import GenerationSettingError, GPT4Error
+from .lookup import MIN_NGRAM, PromptLookup
+from .sampling import apply_penalties, choose, verify_draft, warp
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
 
@@ -39,6 +42,10 @@ class GenerationConfig:
     pad_token_id: int | None = None
     seed: int | None = None
     num_return_sequences: int = 1
+    # Speculative decoding by prompt lookup (transformers' names): check up to this many tokens copied from the
+    # text after the latest earlier occurrence of its last 2..max_matching_ngram_size tokens. One sequence only.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int = 3
 
     def __post_init__(self):
         checks = [
@@ -49,10 +56,13 @@ class GenerationConfig:
             ("min_p", self.min_p is None or 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("num_return_sequences", self.num_return_sequences >= 1, "must be >= 1"),
+            ("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens is None or self.prompt_lookup_num_tokens >= 0,
+             "must be >= 0"),
+            ("max_matching_ngram_size", self.max_matching_ngram_size >= MIN_NGRAM, f"must be >= {MIN_NGRAM}"),
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"GenerationConfig.{name}={getattr(self, name)!r} {rule}.")
+                raise GenerationSettingError(f"GenerationConfig.{name}={getattr(self, name)!r} {rule}.")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         if self.temperature == 0:  # OpenAI convention: temperature 0 means greedy
@@ -151,27 +161,23 @@ def generate_tokens(model, prompts: list[list[int]], config: GenerationConfig,
         last_hidden = torch.where(in_chunk[:, None], h[torch.arange(B), idx], last_hidden)
     logits = model.lm_head(last_hidden).float()  # (B, V)
 
+    if config.prompt_lookup_num_tokens and B == 1:
+        yield from _decode_with_lookup(model, rows[0], logits, cache, len(rows[0].prompt), budget, config, tokenizer,
+                                       seen, counts, generator)
+        return
     position = lengths.clone()  # where each row's next token goes
     active = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(budget):
-        logits = apply_penalties(logits, seen, counts, config.repetition_penalty, config.presence_penalty,
-                                 config.frequency_penalty, config.logit_bias)
-        if config.do_sample:
-            logits = warp(logits, config.temperature, config.top_k, config.top_p, config.min_p)
-        next_ids = choose(logits, config.do_sample, generator)  # (B,)
+        next_ids = choose(_scores(logits, seen, counts, config), config.do_sample, generator)  # (B,)
         out: list[int | None] = []
         for i, r in enumerate(rows):
             if not active[i]:
                 out.append(None)
                 continue
             token = int(next_ids[i])
-            r.generated.append(token)
             out.append(token)
-            if token in config.eos_ids or (config.stop_strings and _stop_string_hit(tokenizer, r,
-                                                                                    config.stop_strings)):
-                r.finish_reason, active[i] = "stop", False
-            elif step == budget - 1:
-                r.finish_reason = "length"
+            if _add_token(r, token, step == budget - 1, config, tokenizer):
+                active[i] = False
         yield out
         if not active.any() or step == budget - 1:
             return
@@ -181,6 +187,83 @@ def generate_tokens(model, prompts: list[list[int]], config: GenerationConfig,
             counts[torch.arange(B), next_ids] += active.float()
         logits = model.decode_logits(next_ids[:, None], position[:, None], cache, kv_length=longest + step + 1)
         position += 1
+
+
+def _scores(logits, seen, counts, config: GenerationConfig) -> torch.Tensor:
+    """Logits (B, V) as the next token is chosen from them: penalised, and warped when sampling."""
+    logits = apply_penalties(logits, seen, counts, config.repetition_penalty, config.presence_penalty,
+                             config.frequency_penalty, config.logit_bias)
+    if config.do_sample:
+        logits = warp(logits, config.temperature, config.top_k, config.top_p, config.min_p)
+    return logits
+
+
+def _add_token(row: Row, token: int, last: bool, config: GenerationConfig, tokenizer) -> bool:
+    """Append a generated token to a row; whether the row is finished (EOS or stop string; 'length' when last)."""
+    row.generated.append(token)
+    if token in config.eos_ids or (config.stop_strings and _stop_string_hit(tokenizer, row, config.stop_strings)):
+        row.finish_reason = "stop"
+        return True
+    if last:
+        row.finish_reason = "length"
+    return False
+
+
+def _decode_with_lookup(model, row: Row, logits, cache, position: int, budget: int, config: GenerationConfig,
+                        tokenizer, seen, counts, generator) -> Iterator[list[int]]:
+    """generate_tokens' loop for one sequence, with prompt lookup: each step feeds the newest token and a draft
+    of up to prompt_lookup_num_tokens copied ones at the following positions, and keeps the draft's leading tokens
+    that the model's own choice agrees with (verify_draft), plus the model's token after them. A draft's refused
+    tokens leave keys in cache slots past the sequence, which later steps overwrite before attending to them.
+
+    position: the cache slot of the next token; logits (1, V) for it, from the prompt.
+    """
+    lookup = PromptLookup(row.prompt, config.max_matching_ngram_size)
+    chosen = [int(choose(_scores(logits, seen, counts, config), config.do_sample, generator)[0])]
+    while True:
+        for token in chosen:  # a step's kept draft tokens, then the model's own next token
+            finished = _add_token(row, token, len(row.generated) + 1 == budget, config, tokenizer)
+            yield [token]
+            if finished or len(row.generated) == budget:
+                return
+            _note_generated(seen, counts, token)
+            lookup.append(token)
+        # chosen[-1] is the only token not in the cache yet; the draft goes in the slots after it, which the
+        # cache has up to the budget's last token.
+        draft = lookup.draft(min(config.prompt_lookup_num_tokens, budget - len(row.generated)))
+        ids = torch.tensor([[chosen[-1], *draft]], device=model.device)  # (1, 1 + n)
+        positions = torch.arange(position, position + ids.shape[1], device=model.device)[None]
+        if draft:
+            hidden = model.hidden_states(ids, positions, cache, kv_length=position + ids.shape[1])
+            logits = model.lm_head(hidden[0]).float()  # (1 + n, V): after the token and after each draft token
+        else:
+            logits = model.decode_logits(ids, positions, cache, kv_length=position + 1)  # (1, V)
+        # Row j of the scores comes after the draft's first j tokens: there they count as seen and generated.
+        scores = _scores(logits, _after_draft(seen, draft), _after_draft(counts, draft), config)
+        kept, next_token = verify_draft(scores, draft, config.do_sample, generator)
+        chosen = draft[:kept] + [next_token]
+        position += 1 + kept
+
+
+def _note_generated(seen, counts, token: int) -> None:
+    """Penalty bookkeeping of one sequence (seen, counts (1, V) or None) after it generated a token."""
+    if seen is not None:
+        seen[0, token] = True
+    if counts is not None:
+        counts[0, token] += 1
+
+
+def _after_draft(state, draft: list[int]):
+    """seen or counts (1, V) -> (1 + n, V): row j as it would be after the draft's first j tokens were generated."""
+    if state is None or not draft:
+        return state
+    rows = state.repeat(len(draft) + 1, 1)
+    for j, token in enumerate(draft):
+        if rows.dtype == torch.bool:
+            rows[j + 1:, token] = True
+        else:
+            rows[j + 1:, token] += 1
+    return rows
 
 
 def warm_up_decode(model, batch_size: int = 8) -> None:

@@ -76,3 +76,28 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     # The block's ids; past the end of the vocabulary they repeat its last id, after that id's own first place.
     ids = (first + torch.arange(ARGMAX_BLOCK, device=logits.device)).clamp_(max=vocab - 1)  # (B, block)
     return ids.gather(1, logits.gather(1, ids).argmax(-1, keepdim=True)).squeeze(1)
+
+
+def verify_draft(scores: torch.Tensor, draft: list[int], do_sample: bool,
+                 generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Speculative decoding's check of a draft: (how many of its leading tokens are kept, the token after them).
+
+    scores (n + 1, V): the penalised, warped logits for the token after the sequence's last one and after each of
+    the n draft tokens. Greedy: a draft token is kept while it is the argmax, and the next token is the argmax at the
+    first disagreement (or after the whole draft): the ids plain greedy decoding gives. Sampling: draft token d is
+    kept with probability p(d), and when refused the next token is drawn from p without d. Every token then follows
+    p exactly (P(d) = p(d); P(x) = (1 - p(d)) p(x) / (1 - p(d)) for x != d), as if drawn one at a time.
+    """
+    assert scores.shape[0] == len(draft) + 1
+    if not do_sample:
+        best = argmax(scores).tolist()
+        kept = next((j for j, token in enumerate(draft) if best[j] != token), len(draft))
+        return kept, best[kept]
+    probs = scores.softmax(-1)  # (n + 1, V)
+    for j, token in enumerate(draft):
+        if torch.rand((), generator=generator) < probs[j, token]:
+            continue
+        rest = probs[j].clone()
+        rest[token] = 0
+        return j, int(torch.multinomial(rest, 1, generator=generator))
+    return len(draft), int(torch.multinomial(probs[-1], 1, generator=generator))
