@@ -2,7 +2,10 @@
 
 Each engine runs in its own process (clean peak-RSS and load-time figures) and reports, for the same token ids:
 prefill of a 512-token prompt, decode speed at context 16 and 512, total throughput of 8 concurrent sequences x 64
-tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path). Its quality is measured apart, in a
+tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path). A copy-heavy task (an instruct
+request to rename a variable in a 40-line function, 128 tokens) is decoded twice: one token a step, and with prompt
+lookup (`--prompt-lookup`; each engine checks the same drafts, up to --lookup tokens copied from the text, in one
+batch: llama.cpp through its batch API and memory_seq_rm of refused drafts). Its quality is measured apart, in a
 fresh process (whose peak memory is not counted): the perplexity of the same real text (pydoc's topics, the first
 --perplexity-tokens tokens, in windows of 512). Cold start is measured apart too, in
 `--cold-repeats` fresh processes per engine, the engines taking turns: seconds from the start of loading the model
@@ -50,6 +53,8 @@ STREAM_PROMPTS = [
     "Give a recipe for pancakes.", "Summarize the plot of Hamlet.",
 ]
 NEW_TOKENS = 64
+COPY_TOKENS = 128  # the copy-heavy task's output: the renamed function's first ~12 lines
+COPY_REQUEST = "Rename the variable `margin` to `common_prefix` in this function and return the full code:\n\n"
 PERPLEXITY_WINDOW = 512  # tokens per window: every engine scores the same non-overlapping windows
 
 
@@ -103,13 +108,29 @@ def workload(perplexity_tokens: int):
     from gpt4 import GPT4LMHeadModel
 
     tok = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], load_tokenizer=True).tokenizer
+    import inspect
+    import textwrap
+
     long_ids = (tok.encode(TEXT * 40))[:512]
+    request = COPY_REQUEST + inspect.getsource(textwrap.dedent)
+    copy_ids = tok.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True)
     streams = [(tok.encode(p) * 4)[:16] for p in STREAM_PROMPTS]
     # The README's perplexity text (`gpt4 perplexity`): the first 8 pydoc topics, cut into whole windows.
     scored = tok.encode("\n\n".join(topics[k] for k in sorted(topics)[:8]))[:perplexity_tokens]
     starts = range(0, len(scored) - PERPLEXITY_WINDOW + 1, PERPLEXITY_WINDOW)
     windows = [scored[i:i + PERPLEXITY_WINDOW] for i in starts]
-    return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams, "windows": windows}
+    return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams, "windows": windows, "copy": copy_ids}
+
+
+def prompt_lookup_class():
+    """gpt4.generation.lookup.PromptLookup, loaded from its file: llama.cpp's worker has no torch to import gpt4 with,
+    and both engines must check the same drafts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prompt_lookup", HERE.parent / "gpt4" / "generation" / "lookup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PromptLookup
 
 
 def _perplexity(window_logits, windows) -> dict:
@@ -147,7 +168,7 @@ def _timed(fn, repeats):
     return times, result
 
 
-def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexity=False):
+def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexity=False, lookup=0):
     import torch
 
     from gpt4 import GPT4LMHeadModel
@@ -178,10 +199,11 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexi
             warm_up_decode(model)
         compile_s = time.perf_counter() - start
 
-    def decode(prompts):
+    def decode(prompts, new_tokens=NEW_TOKENS, lookup=0):
         """Tokens of each row, and the seconds spent after the first token (prefill excluded)."""
         out, start = [[] for _ in prompts], None
-        for step in generate_tokens(model, prompts, config):
+        settings = config.update(max_new_tokens=new_tokens, prompt_lookup_num_tokens=lookup or None)
+        for step in generate_tokens(model, prompts, settings):
             start = start or time.perf_counter()
             for row, t in zip(out, step):
                 row.append(t)
@@ -194,10 +216,10 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexi
             h = model.hidden_states(ids, torch.arange(512)[None], cache, kv_length=512)
             return model.lm_head(h[:, -1]).argmax()
 
-    return {**_measure(load, prefill, decode, work, repeats), "compile_s": compile_s}
+    return {**_measure(load, prefill, decode, work, repeats, lookup), "compile_s": compile_s}
 
 
-def worker_transformers(work, repeats, dtype, cold=False, perplexity=False):
+def worker_transformers(work, repeats, dtype, cold=False, perplexity=False, lookup=0):
     import torch
     import transformers
 
@@ -211,32 +233,32 @@ def worker_transformers(work, repeats, dtype, cold=False, perplexity=False):
     if perplexity:
         return _torch_perplexity(model, work["windows"])
 
-    def generate(ids, n):
+    def generate(ids, n, lookup=0):  # its own prompt lookup (its drafts, not PromptLookup's)
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=lookup or None)
 
     if cold:
         generate(torch.tensor([work["ctx16"]]), 1)
         return _cold(start, load)
 
-    def decode(prompts):
-        """transformers' generate does not split prefill from decode: time it with 1 and with 64 new tokens."""
+    def decode(prompts, new_tokens=NEW_TOKENS, lookup=0):
+        """transformers' generate does not split prefill from decode: time it with 1 and with all new tokens."""
         ids = torch.tensor(prompts)
         start = time.perf_counter()
         generate(ids, 1)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        out = generate(ids, NEW_TOKENS)
+        out = generate(ids, new_tokens, lookup)
         return out[:, ids.shape[1]:].tolist(), time.perf_counter() - start - first
 
     def prefill():
         with torch.inference_mode():
             return model(torch.tensor([work["ctx512"]])).logits[0, -1].argmax()
 
-    return _measure(load, prefill, decode, work, repeats)
+    return _measure(load, prefill, decode, work, repeats, lookup)
 
 
-def worker_llamacpp(work, repeats, cold=False, perplexity=False):
+def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
     import llama_cpp
     import numpy as np
 
@@ -291,24 +313,42 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False):
         return _cold(start, load)
     multi = context(8)  # a second context for the 8-stream test, as llama.cpp's server would configure it
 
-    def decode(prompts):
+    def decode(prompts, new_tokens=NEW_TOKENS, lookup=0):
         ctx = single if len(prompts) == 1 else multi
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         entries = [(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)]
         nxt = run_batch(ctx, entries)
         out, start = [[t] for t in nxt], time.perf_counter()
-        for step in range(1, NEW_TOKENS):
+        if lookup:
+            return [decode_with_lookup(prompts[0], out[0], new_tokens, lookup)], time.perf_counter() - start
+        for step in range(1, new_tokens):
             nxt = run_batch(ctx, [(out[s][-1], len(ids) + step - 1, s, True) for s, ids in enumerate(prompts)])
             for row, t in zip(out, nxt):
                 row.append(t)
         return out, time.perf_counter() - start
+
+    def decode_with_lookup(prompt, out, new_tokens, lookup):
+        """Greedy decoding of one sequence from its first token `out`, checking drafts as ours does."""
+        drafts = prompt_lookup_class()(prompt + out, 3)  # max_matching_ngram_size: GenerationConfig's default
+        position = len(prompt)  # of out[-1], the one token not in the cache yet
+        while len(out) < new_tokens:
+            draft = drafts.draft(min(lookup, new_tokens - len(out)))
+            best = run_batch(single, [(t, position + i, 0, True) for i, t in enumerate([out[-1], *draft])])
+            kept = next((j for j, t in enumerate(draft) if best[j] != t), len(draft))
+            # Refused drafts' keys leave the cache: llama.cpp would otherwise attend to them later.
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(single), 0, position + 1 + kept, -1)
+            for t in draft[:kept] + [best[kept]]:
+                out.append(t)
+                drafts.append(t)
+            position += 1 + kept
+        return out[:new_tokens]
 
     def prefill():
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(single), True)
         ids = work["ctx512"]
         return run_batch(single, [(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
 
-    return {**_measure(load, prefill, decode, work, repeats), "version": llama_cpp.__version__}
+    return {**_measure(load, prefill, decode, work, repeats, lookup), "version": llama_cpp.__version__}
 
 
 def _cold(load_start, load_s):
@@ -316,13 +356,16 @@ def _cold(load_start, load_s):
     return {"load_s": load_s, "first_token_s": now - load_start, "process_first_token_s": now - PROCESS_START}
 
 
-def _measure(load, prefill, decode, work, repeats):
-    """decode(prompts) -> (tokens per row, seconds for the 63 tokens after the first)."""
+def _measure(load, prefill, decode, work, repeats, lookup=0):
+    """decode(prompts, new_tokens, lookup) -> (tokens per row, seconds for the tokens after the first)."""
     prefill_s, _ = _timed(prefill, repeats)
     runs = {}
-    for key, prompts in (("decode16", [work["ctx16"]]), ("decode512", [work["ctx512"]]),
-                         ("streams", work["streams"])):
-        results = [decode(prompts) for _ in range(repeats)]
+    tasks = [("decode16", [work["ctx16"]], NEW_TOKENS, 0), ("decode512", [work["ctx512"]], NEW_TOKENS, 0),
+             ("streams", work["streams"], NEW_TOKENS, 0), ("copy", [work["copy"]], COPY_TOKENS, 0)]
+    if lookup:
+        tasks.append(("copy_lookup", [work["copy"]], COPY_TOKENS, lookup))
+    for key, prompts, new_tokens, drafts in tasks:
+        results = [decode(prompts, new_tokens, drafts) for _ in range(repeats)]
         runs[key + "_s"] = [seconds for _, seconds in results]
         runs[key + "_tokens"] = results[-1][0]
     return {"load_s": load, "prefill512_s": prefill_s, **runs, "greedy16": runs["decode16_tokens"][0],
@@ -338,7 +381,8 @@ def _peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------------
-def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, perplexity: bool = False) -> dict | None:
+def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, perplexity: bool = False,
+               lookup: int = 0) -> dict | None:
     python = llama_python if spec == "llama.cpp" else sys.executable
     if spec == "llama.cpp" and not Path(llama_python).exists():
         print(f"llama.cpp: {llama_python} not found; build it with "
@@ -348,7 +392,8 @@ def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, p
 
     env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve(os.environ["GPT4_BENCH_MODEL"])), TQDM_DISABLE="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats)] + ["--cold"] * cold \
+    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats), "--lookup", str(lookup)] \
+        + ["--cold"] * cold \
         + ["--perplexity-worker"] * perplexity
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
@@ -371,9 +416,14 @@ def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
         if seconds:
             row[f"{key}_best"], row[f"{key}_median"] = best(seconds), med(seconds)
     for key, n in (("prefill512", 512), ("decode16", NEW_TOKENS - 1), ("decode512", NEW_TOKENS - 1),
-                   ("streams", 8 * (NEW_TOKENS - 1))):
-        row[f"{key}_best"] = n / best(r[f"{key}_s"])
-        row[f"{key}_median"] = n / med(r[f"{key}_s"])
+                   ("streams", 8 * (NEW_TOKENS - 1)), ("copy", COPY_TOKENS - 1), ("copy_lookup", COPY_TOKENS - 1)):
+        if f"{key}_s" in r:
+            row[f"{key}_best"] = n / best(r[f"{key}_s"])
+            row[f"{key}_median"] = n / med(r[f"{key}_s"])
+    if "copy_lookup_tokens" in r:  # greedy with drafts against greedy one token a step, in the same engine
+        plain, drafted = r["copy_tokens"][0], r["copy_lookup_tokens"][0]
+        same = next((i for i, (a, b) in enumerate(zip(plain, drafted)) if a != b), len(plain))
+        row["lookup_agree"] = f"{same}/{len(plain)}"
     if "perplexity" in r:
         row["perplexity"] = r["perplexity"]
     if reference_tokens is not None:
@@ -390,6 +440,8 @@ def main():
         "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:w8a8", "ours:bfloat16:int4:compile",
         "ours:bfloat16:int4:max-autotune", "ours:bfloat16:int8:max-autotune"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lookup", type=int, default=3,
+                        help="draft tokens checked a step in the copy task's prompt lookup run (0: no such run)")
     parser.add_argument("--model", default="gpt4", help="a named GGUF model (see `gpt4 models`; default: gpt4)")
     parser.add_argument("--cold-repeats", type=int, default=5, help="fresh processes per engine timing cold start")
     parser.add_argument("--perplexity-tokens", type=int, default=4096,
@@ -404,7 +456,7 @@ def main():
     if args.worker:
         work = json.loads(os.environ["GPT4_BENCH_WORK"])
         kind, *rest = args.worker.split(":")
-        modes = {"cold": args.cold, "perplexity": args.perplexity_worker}
+        modes = {"cold": args.cold, "perplexity": args.perplexity_worker, "lookup": args.lookup}
         if kind == "ours":
             mode = rest[2] if len(rest) > 2 else None  # "compile" or "max-autotune"
             result = worker_ours(work, args.repeats, rest[0], rest[1],
@@ -421,7 +473,7 @@ def main():
     results = {}
     for spec in args.engines:
         print(f"running {spec} ...", file=sys.stderr, flush=True)
-        r = run_engine(spec, args.repeats, args.llama_python)
+        r = run_engine(spec, args.repeats, args.llama_python, lookup=args.lookup)
         if r is None:
             continue
         results[spec] = {**r, "cold": []}
@@ -453,11 +505,15 @@ def main():
 
 def print_table(rows, base):
     cols = [("prefill512", "prefill 512 tok/s"), ("decode16", "decode ctx16 tok/s"),
-            ("decode512", "decode ctx512 tok/s"), ("streams", "8x64 streams tok/s")]
+            ("decode512", "decode ctx512 tok/s"), ("streams", "8x64 streams tok/s"), ("copy", "copy task tok/s")]
+    lookup = all("copy_lookup_median" in r for r in rows)
+    if lookup:
+        cols.append(("copy_lookup", "copy task, prompt lookup tok/s"))
     header = "| engine | " + " | ".join(c[1] + " (best / median)" for c in cols) + \
-        " | peak RSS MB | load s | first token s | with imports s | greedy = fp32 | perplexity |"
+        " | peak RSS MB | load s | first token s | with imports s | greedy = fp32 |" + \
+        " lookup = plain |" * lookup + " perplexity |"
     print(header)
-    print("|" + "---|" * (len(cols) + 7))
+    print("|" + "---|" * (len(cols) + 7 + lookup))
     for r in rows:
         cells = []
         for key, _ in cols:
@@ -479,11 +535,13 @@ def print_table(rows, base):
         if r.get("compile_s"):
             cold[0] += f" + {r['compile_s']:.0f} compile"
         quality = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
-        print(f"| {r['engine']} | " + " | ".join(cells + [mem] + cold + [r.get("greedy_agree", "-"), quality]) + " |")
+        agree = [r.get("greedy_agree", "-")] + [r.get("lookup_agree", "-")] * lookup
+        print(f"| {r['engine']} | " + " | ".join(cells + [mem] + cold + agree + [quality]) + " |")
     if base:
         print("(ratios: engine / llama.cpp, medians; load and first token in fresh processes, timed from the start of "
               "loading the model, and with imports from the worker's start, before it imports torch / llama_cpp; "
-              f"perplexity of pydoc's topics in windows of {PERPLEXITY_WINDOW} tokens, in a fresh process)")
+              f"perplexity of pydoc's topics in windows of {PERPLEXITY_WINDOW} tokens, in a fresh process; "
+              "lookup = plain: the copy task's greedy tokens with and without prompt lookup agree up to this token)")
 
 
 def plot(rows, path):
@@ -496,7 +554,9 @@ def plot(rows, path):
         print("matplotlib not installed: no chart", file=sys.stderr)
         return
     keys = [("prefill512", "prefill 512"), ("decode16", "decode ctx16"), ("decode512", "decode ctx512"),
-            ("streams", "8 streams")]
+            ("streams", "8 streams"), ("copy", "copy task")]
+    if all("copy_lookup_median" in r for r in rows):
+        keys.append(("copy_lookup", "copy task, lookup"))
     if all("first_token_median" in r for r in rows):
         keys.append(("first_token", "cold start to first token"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4))

@@ -1,8 +1,9 @@
 """The decode step compiled ahead of time (AOTInductor), cached on disk: compiled once, loaded in milliseconds.
 
 torch.compile traces the step again in every process (10-12 s a graph here even with inductor's on-disk cache).
-Here the step is exported (torch.export) and compiled by AOTInductor into two packages, one for a single sequence
-and one for batches of 2 to 127 rows, without the weights: a later process loads them with PyTorch's C++ loader
+Here the step is exported (torch.export) and compiled by AOTInductor into three packages, one for a single sequence,
+one for batches of 2 to 127 rows, and one for 2 to 16 tokens of a single sequence (prompt lookup's check of a draft,
+the logits after each), without the weights: a later process loads them with PyTorch's C++ loader
 (a few ms, no import of inductor) and binds the model's own tensors to them, so nothing is copied.
 
 The packages live in $GPT4_HOME/compiled/<key>/ (see models.cache_dir), where the key hashes what the compiled
@@ -29,22 +30,25 @@ from .cache import KVCache
 from .model import attention_mask_for
 from .quant import DEQUANTIZE_ROWS, Int4Linear, Int8Linear
 
-GRAPHS = ("one", "batch")  # a single sequence; 2..MAX_BATCH rows
+GRAPHS = ("one", "batch", "draft")  # a single sequence; 2..MAX_BATCH rows; 2..MAX_DRAFT tokens of one sequence
 MAX_BATCH = DEQUANTIZE_ROWS - 1  # from DEQUANTIZE_ROWS rows on, the quantized layers take another path
+MAX_DRAFT = 16  # prompt lookup checks up to MAX_DRAFT - 1 draft tokens after the newest one in the compiled graph
 _TRACED_SOURCES = ("model.py", "quant.py", "cache.py", "aot.py")
 
 
 class _Step(nn.Module):
-    """The model's eager decode step over a cache given as per-layer tensors (what export can flatten)."""
+    """The model's eager decode step (or, with every_position, its check of a draft) over a cache given as per-layer
+    tensors (what export can flatten)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, every_position: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.every_position = model, every_position
 
     def forward(self, input_ids, positions, mask, keys: list[torch.Tensor], values: list[torch.Tensor]):
         cache = object.__new__(KVCache)
         cache.keys, cache.values = keys, values
-        return self.model._decode_step(input_ids, positions, mask, cache)
+        step = self.model._verify_step if self.every_position else self.model._decode_step
+        return step(input_ids, positions, mask, cache)
 
 
 def package_folder(model) -> Path:
@@ -99,24 +103,27 @@ def is_built(folder: Path) -> bool:
 
 
 def build(model, folder: Path) -> None:
-    """Export and compile both graphs of the model's decode step into folder (about a minute each on 2 cores).
+    """Export and compile the graphs of the model's decode step into folder (about a minute each on 2 cores).
     Only a step that agrees with the eager one (check_against_eager) makes the folder."""
     config = model.config
-    step = _Step(model).eval()
     batch = torch.export.Dim("batch", min=2, max=MAX_BATCH)
+    tokens = torch.export.Dim("tokens", min=2, max=MAX_DRAFT)
     slots = torch.export.Dim("slots", min=2, max=1 << 20)  # the cache's length
     seen = torch.export.Dim("seen", min=2, max=1 << 20)  # kv_length: the mask's last dimension
     layers = config.num_hidden_layers
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
     try:
-        for graph, rows in zip(GRAPHS, (1, 3)):
+        for graph, rows, width in zip(GRAPHS, (1, 3, 1), (1, 1, 3)):
+            step = _Step(model, every_position=graph == "draft").eval()
             cache = KVCache(config, rows, 8, dtype=torch.float32)
-            positions = torch.full((rows, 1), 4)
-            mask = torch.ones(rows, 1, 1, 5, dtype=torch.bool)
-            example = (torch.zeros(rows, 1, dtype=torch.long), positions, mask, cache.keys, cache.values)
+            positions = torch.arange(4, 4 + width).repeat(rows, 1)
+            mask = torch.ones(rows, 1, width, 4 + width, dtype=torch.bool)
+            example = (torch.zeros(rows, width, dtype=torch.long), positions, mask, cache.keys, cache.values)
             b = {0: batch} if rows > 1 else {}
-            dynamic = (b, b, {**b, 3: seen}, [{**b, 2: slots}] * layers, [{**b, 2: slots}] * layers)
+            s = {1: tokens} if width > 1 else {}
+            dynamic = ({**b, **s}, {**b, **s}, {**b, **({2: tokens} if s else {}), 3: seen},
+                       [{**b, 2: slots}] * layers, [{**b, 2: slots}] * layers)
             with torch.no_grad(), warnings.catch_warnings():
                 # (torch 2.13's own pytree code trips its deprecation of LeafSpec checks: noise for our users)
                 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
@@ -133,31 +140,39 @@ def build(model, folder: Path) -> None:
 
 
 def check_against_eager(model, compiled) -> None:
-    """One step of one row and of two rows after a 2-token prompt, compiled and eager from the same cache, must
-    agree within the rounding of a fused graph (the default model: 1-2% of the logits' norm in bf16)."""
+    """One step of one row and of two rows, and the check of a 3-token draft, after a 2-token prompt, compiled and
+    eager from the same cache, must agree within the rounding of a fused graph (the default model: 1-2% of the
+    logits' norm in bf16)."""
     config = model.config
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for rows in (1, 2):
+        for rows, width in ((1, 1), (2, 1), (1, 3)):
             prompts = torch.randint(0, config.vocab_size, (rows, 2), generator=generator)
-            caches = [KVCache(config, rows, 4, dtype=torch.float32, device=model.device) for _ in "ab"]
+            caches = [KVCache(config, rows, 6, dtype=torch.float32, device=model.device) for _ in "ab"]
             model.hidden_states(prompts, torch.arange(2).expand(rows, 2), caches[0], kv_length=2)
             caches[1].copy_from(caches[0])
-            ids = torch.randint(0, config.vocab_size, (rows, 1), generator=generator)
-            positions = torch.full((rows, 1), 2)
-            mask = attention_mask_for(positions, 3, config.sliding_window)
-            got = compiled(ids, positions, mask, caches[0])
-            want = model._decode_step(ids, positions, mask, caches[1])
+            ids = torch.randint(0, config.vocab_size, (rows, width), generator=generator)
+            positions = torch.arange(2, 2 + width).repeat(rows, 1)
+            mask = attention_mask_for(positions, 2 + width, config.sliding_window)
+            if width == 1:
+                got = compiled(ids, positions, mask, caches[0])
+                want = model._decode_step(ids, positions, mask, caches[1])
+            else:
+                got = compiled.verify(ids, positions, mask, caches[0])
+                want = model._verify_step(ids, positions, mask, caches[1])
             error = float((got - want).norm() / want.norm())
             if not error < 0.05:
-                raise RuntimeError(f"its logits differ from the eager step's by {error:.1%}")
+                raise RuntimeError(f"its logits{' for a draft' if width > 1 else ''} differ from the eager "
+                                   f"step's by {error:.1%}")
 
 
 class CompiledDecode:
-    """decode_logits' compiled step from two loaded packages: (input_ids, positions, mask, cache) -> logits, for
-    up to max_rows rows (decode_logits decodes larger batches eagerly)."""
+    """decode_logits' compiled step from the loaded packages: (input_ids, positions, mask, cache) -> logits, for
+    up to max_rows rows (decode_logits decodes larger batches eagerly); and verify_logits' for up to max_draft
+    tokens of one sequence."""
 
     max_rows = MAX_BATCH
+    max_draft = MAX_DRAFT
 
     def __init__(self, model, folder: Path):
         tensors = {f"model.{name}": t for name, t in _named_tensors(model).items()}
@@ -190,3 +205,10 @@ class CompiledDecode:
         assert keys[0].dtype == torch.float32 and mask.dtype == torch.bool and input_ids.dtype == torch.long
         return self.runners["one" if rows == 1 else "batch"].boxed_run(
             [input_ids, positions, mask, *keys, *values])[0]
+
+    def verify(self, input_ids, positions, mask, cache) -> torch.Tensor:
+        """(S, V) logits after each of one sequence's 2..max_draft tokens (input_ids (1, S))."""
+        assert input_ids.shape[0] == 1 and 2 <= input_ids.shape[1] <= self.max_draft, input_ids.shape
+        keys, values = [t[:1] for t in cache.keys], [t[:1] for t in cache.values]
+        assert keys[0].dtype == torch.float32 and mask.dtype == torch.bool and input_ids.dtype == torch.long
+        return self.runners["draft"].boxed_run([input_ids, positions, mask, *keys, *values])[0]

@@ -324,6 +324,22 @@ class GPT4LMHeadModel(nn.Module):
         kv_length = kv_length or mask.shape[-1]
         return self.lm_head(self._run(input_ids, positions, mask, cache, kv_length)[:, -1]).float()  # (B, V)
 
+    def verify_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      kv_length: int) -> torch.Tensor:
+        """Logits (S, V) in fp32 after each of one sequence's S new tokens: speculative decoding's check of a draft.
+
+        input_ids, positions (1, S), already checked; kv_length = the last position + 1. Runs the step compiled
+        ahead of time where there is one (its `draft` graph, up to max_draft tokens), eagerly otherwise.
+        """
+        mask = attention_mask_for(positions, kv_length, self.config.sliding_window)  # (1, 1, S, T)
+        compiled = self._compiled_decode
+        if 2 <= input_ids.shape[1] <= getattr(compiled, "max_draft", 0):
+            return compiled.verify(input_ids, positions, mask, cache)
+        return self._verify_step(input_ids, positions, mask, cache)
+
+    def _verify_step(self, input_ids, positions, mask, cache) -> torch.Tensor:
+        return self.lm_head(self._run(input_ids, positions, mask, cache, mask.shape[-1])[0]).float()  # (S, V)
+
     def compile_decode(self, mode: str = "default") -> "GPT4LMHeadModel":
         """Run decode_logits through torch.compile (inductor; batch size and length dynamic) from now on.
 

@@ -49,6 +49,35 @@ def test_the_step_compiled_ahead_equals_eager_and_later_loads_from_its_cache(com
 
 
 @needs_compiler
+def test_prompt_lookup_checks_drafts_through_the_step_compiled_ahead(compiled_home, monkeypatch):
+    """The draft graph (packages of the first test) gives plain greedy decoding's tokens; drafts longer than it
+    takes are checked eagerly, with the same tokens."""
+    from gpt4 import GenerationConfig
+    from gpt4.generation import generate_tokens
+
+    from .test_prompt_lookup import _oracle_drafts
+
+    monkeypatch.setenv("GPT4_HOME", str(compiled_home))
+    model = _int4_model()
+    prompt = PROMPTS[0]
+    config = GenerationConfig(max_new_tokens=24, eos_token_id=None)
+    plain = [s[0] for s in generate_tokens(model, [prompt], config)]
+    monkeypatch.setattr(aot, "build", lambda *args, **kwargs: pytest.fail("not built by the first test"))
+    model.compile_decode("aot")
+    widths = []
+    verify = aot.CompiledDecode.verify
+    monkeypatch.setattr(aot.CompiledDecode, "verify", lambda self, ids, *a: widths.append(ids.shape[1])
+                        or verify(self, ids, *a))
+    for lookup in (3, aot.MAX_DRAFT + 4):
+        widths.clear()
+        with monkeypatch.context() as patch:
+            _oracle_drafts(patch, plain, len(prompt), kept := [])
+            drafted = [s[0] for s in generate_tokens(model, [prompt], config.update(prompt_lookup_num_tokens=lookup))]
+        assert drafted == plain and sum(kept) > len(plain) // 3
+        assert (max(widths) == 4) if lookup == 3 else (max(widths, default=0) <= aot.MAX_DRAFT < 1 + max(kept))
+
+
+@needs_compiler
 def test_the_server_engine_batches_through_the_step_compiled_ahead(compiled_home, monkeypatch):
     """Continuous batching (rows join and leave; the running rows as views of a larger cache) on the packages of
     the test above; more rows than the batch graph takes decode eagerly."""

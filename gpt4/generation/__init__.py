@@ -233,9 +233,8 @@ def _decode_with_lookup(model, row: Row, logits, cache, position: int, budget: i
         draft = lookup.draft(min(config.prompt_lookup_num_tokens, budget - len(row.generated)))
         ids = torch.tensor([[chosen[-1], *draft]], device=model.device)  # (1, 1 + n)
         positions = torch.arange(position, position + ids.shape[1], device=model.device)[None]
-        if draft:
-            hidden = model.hidden_states(ids, positions, cache, kv_length=position + ids.shape[1])
-            logits = model.lm_head(hidden[0]).float()  # (1 + n, V): after the token and after each draft token
+        if draft:  # (1 + n, V): after the token and after each draft token
+            logits = model.verify_logits(ids, positions, cache, kv_length=position + ids.shape[1])
         else:
             logits = model.decode_logits(ids, positions, cache, kv_length=position + 1)  # (1, V)
         # Row j of the scores comes after the draft's first j tokens: there they count as seen and generated.
