@@ -17,6 +17,7 @@ token counted from the worker's start (with `import torch` / `import llama_cpp`)
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:compile   # torch.compile'd decode
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:max-autotune  # in max-autotune mode
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:aot  # compiled ahead of time
+    python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:aot --lookup 6  # longer drafts
     python benchmarks/bench_inference.py --model qwen --engines llama.cpp ours:float32:none ours:float32:int8
 
 llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
@@ -392,9 +393,8 @@ def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, p
 
     env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve(os.environ["GPT4_BENCH_MODEL"])), TQDM_DISABLE="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats), "--lookup", str(lookup)] \
-        + ["--cold"] * cold \
-        + ["--perplexity-worker"] * perplexity
+    cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats),
+           "--lookup", str(lookup)] + ["--cold"] * cold + ["--perplexity-worker"] * perplexity
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:

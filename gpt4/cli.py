@@ -55,7 +55,7 @@ def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str 
 
 
 AOT_HELP = ("decode with the step compiled ahead of time (AOTInductor): built once for this model, CPU and torch "
-            "version into ~/.cache/gpt4/compiled ($GPT4_HOME/compiled if set; a minute or two), then loaded in "
+            "version into ~/.cache/gpt4/compiled ($GPT4_HOME/compiled if set; two or three minutes), then loaded in "
             "milliseconds (about 2x faster decoding than eager, with about eager's memory)")
 
 

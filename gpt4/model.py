@@ -358,7 +358,7 @@ class GPT4LMHeadModel(nn.Module):
         VNNI (Int8Linear.use_integer_matmul).
 
         mode="aot" uses the step compiled ahead of time by AOTInductor (gpt4.aot): built once per model, CPU and
-        torch version (a minute or two) into packages cached on disk, which later processes load in milliseconds.
+        torch version (two or three minutes) into packages cached on disk, which later processes load in milliseconds.
 
         Compile after quantizing: the graphs assume the model's modules (and, for max-autotune, their weights)
         do not change. If compiling fails the step warns once and runs eagerly.
@@ -408,7 +408,7 @@ class GPT4LMHeadModel(nn.Module):
 
     def _load_compiled_ahead(self) -> "GPT4LMHeadModel":
         """compile_decode("aot"): the step's AOTInductor packages, loaded in milliseconds from the cache, or built
-        and checked against the eager step first (a minute or two, once per model, CPU and torch version). On any
+        and checked against the eager step first (two or three minutes, once per model, CPU and torch version). On any
         failure a warning, and eager decoding."""
         from . import aot
 
@@ -421,7 +421,7 @@ class GPT4LMHeadModel(nn.Module):
         try:
             if not aot.is_built(folder):
                 warnings.warn(f"Compiling the decode step ahead of time into {folder} (once for this model, CPU "
-                              "and torch version; a minute or two)...", RuntimeWarning, stacklevel=3)
+                              "and torch version; two or three minutes)...", RuntimeWarning, stacklevel=3)
                 aot.build(self, folder)
             compiled = aot.CompiledDecode(self, folder)
         except Exception as error:  # export, the C++ toolchain, a package that does not load or does not agree
