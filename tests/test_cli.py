@@ -50,6 +50,7 @@ def test_generate_reads_stdin_and_chat_flag():
     (["pull", "nope"], "Unknown model name 'nope'"),
     (["generate", "hi", "--top-p", "0"], "GenerationConfig.top_p=0.0 must be in (0, 1]"),
     (["generate", "hi", "--prompt-lookup", "-1"], "GenerationConfig.prompt_lookup_num_tokens=-1 must be >= 0"),
+    (["serve", "--prompt-lookup", "-1"], "--prompt-lookup must be at least 0"),
 ])
 def test_user_errors_are_one_clear_line_without_traceback(args, fragment):
     out = run(*args)

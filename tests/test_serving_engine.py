@@ -123,6 +123,49 @@ def test_a_bf16_cache_serves_shared_prefills_and_leaving_rows(monkeypatch):
     assert [len(outs[1].tokens[0]), len(outs[2].tokens[0])] == [5, 40] and outs[2].reasons == ["length"]
 
 
+@pytest.mark.parametrize("params", [dict(), dict(stop="first"), dict(repetition_penalty=1.3, presence_penalty=0.4,
+                                                                   frequency_penalty=0.3, logit_bias={3: 1.0})])
+def test_a_request_decoding_alone_checks_drafts_with_the_tokens_of_plain_decoding(params, monkeypatch):
+    """--prompt-lookup: a request alone gets drafts (whole, partly and not at all kept) and the same tokens, text,
+    log-probabilities and finish as without; two choices decode together, one token a step."""
+    from gpt4.serving import engine as engine_module
+
+    from .test_prompt_lookup import _oracle_drafts
+
+    model = tiny_model("mistral")  # a sliding window of 8 over a longer prompt
+    model.generation_config = GenerationConfig(eos_token_id=None)
+    model.tokenizer = Tok()
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15, 16, 23]
+
+    produced = []  # tokens a step
+
+    def serve(lookup, n=1, **extra):
+        produced.clear()
+        engine = Engine(model, max_batch=4, prompt_lookup=lookup, on_step=produced.append).start()
+        try:
+            _, c = run(engine, prompt, n=n, max_tokens=24, **extra)
+            assert c.done.wait(60) and c.failed is None
+        finally:
+            engine.stop(30)
+        return c
+
+    free = serve(0)
+    if params.get("stop") == "first":  # a stop string that a draft runs past: the text of the 10th token
+        params = dict(stop=[Tok().decode([free.tokens[0][9]])])
+    plain = serve(0, **params)
+    _oracle_drafts(monkeypatch, free.tokens[0], len(prompt), [])
+    kept = []
+    real = engine_module.choose_over_draft
+    monkeypatch.setattr(engine_module, "choose_over_draft",
+                        lambda scores, token, *a: (lambda t: kept.append(t == token) or t)(real(scores, token, *a)))
+    drafted = serve(3, **params)
+    assert (drafted.tokens, drafted.text, drafted.reasons) == (plain.tokens, plain.text, plain.reasons)
+    assert True in kept and False in kept and max(produced) > 1  # several tokens in some steps
+    kept.clear()
+    both = serve(3, n=2, **params)
+    assert both.tokens == plain.tokens * 2 and not kept
+
+
 @pytest.mark.slow
 def test_cancel_leaves_within_a_step_and_others_continue(default_model):
     tok = default_model.tokenizer

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from ..errors import GenerationSettingError, GPT4Error
-from .lookup import MIN_NGRAM, PromptLookup
+from .lookup import MAX_NGRAM, MIN_NGRAM, PromptLookup
 from .sampling import apply_penalties, choose, verify_draft, warp
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
@@ -45,7 +45,7 @@ class GenerationConfig:
     # Speculative decoding by prompt lookup (transformers' names): check up to this many tokens copied from the
     # text after the latest earlier occurrence of its last 2..max_matching_ngram_size tokens. One sequence only.
     prompt_lookup_num_tokens: int | None = None
-    max_matching_ngram_size: int = 3
+    max_matching_ngram_size: int = MAX_NGRAM
 
     def __post_init__(self):
         checks = [

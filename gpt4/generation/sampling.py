@@ -83,21 +83,30 @@ def verify_draft(scores: torch.Tensor, draft: list[int], do_sample: bool,
     """Speculative decoding's check of a draft: (how many of its leading tokens are kept, the token after them).
 
     scores (n + 1, V): the penalised, warped logits for the token after the sequence's last one and after each of
-    the n draft tokens. Greedy: a draft token is kept while it is the argmax, and the next token is the argmax at the
-    first disagreement (or after the whole draft): the ids plain greedy decoding gives. Sampling: draft token d is
-    kept with probability p(d), and when refused the next token is drawn from p without d. Every token then follows
-    p exactly (P(d) = p(d); P(x) = (1 - p(d)) p(x) / (1 - p(d)) for x != d), as if drawn one at a time.
+    the n draft tokens. Each draft token is decided by choose_over_draft; the first one not kept is replaced by
+    that choice, and after a draft kept whole the next token is chosen as usual.
     """
     assert scores.shape[0] == len(draft) + 1
-    if not do_sample:
-        best = argmax(scores).tolist()
-        kept = next((j for j, token in enumerate(draft) if best[j] != token), len(draft))
-        return kept, best[kept]
-    probs = scores.softmax(-1)  # (n + 1, V)
     for j, token in enumerate(draft):
-        if torch.rand((), generator=generator) < probs[j, token]:
-            continue
-        rest = probs[j].clone()
-        rest[token] = 0
-        return j, int(torch.multinomial(rest, 1, generator=generator))
-    return len(draft), int(torch.multinomial(probs[-1], 1, generator=generator))
+        chosen = choose_over_draft(scores[j:j + 1], token, do_sample, generator)
+        if chosen != token:
+            return j, chosen
+    return len(draft), int(choose(scores[-1:], do_sample, generator)[0])
+
+
+def choose_over_draft(scores: torch.Tensor, draft_token: int, do_sample: bool,
+                      generator: torch.Generator | None = None) -> int:
+    """The next token where a draft proposes draft_token, from scores (1, V) (penalised, warped).
+
+    Greedy: the argmax, whatever the draft: the ids plain greedy decoding gives. Sampling: the draft token with
+    probability p(d), else a draw from p without d. Either way the token follows p exactly (P(d) = p(d);
+    P(x) = (1 - p(d)) p(x) / (1 - p(d)) for x != d), as if drawn alone.
+    """
+    if not do_sample:
+        return int(argmax(scores)[0])
+    probs = scores[0].softmax(-1)  # (V,)
+    if torch.rand((), generator=generator) < probs[draft_token]:
+        return draft_token
+    rest = probs.clone()
+    rest[draft_token] = 0
+    return int(torch.multinomial(rest, 1, generator=generator))

@@ -45,6 +45,7 @@ class ServerConfig:
     max_batch: int = 16
     max_queue: int = 64
     max_body_bytes: int = 4 * 1024 * 1024
+    prompt_lookup: int = 0  # draft tokens checked a step for a request decoding alone (Engine)
 
 
 @dataclass
@@ -83,7 +84,7 @@ def create_app(models: dict[str, object] | Callable[[], dict[str, object]],
     def install(loaded: dict[str, object]) -> None:
         for name, model in loaded.items():
             engine = Engine(model, state.config.max_batch, state.config.max_queue,
-                            on_step=state.metrics.generated).start()
+                            on_step=state.metrics.generated, prompt_lookup=state.config.prompt_lookup).start()
             state.served[name] = Served(name, model, engine)
         names = "|".join(f"{n}:{m.config.model_type}:{m.dtype}" for n, m in loaded.items())
         state.fingerprint = "fp_" + hashlib.sha256(f"{names}|torch {torch.__version__}".encode()).hexdigest()[:10]

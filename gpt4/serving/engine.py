@@ -8,6 +8,10 @@ The cache grows (doubling) only when a row reaches its end, and is dropped when 
 A step: every row picks its next token with its own sampling parameters and seeded generator, turns it into text
 (holding back what could be the start of a stop string), then one forward pass decodes all rows at once.
 Results go back through each request's `emit` callback, called on the engine thread.
+
+With prompt_lookup > 0, a sequence running alone (not in JSON mode) decodes as gpt4.generation does with
+prompt_lookup_num_tokens: its forward pass also checks a draft copied from its text, and the next step picks a token
+for each of the draft's positions in turn until one differs from the draft.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 
 from ..cache import KVCache
 from ..generation import PREFILL_CHUNK
-from ..generation.sampling import apply_penalties, choose, warp
+from ..generation.lookup import MAX_NGRAM, PromptLookup
+from ..generation.sampling import apply_penalties, choose, choose_over_draft, warp
 from ..tokenizer import IncrementalDecoder
 from ..weights import return_freed_memory
 from .jsonmode import JSONPrefix, token_texts
@@ -114,7 +119,7 @@ class Request:
 class Sequence:
     """One choice being generated: sampling state, text decoding and stop-string hold-back."""
 
-    def __init__(self, request: Request, index: int, tokenizer, vocab_size: int):
+    def __init__(self, request: Request, index: int, tokenizer, vocab_size: int, prompt_lookup: bool = False):
         p = request.params
         self.request, self.index, self.position = request, index, len(request.prompt)
         seed = p.seed if p.seed is not None else secrets.randbits(63)
@@ -130,11 +135,16 @@ class Sequence:
         if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(1, vocab_size)
         self.json = JSONPrefix() if p.json_mode else None
-        self.logits: torch.Tensor | None = None  # (V,) scores for the next token
+        # Drafts for prompt lookup (JSON mode picks among the tokens its grammar allows: no drafts)
+        self.lookup = PromptLookup(request.prompt, MAX_NGRAM) if prompt_lookup and self.json is None else None
+        self.logits: torch.Tensor | None = None  # (V,) scores for the next token; (1 + n, V) after a draft
+        self.draft: list[int] = []  # the draft checked by the last forward pass
         self.finish_reason: str | None = "length" if p.max_tokens == 0 else None
 
     def record(self, token: int) -> None:
         self.generated.append(token)
+        if self.lookup is not None:
+            self.lookup.append(token)
         if self.seen is not None:
             self.seen[0, token] = True
         if self.counts is not None:
@@ -187,9 +197,11 @@ class Sequence:
 class Engine:
     """Continuous batching over one model. Thread-safe `submit`; everything else runs on the engine thread."""
 
-    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, on_step: Callable | None = None):
+    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, on_step: Callable | None = None,
+                 prompt_lookup: int = 0):
         self.model, self.tokenizer = model, model.tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prompt_lookup = prompt_lookup  # draft tokens checked a step for a sequence running alone (0: none)
         self.context = model.config.max_position_embeddings
         self.vocab_size = model.config.vocab_size
         self.eos_ids = set(model.generation_config.eos_ids) if model.generation_config else set()
@@ -272,8 +284,7 @@ class Engine:
         produced = 0
         for seq in self.rows:
             if not seq.request.cancelled and seq.finish_reason is None:
-                self._advance(seq)
-                produced += 1
+                produced += self._advance(seq)
         self._leave()
         if self.rows:
             self._decode()
@@ -281,10 +292,22 @@ class Engine:
         if self.on_step is not None:
             self.on_step(produced)
 
-    def _advance(self, seq: Sequence) -> None:
-        """Pick the next token of one sequence from its logits, turn it into text, decide whether it finished."""
+    def _advance(self, seq: Sequence) -> int:
+        """Pick the next token of one sequence from its logits, turn it into text, decide whether it finished; after
+        a draft, a token for each of its positions while they agree with it. Returns the number of tokens."""
+        rows = seq.logits.float().reshape(-1, seq.logits.shape[-1])  # (1 + n, V)
+        draft, seq.draft = seq.draft, []
+        for j, raw in enumerate(rows):
+            proposed = draft[j] if j < len(draft) else None
+            token = self._take(seq, raw[None], proposed)
+            if seq.finish_reason is not None or token != proposed:
+                return j + 1
+        raise AssertionError("the row after the draft proposes nothing: its token always ends the loop")
+
+    def _take(self, seq: Sequence, raw: torch.Tensor, proposed: int | None) -> int:
+        """Choose one token from logits raw (1, V) (keeping `proposed`, a draft's, by choose_over_draft's rule),
+        record it and turn it into text."""
         p = seq.request.params
-        raw = seq.logits.float()[None]  # (1, V)
         scores = raw
         if p.logit_bias or seq.seen is not None or seq.counts is not None:
             scores = apply_penalties(raw.clone(), seq.seen, seq.counts, p.repetition_penalty, p.presence_penalty,
@@ -293,13 +316,16 @@ class Engine:
             scores = self._json_mask(seq, scores)
         if not p.greedy:
             scores = warp(scores, p.temperature, p.top_k, p.top_p, None)
-        token = int(choose(scores, not p.greedy, seq.generator)[0])
+        if proposed is None:
+            token = int(choose(scores, not p.greedy, seq.generator)[0])
+        else:
+            token = choose_over_draft(scores, proposed, not p.greedy, seq.generator)
         seq.record(token)
         seq.position += 1
         if token in self.eos_ids:
             seq.finish_reason = "stop"
             seq.flush()
-            return
+            return token
         if seq.json is not None:
             seq.json.feed(self._json_texts[token])
         info = None
@@ -315,6 +341,7 @@ class Engine:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.flush()
+        return token
 
     def _json_mask(self, seq: Sequence, scores: torch.Tensor) -> torch.Tensor:
         """Keep only the best candidate tokens whose text keeps the output a prefix of a JSON object."""
@@ -366,7 +393,11 @@ class Engine:
         self.cache = new
 
     def _decode(self) -> None:
-        """One forward pass: the last token of every row at its own position."""
+        """One forward pass: the last token of every row at its own position (and a draft after it, see
+        _decode_with_draft)."""
+        if self.prompt_lookup and len(self.rows) == 1 and self.rows[0].lookup is not None \
+                and self._decode_with_draft(self.rows[0]):
+            return
         positions = torch.tensor([[s.position - 1] for s in self.rows])  # (n, 1)
         kv_length = int(positions.max()) + 1
         self._ensure_cache(kv_length)
@@ -376,6 +407,23 @@ class Engine:
         logits = self.model.decode_logits(ids, positions, rows, kv_length=kv_length)  # (n, V)
         for seq, row in zip(self.rows, logits):
             seq.logits = row
+
+    def _decode_with_draft(self, seq: Sequence) -> bool:
+        """The forward pass of a sequence running alone, with a draft after its last token; False if it has none.
+        Refused draft tokens leave keys in slots past the sequence, overwritten before anything attends to them."""
+        room = min(self.prompt_lookup, seq.request.params.max_tokens - len(seq.generated),
+                   self.context - seq.position)  # (no token past the request's or the model's length)
+        draft = seq.lookup.draft(room)
+        if not draft:
+            return False
+        first = seq.position - 1  # the last token's slot; the draft's follow it
+        kv_length = seq.position + len(draft)
+        self._ensure_cache(kv_length)
+        ids = torch.tensor([[seq.generated[-1], *draft]])  # (1, 1 + n)
+        positions = torch.arange(first, kv_length)[None]
+        seq.logits = self.model.verify_logits(ids, positions, self.cache.rows(0, 1), kv_length=kv_length)
+        seq.draft = draft
+        return True
 
     def _join(self) -> None:
         """Prefill waiting requests into free rows (all choices of a request share one prefill)."""
@@ -398,7 +446,8 @@ class Engine:
             return
         start = len(self.rows)
         try:
-            seqs = [Sequence(r, i, self.tokenizer, self.vocab_size) for r in batch for i in range(r.n)]
+            seqs = [Sequence(r, i, self.tokenizer, self.vocab_size, self.prompt_lookup > 0)
+                    for r in batch for i in range(r.n)]
             self._ensure_cache(max(len(r.prompt) for r in batch) + 1)
             logits, scored = self._prefill(batch, start)  # (k, V), prompt logprobs of those that asked
             self._place(batch, start)
