@@ -123,15 +123,15 @@ def workload(perplexity_tokens: int):
     return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams, "windows": windows, "copy": copy_ids}
 
 
-def prompt_lookup_class():
-    """gpt4.generation.lookup.PromptLookup, loaded from its file: llama.cpp's worker has no torch to import gpt4 with,
-    and both engines must check the same drafts."""
+def prompt_lookup_module():
+    """gpt4.generation.lookup (PromptLookup, MAX_NGRAM), loaded from its file: llama.cpp's worker has no torch to
+    import gpt4 with, and both engines must check the same drafts."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("prompt_lookup", HERE.parent / "gpt4" / "generation" / "lookup.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.PromptLookup
+    return module
 
 
 def _perplexity(window_logits, windows) -> dict:
@@ -313,6 +313,7 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
         run_batch(single, [(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
         return _cold(start, load)
     multi = context(8)  # a second context for the 8-stream test, as llama.cpp's server would configure it
+    lookup_module = prompt_lookup_module()  # loaded once, outside the timed runs
 
     def decode(prompts, new_tokens=NEW_TOKENS, lookup=0):
         ctx = single if len(prompts) == 1 else multi
@@ -330,7 +331,7 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
 
     def decode_with_lookup(prompt, out, new_tokens, lookup):
         """Greedy decoding of one sequence from its first token `out`, checking drafts as ours does."""
-        drafts = prompt_lookup_class()(prompt + out, 3)  # max_matching_ngram_size: GenerationConfig's default
+        drafts = lookup_module.PromptLookup(prompt + out, lookup_module.MAX_NGRAM)  # GenerationConfig's default
         position = len(prompt)  # of out[-1], the one token not in the cache yet
         while len(out) < new_tokens:
             draft = drafts.draft(min(lookup, new_tokens - len(out)))

@@ -395,9 +395,8 @@ class Engine:
     def _decode(self) -> None:
         """One forward pass: the last token of every row at its own position (and a draft after it, see
         _decode_with_draft)."""
-        if self.prompt_lookup and len(self.rows) == 1 and self.rows[0].lookup is not None \
-                and self._decode_with_draft(self.rows[0]):
-            return
+        if len(self.rows) == 1 and self.rows[0].lookup is not None and self._decode_with_draft(self.rows[0]):
+            return  # (a sequence has a lookup only under prompt_lookup > 0)
         positions = torch.tensor([[s.position - 1] for s in self.rows])  # (n, 1)
         kv_length = int(positions.max()) + 1
         self._ensure_cache(kv_length)
