@@ -84,8 +84,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) ->
                    help="speculative decoding: each step also checks up to N tokens copied from where the text's "
                         "last tokens appeared before (3 suits int4). Faster where the output repeats the prompt "
                         "(code edits, quotes, extraction; with --repetition-penalty 1, as 1.1 discourages "
-                        "repeating it), the same tokens up to bf16 rounding. --aot compiles the check; with "
-                        "--compile / --max-autotune it runs eagerly")
+                        "repeating it), the same tokens up to bf16 rounding. Compiled modes compile the check too "
+                        "(--compile / --max-autotune: a third graph, at the first check)")
 
 
 def sampling_kwargs(args) -> dict:

@@ -187,6 +187,22 @@ def attention_mask_for(positions: torch.Tensor, kv_length: int, sliding_window: 
     return mask
 
 
+class TorchCompiledDecode:
+    """compile_decode()'s torch.compile graphs: the one-token decode step (called) and prompt lookup's check of a
+    draft (verify), any number of draft tokens (dynamic, like the batch size and the length)."""
+
+    max_draft = math.inf  # set to 0 if the check fails to compile: drafts are then checked eagerly
+
+    def __init__(self, step, check):
+        self.step, self.check = step, check
+
+    def __call__(self, input_ids, positions, mask, cache) -> torch.Tensor:
+        return self.step(input_ids, positions, mask, cache)  # (B, V)
+
+    def verify(self, input_ids, positions, mask, cache) -> torch.Tensor:
+        return self.check(input_ids, positions, mask, cache)  # (S, V)
+
+
 class GPT4LMHeadModel(nn.Module):
     def __init__(self, config: GPT4Config):
         super().__init__()
@@ -328,13 +344,19 @@ class GPT4LMHeadModel(nn.Module):
                       kv_length: int) -> torch.Tensor:
         """Logits (S, V) in fp32 after each of one sequence's S new tokens: speculative decoding's check of a draft.
 
-        input_ids, positions (1, S), already checked; kv_length = the last position + 1. Runs the step compiled
-        ahead of time where there is one (its `draft` graph, up to max_draft tokens), eagerly otherwise.
+        input_ids, positions (1, S), already checked; kv_length = the last position + 1. After compile_decode() the
+        compiled check runs (torch.compile's, or the `draft` graph compiled ahead of time, up to its max_draft
+        tokens), the eager one otherwise.
         """
         mask = attention_mask_for(positions, kv_length, self.config.sliding_window)  # (1, 1, S, T)
         compiled = self._compiled_decode
         if 2 <= input_ids.shape[1] <= getattr(compiled, "max_draft", 0):
-            return compiled.verify(input_ids, positions, mask, cache)
+            try:
+                return compiled.verify(input_ids, positions, mask, cache)
+            except torch._dynamo.exc.TorchDynamoException as error:  # as in decode_logits: never a failed decode
+                warnings.warn(f"torch.compile of the draft check failed, checking drafts eagerly from now on: "
+                              f"{str(error).strip().splitlines()[0]}", RuntimeWarning, stacklevel=2)
+                compiled.max_draft = 0
         return self._verify_step(input_ids, positions, mask, cache)
 
     def _verify_step(self, input_ids, positions, mask, cache) -> torch.Tensor:
@@ -346,6 +368,7 @@ class GPT4LMHeadModel(nn.Module):
         A decode step becomes a few fused C++ kernels around the matmuls instead of ~6000 small eager operators
         (int4 default model: about 2x the tokens/s). The first step compiles: about a minute per graph (one for
         a single sequence, one for batches) on 2 cores, faster from inductor's on-disk cache in later processes.
+        Prompt lookup's check of a draft (verify_logits) is a third graph, compiled at the first check.
 
         mode="max-autotune" also freezes the weights into the graphs as constants, so that inductor can pack each
         matrix once for its own C++ GEMM templates (AVX-512 / AMX micro-kernels that dequantize int8 and int4
@@ -367,31 +390,31 @@ class GPT4LMHeadModel(nn.Module):
             raise ValueError(f"Unknown compile mode {mode!r}; choose one of {COMPILE_MODES}.")
         if mode == "aot":
             return self._load_compiled_ahead()
-        # Dynamo caches graphs per code object and checks, before reusing one, guards on every module attribute
-        # and parameter: ~1 ms per step. This model's modules are fixed from here on, so those guards are
-        # skipped, and the step gets its own copy of the code so that no other model can be served its graphs.
-        original = GPT4LMHeadModel._decode_step
-        step = types.FunctionType(original.__code__.replace(), globals(), "_decode_step", original.__defaults__)
-        step = types.MethodType(step, self)
+        # Dynamo checks, before reusing a graph, guards on every module attribute and parameter: ~1 ms per step.
+        # This model's modules are fixed from here on, so those guards are skipped.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if mode == "max-autotune":
             options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
             if "TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED" not in os.environ:  # unless asked for: no timings
                 # of every matmul shape's candidates on stderr, in the middle of a chat
                 options.update(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-        compiled = torch.compile(step, dynamic=True, fullgraph=True, options=options)
-        # Settings dynamo reads from the global config while it traces (torch.compile's options reach only
-        # inductor) are set around each call of the step (~6 us each). specialize_float: the modules' float
-        # attributes (norm eps, dropout p) are constants of the graph instead of symbolic inputs that every step
-        # re-checks in Python (180 of the default model's 430 shape guards; ~0.1 ms a step). No duck shaping:
-        # dynamo would otherwise assume that sizes equal when it first traced stay equal, e.g. a first step's
-        # kv_length and the number of KV heads (3 for the default model, after a 2-token prompt), and compile the
-        # whole step again (a minute here) the moment they differ.
-        compiled = torch._dynamo.config.patch(specialize_float=True)(compiled)
-        compiled = torch.fx.experimental._config.patch(use_duck_shape=False)(compiled)
-        if mode == "max-autotune":
-            # `freezing` applies to graphs compiled without autograd, which is how decoding runs.
-            compiled = torch._inductor.config.patch(freezing=True)(compiled)
+
+        def compiled(method):
+            function = types.FunctionType(method.__code__.replace(), globals(), method.__name__, method.__defaults__)
+            graph = torch.compile(types.MethodType(function, self), dynamic=True, fullgraph=True, options=options)
+            # Settings dynamo reads from the global config while it traces (torch.compile's options reach only
+            # inductor) are set around each call of the step (~6 us each). specialize_float: the modules' float
+            # attributes (norm eps, dropout p) are constants of the graph instead of symbolic inputs that every
+            # step re-checks in Python (180 of the default model's 430 shape guards; ~0.1 ms a step). No duck
+            # shaping: dynamo would otherwise assume that sizes equal when it first traced stay equal, e.g. a first
+            # step's kv_length and the number of KV heads (3 for the default model, after a 2-token prompt), and
+            # compile the whole step again (a minute here) the moment they differ.
+            graph = torch._dynamo.config.patch(specialize_float=True)(graph)
+            graph = torch.fx.experimental._config.patch(use_duck_shape=False)(graph)
+            if mode == "max-autotune":
+                # `freezing` applies to graphs compiled without autograd, which is how decoding runs.
+                graph = torch._inductor.config.patch(freezing=True)(graph)
+            return graph
         embedding_rows = getattr(self.embed_tokens, "weight_int8", None)
         for module in self.modules():
             if not isinstance(module, Int8Linear):
@@ -403,7 +426,10 @@ class GPT4LMHeadModel(nn.Module):
                 # 255 -> 357 tokens/s, ctx 512 66 -> 72, ctx 16 91 -> 95. Under max-autotune it was no faster
                 # (inductor's templates or oneDNN's kernel for the head alike), so there the weight-only kernel stays.
                 module.use_integer_matmul(keep_rows=module.weight_int8 is embedding_rows)
-        self._compiled_decode = compiled
+        # The methods' code is copied for this model (dynamo caches graphs per code object), so that no other model
+        # is served its graphs. Each compiles at its first call.
+        self._compiled_decode = TorchCompiledDecode(compiled(GPT4LMHeadModel._decode_step),
+                                                    compiled(GPT4LMHeadModel._verify_step))
         return self
 
     def _load_compiled_ahead(self) -> "GPT4LMHeadModel":

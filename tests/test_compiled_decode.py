@@ -71,6 +71,30 @@ def test_a_first_step_whose_length_equals_another_size_does_not_make_later_steps
     assert model._compiled_decode is not None
 
 
+@needs_compiler
+def test_prompt_lookup_checks_drafts_through_the_compiled_check(monkeypatch):
+    """compile_decode's third graph checks drafts of any length, with plain greedy decoding's tokens."""
+    from gpt4 import GPT4LMHeadModel
+    from gpt4.generation import warm_up_decode
+
+    from .test_prompt_lookup import _oracle_drafts
+
+    model = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15, 16, 23]
+    config = GenerationConfig(max_new_tokens=20, eos_token_id=None)
+    plain = [s[0] for s in generate_tokens(model, [prompt], config)]
+    model.compile_decode()
+    warm_up_decode(model, batch_size=2, lookup=3)  # the check compiled here, at 4 tokens
+    monkeypatch.setattr(GPT4LMHeadModel, "_verify_step", lambda *args: pytest.fail("a draft was checked eagerly"))
+    for lookup in (3, 7):  # 8 tokens: the same graph
+        kept = []
+        with monkeypatch.context() as patch, torch._dynamo.config.patch(error_on_recompile=True):
+            _oracle_drafts(patch, plain, len(prompt), kept)
+            drafted = [s[0] for s in generate_tokens(model, [prompt], config.update(prompt_lookup_num_tokens=lookup))]
+        assert drafted == plain and max(kept) == lookup and sum(kept) > len(plain) // 3
+    assert model._compiled_decode.max_draft > 7
+
+
 def test_an_unknown_compile_mode_is_refused_before_loading():
     from gpt4 import GPT4LMHeadModel
 
@@ -118,18 +142,50 @@ def test_two_compiled_models_keep_their_own_graphs():
 
 
 @needs_compiler
-def test_server_engine_with_a_compiled_model_equals_eager_generation(monkeypatch):
+def test_server_engine_with_a_compiled_model_equals_eager_generation():
     """Continuous batching (rows join and leave, any number of the cache's rows run) on a compiled model, with no
     graph beyond the two the engine compiles at start."""
     model = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)
     expected = engine_case_eager(model)
     model.compile_decode()
-    def started():  # the engine compiled its two graphs as it started: a recompile now would fall back to eager
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    graphs = []
+    assert engine_case(model, lambda: graphs.append(_graphs_compiled())) == expected
+    assert _graphs_compiled() == graphs[0] and model._compiled_decode is not None
 
-    assert engine_case(model, started) == expected
-    assert model._compiled_decode is not None
 
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process. (Its error_on_recompile is a context variable: it would not
+    reach the server engine's thread.)"""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@needs_compiler
+def test_server_engine_checks_drafts_through_the_compiled_check_it_compiled_at_start(monkeypatch):
+    from gpt4 import GPT4LMHeadModel
+    from gpt4.model import TorchCompiledDecode
+    from gpt4.serving.engine import Engine
+
+    from .test_serving_engine import reference, run
+
+    model = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)
+    engine_case_eager(model)  # (its tokenizer and generation config)
+    prompt = [5, 6, 7, 8, 9] * 3  # it repeats: drafts to check
+    expected = reference(model, prompt, 16)
+    model.compile_decode()
+    checks = []
+    verify = TorchCompiledDecode.verify
+    monkeypatch.setattr(TorchCompiledDecode, "verify", lambda self, ids, *a: checks.append(ids.shape[1])
+                        or verify(self, ids, *a))
+    engine = Engine(model, max_batch=2, prompt_lookup=3).start()
+    # Started: its graphs are compiled, the check's included. Nothing compiles again, nothing checks eagerly.
+    graphs = _graphs_compiled()
+    monkeypatch.setattr(GPT4LMHeadModel, "_verify_step", lambda *args: pytest.fail("a draft was checked eagerly"))
+    try:
+        _, collected = run(engine, prompt, max_tokens=16)
+        assert collected.done.wait(60) and collected.failed is None
+    finally:
+        engine.stop(30)
+    assert collected.tokens[0] == expected and len(checks) > 1 and _graphs_compiled() == graphs
 
 ENGINE_PROMPTS, ENGINE_LENGTHS = [[5, 6, 7], [9] * 11, [1, 2], [3, 30, 40, 50, 60]], [20, 6, 12, 9]
 

@@ -228,9 +228,10 @@ def _decode_with_lookup(model, row: Row, logits, cache, position: int, budget: i
                 return
             _note_generated(seen, counts, token)
             lookup.append(token)
-        # chosen[-1] is the only token not in the cache yet; the draft goes in the slots after it, which the
-        # cache has up to the budget's last token.
-        draft = lookup.draft(min(config.prompt_lookup_num_tokens, budget - len(row.generated)))
+        # chosen[-1] is the only token not in the cache yet; the draft goes in the slots after it. Kept whole, the
+        # draft and the model's token after it fill the budget at most, so every check leaves the cache (which ends
+        # at the budget's last token) a slot to spare: compiled checks then see one relation of their sizes.
+        draft = lookup.draft(min(config.prompt_lookup_num_tokens, budget - len(row.generated) - 1))
         ids = torch.tensor([[chosen[-1], *draft]], device=model.device)  # (1, 1 + n)
         positions = torch.arange(position, position + ids.shape[1], device=model.device)[None]
         if draft:  # (1 + n, V): after the token and after each draft token
@@ -265,14 +266,20 @@ def _after_draft(state, draft: list[int]):
     return rows
 
 
-def warm_up_decode(model, batch_size: int = 8) -> None:
-    """Run a few decode steps for one sequence and for a batch: compiles both graphs of a compiled model now
-    rather than during the first requests. The batch graph serves any number of rows; under max-autotune its
-    kernels are timed at batch_size rows."""
+def warm_up_decode(model, batch_size: int = 8, lookup: int = 0) -> None:
+    """Run a few decode steps for one sequence and for a batch, and with lookup > 0 a check of a draft of that many
+    tokens: compiles the graphs of a compiled model now rather than during the first requests. The batch graph
+    serves any number of rows, the check any number of tokens; under max-autotune their kernels are timed at
+    batch_size rows and lookup + 1 tokens."""
     config = GenerationConfig(max_new_tokens=3, eos_token_id=None)
     for prompts in ([[0, 1]], [[0, 1]] * (batch_size - 1) + [[0]]):
         for _ in generate_tokens(model, prompts, config):
             pass
+    if lookup:
+        with torch.inference_mode():
+            cache = model.new_cache(1, 2 * (lookup + 2))  # longer than kv_length, as when generating: no recompile
+            model.verify_logits(torch.zeros(1, lookup + 1, dtype=torch.long), torch.arange(1, lookup + 2)[None],
+                                cache, kv_length=lookup + 2)
 
 
 def _prepare(model, inputs, attention_mask, tokenizer):

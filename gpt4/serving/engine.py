@@ -225,14 +225,19 @@ class Engine:
     @torch.inference_mode()
     def _compile_decode_graphs(self) -> None:
         """Compile the decode step for one row and for several rows of the batch cache now, before the first
-        requests (each graph takes about a minute; /health answers 503 until they exist). The batch graph is
-        first run with every row: under max-autotune its kernels are timed at the full batch, where the server's
-        throughput is decided (the graph serves any number of rows from 2)."""
-        self._ensure_cache(2)
+        requests (each graph takes about a minute; /health answers 503 until they exist), and with prompt lookup
+        the check of a full draft. The batch graph is first run with every row: under max-autotune its kernels are
+        timed at the full batch, where the server's throughput is decided (the graph serves any number of rows
+        from 2)."""
+        self._ensure_cache(2 + self.prompt_lookup)
         for n in sorted({1, self.max_batch}):
             # Writes slot 1 of the first rows: slots past a row's length are overwritten before they are read.
             ids, positions = torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long)
             self.model.decode_logits(ids, positions, self.cache.rows(0, n), kv_length=2)
+        if self.prompt_lookup:
+            tokens = 1 + self.prompt_lookup  # the last token and a draft after it, in slots 1.. of row 0
+            ids, positions = torch.zeros(1, tokens, dtype=torch.long), torch.arange(1, 1 + tokens)[None]
+            self.model.verify_logits(ids, positions, self.cache.rows(0, 1), kv_length=1 + tokens)
 
     def submit(self, request: Request) -> None:
         if request.n > self.max_batch:
@@ -410,8 +415,9 @@ class Engine:
     def _decode_with_draft(self, seq: Sequence) -> bool:
         """The forward pass of a sequence running alone, with a draft after its last token; False if it has none.
         Refused draft tokens leave keys in slots past the sequence, overwritten before anything attends to them."""
-        room = min(self.prompt_lookup, seq.request.params.max_tokens - len(seq.generated),
-                   self.context - seq.position)  # (no token past the request's or the model's length)
+        # Kept whole, the draft and the model's token after it reach the request's or the model's length at most.
+        room = min(self.prompt_lookup, seq.request.params.max_tokens - len(seq.generated) - 1,
+                   self.context - seq.position - 1)
         draft = seq.lookup.draft(room)
         if not draft:
             return False
