@@ -352,7 +352,7 @@ def choose_quant(gguf: GGUFFile, device) -> str:
     - otherwise (F32 / F16 / BF16 layers) "none", the file's precision, as on other CPUs: without vector kernels
       ("default" capability, e.g. other architectures) PyTorch's int4 kernel decodes 5x slower than "none".
 
-    Measured (fp32 activations, AMX Xeon; README, Performance, "Defaults"): the default model (Q4_1) with int4
+    Measured (fp32 activations, AMX Xeon; docs/performance.md, "Defaults"): the default model (Q4_1) with int4
     decodes 33 -> 59 tokens/s in 960 -> 427 MB, perplexity 11.815 -> 11.827; Qwen2.5-Coder-0.5B (Q4_K_M: Q5_0,
     Q8_0, Q4_K, Q6_K) with int8 14 -> 27 tokens/s in 2934 -> 1253 MB, perplexity 8.118 -> 8.150. With kernels
     limited to AVX2 (and no VNNI for int8): int4 1.6x and int8 1.4x "none"'s decoding speed.
@@ -373,7 +373,7 @@ def choose_dtype(device) -> torch.dtype:
     attention kernels compute bf16 natively; float32 on other CPUs, where bf16 is converted in software, and on
     other devices.
 
-    Measured on the AMX Xeon (README, Performance, "Defaults"), the default model with int4 layers: a 512-token
+    Measured on the AMX Xeon (docs/performance.md, "Defaults"), the default model with int4 layers: a 512-token
     prompt 1389 -> 2203 tokens/s, decoding unchanged (63 -> 64 tokens/s), perplexity 11.827 -> 11.819; without
     quantization, prefill 984 -> 3068 tokens/s in 929 -> 602 MB, perplexity 11.815 -> 11.830.
     """
