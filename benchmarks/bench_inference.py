@@ -334,7 +334,7 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
         drafts = lookup_module.PromptLookup(prompt + out, lookup_module.MAX_NGRAM)  # GenerationConfig's default
         position = len(prompt)  # of out[-1], the one token not in the cache yet
         while len(out) < new_tokens:
-            draft = drafts.draft(min(lookup, new_tokens - len(out)))
+            draft = drafts.draft(min(lookup, new_tokens - len(out) - 1))  # as ours: with the next token, the budget
             best = run_batch(single, [(t, position + i, 0, True) for i, t in enumerate([out[-1], *draft])])
             kept = next((j for j, t in enumerate(draft) if best[j] != t), len(draft))
             # Refused drafts' keys leave the cache: llama.cpp would otherwise attend to them later.

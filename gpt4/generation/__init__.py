@@ -277,9 +277,16 @@ def warm_up_decode(model, batch_size: int = 8, lookup: int = 0) -> None:
             pass
     if lookup:
         with torch.inference_mode():
-            cache = model.new_cache(1, 2 * (lookup + 2))  # longer than kv_length, as when generating: no recompile
-            model.verify_logits(torch.zeros(1, lookup + 1, dtype=torch.long), torch.arange(1, lookup + 2)[None],
-                                cache, kv_length=lookup + 2)
+            warm_up_check(model, model.new_cache(1, 2 * (lookup + 2)), lookup)
+
+
+def warm_up_check(model, cache, lookup: int) -> None:
+    """Check a draft of `lookup` tokens in slots 1.. of the cache's first row (slots past a sequence are overwritten
+    before they are read): compiles the check of a compiled model now. The cache must be longer than the check's
+    lookup + 2 slots, as when generating: a check that fills it is another size relation, compiled again."""
+    assert cache.max_length > lookup + 2, (cache.max_length, lookup)
+    ids, positions = torch.zeros(1, lookup + 1, dtype=torch.long), torch.arange(1, lookup + 2)[None]
+    model.verify_logits(ids, positions, cache.rows(0, 1), kv_length=lookup + 2)
 
 
 def _prepare(model, inputs, attention_mask, tokenizer):

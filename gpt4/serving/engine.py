@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..cache import KVCache
-from ..generation import PREFILL_CHUNK
+from ..generation import PREFILL_CHUNK, warm_up_check
 from ..generation.lookup import MAX_NGRAM, PromptLookup
 from ..generation.sampling import apply_penalties, choose, choose_over_draft, warp
 from ..tokenizer import IncrementalDecoder
@@ -233,15 +233,13 @@ class Engine:
         the check of a full draft. The batch graph is first run with every row: under max-autotune its kernels are
         timed at the full batch, where the server's throughput is decided (the graph serves any number of rows
         from 2)."""
-        self._ensure_cache(2 + self.prompt_lookup)
+        self._ensure_cache(3 + self.prompt_lookup)
         for n in sorted({1, self.max_batch}):
             # Writes slot 1 of the first rows: slots past a row's length are overwritten before they are read.
             ids, positions = torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long)
             self.model.decode_logits(ids, positions, self.cache.rows(0, n), kv_length=2)
         if self.prompt_lookup:
-            tokens = 1 + self.prompt_lookup  # the last token and a draft after it, in slots 1.. of row 0
-            ids, positions = torch.zeros(1, tokens, dtype=torch.long), torch.arange(1, 1 + tokens)[None]
-            self.model.verify_logits(ids, positions, self.cache.rows(0, 1), kv_length=1 + tokens)
+            warm_up_check(self.model, self.cache, self.prompt_lookup)
 
     def submit(self, request: Request) -> None:
         if request.n > self.max_batch:
