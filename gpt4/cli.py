@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -255,12 +256,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
+        code = 0
     except GPT4Error as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except BrokenPipeError:
-        return 0
-    return 0
+        code = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker
+        from .training.distributed import exit_worker
+
+        exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":

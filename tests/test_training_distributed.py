@@ -118,3 +118,25 @@ def test_a_rank_killed_under_max_restarts_resumes_and_loses_nothing(data_dir, tm
     assert run.returncode == 0, output[-3000:]
     assert "resumed from" in output and str(out / "checkpoints") in output  # the restarted group resumed
     assert losses(out) == losses(full)
+
+
+def test_a_torchrun_worker_skips_interpreter_shutdown_but_keeps_its_output_and_exit_code():
+    """Under torchrun (WORLD_SIZE > 1) the command line ends its process with os._exit (training.distributed.
+    exit_worker): the gloo threads FSDP leaves running must not meet a finalizing interpreter. Buffered output still
+    arrives, a user error still exits 1, and atexit handlers, the sign of a normal shutdown, do not run."""
+    script = ("import atexit, sys; atexit.register(print, 'interpreter shutdown'); from gpt4.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+
+    def cli(*args, world_size):
+        env = dict(os.environ, WORLD_SIZE=str(world_size), PYTHONPATH=str(ROOT))
+        env.pop("PYTHONUNBUFFERED", None)  # piped output stays in its buffer until flushed
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=120)
+
+    alone = cli("models", world_size=1)
+    assert alone.returncode == 0 and "interpreter shutdown" in alone.stdout
+    worker = cli("models", world_size=2)
+    assert worker.returncode == 0 and "SmolLM2-135M-Instruct" in worker.stdout, worker.stderr
+    assert "interpreter shutdown" not in worker.stdout
+    failed = cli("generate", "hi", "--model", "no-such-model", world_size=2)
+    assert failed.returncode == 1 and "neither a known model name" in failed.stderr
