@@ -20,8 +20,8 @@ from gpt4 import GPT4LMHeadModel
 from gpt4.generation import GenerationConfig, generate_tokens
 
 CATEGORIES = [  # first match wins; operator names as the profiler reports them
-    ("weight matmuls", ("_weight_int4pack_mm", "_weight_int8pack_mm", "int4mm_packed_weight", "aten::_int_mm",
-                        "qlinear_pointwise", "packed_int8_matmul",
+    ("weight matmuls", ("w4a8_matmul", "_weight_int4pack_mm", "_weight_int8pack_mm", "int4mm_packed_weight",
+                        "aten::_int_mm", "qlinear_pointwise", "packed_int8_matmul",
                         "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("attention (SDPA)", ("scaled_dot_product", "_scaled_dot_product", "flash_attention")),
     ("KV cache writes", ("index_copy", "index_put", "scatter")),
@@ -44,7 +44,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt4")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quant", default="int4", choices=["none", "int8", "int4", "w8a8"])
+    parser.add_argument("--quant", default="int4", choices=["none", "int8", "int4", "w8a8", "w4a8"])
     parser.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--context", type=int, default=16, help="prompt tokens before decoding")
     parser.add_argument("--batch", type=int, default=1)

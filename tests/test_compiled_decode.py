@@ -42,10 +42,16 @@ def _step_logits(model, prompts):
 @pytest.mark.parametrize("family,quant,mode", [("llama-gqa-untied", "none", "default"), ("mistral", "none", "default"),
                                                ("llama-gqa-untied", "int4", "default"),
                                                ("llama-gqa-untied", "w8a8", "default"),
+                                               ("llama-gqa-untied", "w4a8", "default"),  # our C++ operator
                                                # frozen weights, inductor's own GEMM kernels for int4 and int8
                                                ("llama-gqa-untied", "int4", "max-autotune"),
                                                ("qwen2", "int8", "max-autotune")])
 def test_compiled_decode_equals_eager(family, quant, mode):
+    if quant == "w4a8":
+        from gpt4.kernels import w4a8_unavailable_reason
+
+        if w4a8_unavailable_reason():
+            pytest.skip(w4a8_unavailable_reason())
     # hidden 64: the int4 kernel's smallest tile
     model = tiny_model(family, hidden_size=64, intermediate_size=128)
     if quant != "none":

@@ -193,3 +193,85 @@ def test_a_weight_only_int8_layer_switched_to_integer_matmuls_keeps_its_tied_emb
     want = F.linear(_activations_seen(x, 16), head.dequantized())
     torch.testing.assert_close(head(x).float(), want, atol=1e-3, rtol=0.01)
     torch.testing.assert_close(head(x).float(), weight_only.float(), atol=0.05, rtol=0.02)
+
+
+def _w4a8_or_skip():
+    from gpt4.kernels import w4a8_unavailable_reason
+
+    reason = w4a8_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _activations_in_groups_of_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, K) as the w4a8 kernel quantizes it: int8 values and a scale per group of 32, max |x| / 127."""
+    groups = x.reshape(x.shape[0], -1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    q = (groups * torch.where(amax > 0, 127 / amax, 0)).round()  # half to even, as the kernel's conversion
+    return q, amax / 127
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 20, 200])  # the kernel (tiles of 8 rows) and prefill's matmul
+def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_of_32(rows):
+    _w4a8_or_skip()
+    from gpt4.quant import W4A8Linear
+
+    generator = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 96, generator=generator), torch.randn(48, generator=generator)  # 3 blocks of 16 rows
+    int4 = Int4Linear.from_float(w, b, group_size=32)
+    layer = W4A8Linear(int4)
+    assert torch.equal(layer.dequantized_t().t(), int4.dequantized())  # prefill's bf16 weight: Int4Linear's
+    # The kernel's weight, (q - 8) * scale + zero in fp32 from the stored scales and zeros (not rounded to bf16).
+    scale, zero = int4.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups)
+    q = int4.dequantized_q().float().reshape(48, 3, 32)
+    weight = ((q - 8) * scale[..., None] + zero[..., None]).reshape(48, 96)
+    x = torch.randn(rows, 96, generator=generator) * torch.linspace(0.1, 10, 96)  # groups of different ranges
+    x[0, :32] = 0  # an all-zero group: scale 0, no division by it
+    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight, as Int4Linear
+        torch.testing.assert_close(layer(x), int4(x))
+        return
+    q, scale = _activations_in_groups_of_32(x)
+    # Integer products per group, times the group's activation scale; the weight's d * q + m in fp32.
+    want = F.linear((q * scale).reshape(rows, 96), weight, b.bfloat16().float())
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+    off = (layer(x) - F.linear(x, weight, b.bfloat16().float())).norm() / want.norm()
+    assert 1e-4 < off < 0.02  # the int8 activations: visible, small
+    assert torch.equal(layer(x[:1]), layer(x)[:1])  # a row does not depend on the others
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_w4a8_default_model_runs_the_files_groups_with_int8_activations(default_model):
+    """--quant w4a8 on the Q4_1 default model: every layer int4 would hold becomes W4A8Linear, the head stays
+    int8; its decode logits stay close to fp32's, and ahead-of-time compiling is refused with a reason."""
+    _w4a8_or_skip()
+    from gpt4 import aot
+    from gpt4.quant import W4A8Linear
+
+    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="w4a8")
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.layers[0].mlp.down_proj, W4A8Linear)
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
+    int4 = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="int4")
+    assert linear_bytes(model) < 1.2 * linear_bytes(int4)  # fp32 scales and offsets: a little more
+    ids = torch.tensor([default_model.tokenizer.encode("The Eiffel Tower is located in the city of")])
+    with torch.no_grad():
+        want = default_model(ids).logits[0, -1]
+        cache_free_step = model(ids[:, -1:]).logits[0, -1]  # one row: the kernel
+        got = model(ids).logits[0, -1].float()
+    assert torch.isfinite(cache_free_step).all()
+    assert F.cosine_similarity(want, got, dim=0) > 0.97 and want.argmax() == got.argmax()
+    out = model.generate(ids, max_new_tokens=8)[0, ids.shape[1]:]  # decoding: one row at a time
+    assert "Paris" in model.tokenizer.decode(out.tolist())
+    assert "w4a8" in aot.unsupported(model)
+
+
+def test_w4a8_where_it_cannot_run_says_why():
+    from gpt4 import kernels
+    from gpt4.errors import GPT4Error
+
+    original = kernels.w4a8_unavailable_reason
+    kernels.w4a8_unavailable_reason = lambda: "--quant w4a8 needs a CPU with AVX-512 VNNI; use --quant int4."
+    try:
+        with pytest.raises(GPT4Error, match="AVX-512 VNNI"):
+            kernels.load_w4a8.__wrapped__()
+    finally:
+        kernels.w4a8_unavailable_reason = original

@@ -119,7 +119,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
 
     dtype: float32 by default (what training wants); "auto" is bfloat16 where the CPU computes it natively (see
     choose_dtype), float32 elsewhere.
-    quant="int8"|"int4"|"w8a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
+    quant="int8"|"int4"|"w8a8"|"w4a8" keeps the linear layers quantized (see gpt4.quant) for fast decoding;
     quant="auto" picks one of those from a GGUF's block formats (see choose_quant), "none" for other weights;
     compile=True compiles the decode step with torch.compile, compile="max-autotune" in that mode, compile="aot"
     ahead of time into packages cached on disk (see GPT4LMHeadModel.compile_decode and gpt4.aot).
@@ -141,6 +141,7 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
 
 def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
     from ..generation import GenerationConfig
+    from ..quant import INT4_MODES
     from ..tokenizer import Tokenizer
 
     gguf, placeholders = None, set()
@@ -155,7 +156,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             # quantized a transformer block at a time; and the token embedding, made int8 a slice of rows at a time.
             if quant != "none" and "token_embd.weight" in gguf.tensors:
                 placeholders = {"token_embd.weight"}
-            if quant == "int4":
+            if quant in INT4_MODES:
                 placeholders |= _linear_tensors(gguf, INT4_TYPES)
             elif quant != "none":
                 placeholders |= _linear_tensors(gguf)
@@ -175,11 +176,11 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
 
             layers = None  # the placeholder layers' tensors, read from the file a block at a time
             if gguf is not None:
-                read = gguf.int4_groups if quant == "int4" else (lambda name: gguf.tensor(name, dtype))
+                read = gguf.int4_groups if quant in INT4_MODES else (lambda name: gguf.tensor(name, dtype))
                 layers = _GGUFBlockTensors(gguf, config, read, placeholders - {"token_embd.weight"})
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
-            quantize_(model, quant, exact_int4=layers if quant == "int4" else None,
-                      weights=None if quant == "int4" else layers,
+            quantize_(model, quant, exact_int4=layers if quant in INT4_MODES else None,
+                      weights=None if quant in INT4_MODES else layers,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None)
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a placeholder was not replaced"
         return_freed_memory()
