@@ -28,7 +28,7 @@ from torch import nn
 
 from .cache import KVCache
 from .model import attention_mask_for
-from .quant import DEQUANTIZE_ROWS, Int4Linear, Int8Linear, W4A8Linear
+from .quant import DEQUANTIZE_ROWS, Int4Linear, Int8Linear
 
 GRAPHS = ("one", "batch", "draft")  # a single sequence; 2..MAX_BATCH rows; 2..MAX_DRAFT tokens of one sequence
 MAX_BATCH = DEQUANTIZE_ROWS - 1  # from DEQUANTIZE_ROWS rows on, the quantized layers take another path
@@ -93,8 +93,6 @@ def unsupported(model) -> str | None:
     if any(getattr(m, "packed", None) is not None for m in model.modules() if isinstance(m, Int8Linear)):
         return ("int8 layers packed for oneDNN's integer matmuls (--quant int8 on a CPU with VNNI, w8a8) are not "
                 "supported ahead of time; --compile compiles them")
-    if any(isinstance(m, W4A8Linear) for m in model.modules()):
-        return "w4a8 layers (a kernel of our own) are not supported ahead of time yet; --compile compiles them"
     if len({m.group_size for m in model.modules() if isinstance(m, Int4Linear)}) > 1:
         return "int4 layers of different group sizes are not supported ahead of time"
     return None

@@ -151,6 +151,34 @@ def test_a_package_that_does_not_load_is_a_warning_and_eager_decoding(tmp_path, 
     assert model._compiled_decode is None
 
 
+@needs_compiler
+def test_w4a8_layers_our_own_operator_compile_ahead_and_equal_eager(tmp_path, monkeypatch):
+    """The packages call gpt4_kernels::w4a8_matmul through AOTInductor's proxy executor: registered by quantizing,
+    before any package loads."""
+    from gpt4.kernels import w4a8_unavailable_reason
+
+    if w4a8_unavailable_reason():
+        pytest.skip(w4a8_unavailable_reason())
+    monkeypatch.setenv("GPT4_HOME", str(tmp_path))
+
+    def w4a8_model():
+        return quantize_(tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128), "w4a8")
+
+    model = w4a8_model()
+    eager = (_tokens(model, PROMPTS[:1]), _tokens(model, PROMPTS), _step_logits(model, PROMPTS))
+    with pytest.warns(RuntimeWarning, match="Compiling the decode step ahead of time"):
+        model.compile_decode("aot")
+    assert isinstance(model._compiled_decode, aot.CompiledDecode)
+    compiled = (_tokens(model, PROMPTS[:1]), _tokens(model, PROMPTS), _step_logits(model, PROMPTS))
+    assert compiled[:2] == eager[:2]
+    torch.testing.assert_close(compiled[2], eager[2], atol=2e-2, rtol=1e-4)
+    again = w4a8_model()  # loaded, not built
+    monkeypatch.setattr(aot, "build", lambda *args, **kwargs: pytest.fail("built again"))
+    again.compile_decode("aot")
+    assert isinstance(again._compiled_decode, aot.CompiledDecode)
+    assert (_tokens(again, PROMPTS[:1]), _tokens(again, PROMPTS)) == eager[:2]
+
+
 def test_int8_layers_packed_for_onednn_are_refused_before_any_build(tmp_path, monkeypatch):
     from gpt4.quant import integer_matmul_available
 
