@@ -27,7 +27,7 @@ W4A8_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-ma
 @functools.cache
 def w4a8_unavailable_reason() -> str | None:
     """Why --quant w4a8 cannot run here, or None when it can (the CPU and a C++ toolchain; not whether it builds)."""
-    if not torch.cpu._is_vnni_supported() or "avx512_vnni" not in _cpu_flags():
+    if "avx512_vnni" not in _cpu_flags():  # (torch.cpu._is_vnni_supported also counts 256-bit AVX-VNNI)
         return "--quant w4a8 needs a CPU with AVX-512 VNNI (avx512_vnni in /proc/cpuinfo); use --quant int4."
     from torch.utils.cpp_extension import is_ninja_available
 
@@ -39,7 +39,7 @@ def w4a8_unavailable_reason() -> str | None:
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags to read, and no build flags tested there
+    except OSError:  # not Linux: the kernel's build was never tried there
         return ""
 
 
