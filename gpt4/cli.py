@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `gpt4` program: the exit code, or, in a torchrun worker (WORLD_SIZE > 1), the end of the process
+    (training.distributed.exit_worker says why)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
