@@ -253,10 +253,15 @@ class Int4Linear(nn.Module):
         return y.to(dtype)  # the caller's dtype: an fp32 model with quantized layers stays fp32 between them
 
     def dequantized_q(self) -> torch.Tensor:
-        """q (out, in) in 0..15, uint8."""
+        """q (out, in) in 0..15, uint8 (a transposed view of _q_t)."""
+        return self._q_t().t()
+
+    def _q_t(self) -> torch.Tensor:
+        """q transposed, (in, out) in 0..15, uint8: the order prefill's dequantization writes."""
         if self.nibbles is None:
-            return _unpack_kernel_layout_t(self.packed, self.out_features, self.in_features).t()
-        return torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(self.out_features, self.in_features)
+            return _unpack_kernel_layout_t(self.packed, self.out_features, self.in_features)
+        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(self.out_features, self.in_features)
+        return q.t().contiguous()
 
     def dequantized(self) -> torch.Tensor:
         """The weight (out, in) in the compute dtype (a transposed view of dequantized_t)."""
@@ -270,11 +275,7 @@ class Int4Linear(nn.Module):
         (out, in), where they repeat every 32 elements).
         """
         out_features, in_features, groups = self.out_features, self.in_features, self.in_features // self.group_size
-        if self.nibbles is None:
-            q_t = _unpack_kernel_layout_t(self.packed, out_features, in_features)  # (in, out)
-        else:
-            q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(out_features, in_features)
-            q_t = q.t().contiguous()  # (in, out)
+        q_t = self._q_t()  # (in, out)
         # q - 8 in 0..15 - 8 is exact in int8 and in the compute dtype; addcmul rounds its result once.
         q_t = (q_t.view(torch.int8) - 8).to(self.scales_and_zeros.dtype).view(groups, self.group_size, out_features)
         scale_zero = self.scales_and_zeros[:, None]  # (groups, 1, out, 2)

@@ -23,6 +23,15 @@ FAMILIES = {
 }
 
 
+def skip_without_w4a8() -> None:
+    """Skip where --quant w4a8 cannot run (no AVX-512 VNNI, no ninja), saying which."""
+    from gpt4.kernels import w4a8_unavailable_reason
+
+    reason = w4a8_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
 def tiny_config(family: str, **overrides) -> GPT4Config:
     return GPT4Config(**{**FAMILIES[family], **overrides})
 

@@ -9,7 +9,7 @@ import torch
 from gpt4 import aot
 from gpt4.quant import quantize_
 
-from .conftest import tiny_model
+from .conftest import skip_without_w4a8, tiny_model
 from .test_compiled_decode import GREEDY, PROMPTS, _step_logits, _tokens, needs_compiler
 
 
@@ -155,10 +155,7 @@ def test_a_package_that_does_not_load_is_a_warning_and_eager_decoding(tmp_path, 
 def test_w4a8_layers_our_own_operator_compile_ahead_and_equal_eager(tmp_path, monkeypatch):
     """The packages call gpt4_kernels::w4a8_matmul through AOTInductor's proxy executor: registered by quantizing,
     before any package loads."""
-    from gpt4.kernels import w4a8_unavailable_reason
-
-    if w4a8_unavailable_reason():
-        pytest.skip(w4a8_unavailable_reason())
+    skip_without_w4a8()
     monkeypatch.setenv("GPT4_HOME", str(tmp_path))
 
     def w4a8_model():

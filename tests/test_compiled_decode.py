@@ -12,7 +12,7 @@ import torch
 from gpt4.generation import GenerationConfig, generate_tokens
 from gpt4.quant import integer_matmul_available, quantize_
 
-from .conftest import tiny_model
+from .conftest import skip_without_w4a8, tiny_model
 
 GREEDY = GenerationConfig(max_new_tokens=12, eos_token_id=None)
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +48,7 @@ def _step_logits(model, prompts):
                                                ("qwen2", "int8", "max-autotune")])
 def test_compiled_decode_equals_eager(family, quant, mode):
     if quant == "w4a8":
-        from gpt4.kernels import w4a8_unavailable_reason
-
-        if w4a8_unavailable_reason():
-            pytest.skip(w4a8_unavailable_reason())
+        skip_without_w4a8()
     # hidden 64: the int4 kernel's smallest tile
     model = tiny_model(family, hidden_size=64, intermediate_size=128)
     if quant != "none":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from gpt4 import GPT4LMHeadModel
 from gpt4.quant import Int4Linear, Int8Embedding, Int8Linear, integer_matmul_available, linear_bytes, quantize_
 
-from .conftest import tiny_model
+from .conftest import skip_without_w4a8, tiny_model
 
 
 def _activations_seen(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -195,14 +195,6 @@ def test_a_weight_only_int8_layer_switched_to_integer_matmuls_keeps_its_tied_emb
     torch.testing.assert_close(head(x).float(), weight_only.float(), atol=0.05, rtol=0.02)
 
 
-def _w4a8_or_skip():
-    from gpt4.kernels import w4a8_unavailable_reason
-
-    reason = w4a8_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-
-
 def _activations_in_groups_of_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, K) as the w4a8 kernel quantizes it: int8 values and a scale per group of 32, max |x| / 127."""
     groups = x.reshape(x.shape[0], -1, 32)
@@ -213,7 +205,7 @@ def _activations_in_groups_of_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 20, 200])  # the kernel (tiles of 8 rows) and prefill's matmul
 def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_of_32(rows):
-    _w4a8_or_skip()
+    skip_without_w4a8()
     from gpt4.quant import W4A8Linear
 
     generator = torch.Generator().manual_seed(0)
@@ -243,7 +235,7 @@ def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_o
 def test_w4a8_default_model_runs_the_files_groups_with_int8_activations(default_model):
     """--quant w4a8 on the Q4_1 default model: every layer int4 would hold becomes W4A8Linear, the head stays
     int8; its decode logits stay close to fp32's, and it may be compiled ahead of time."""
-    _w4a8_or_skip()
+    skip_without_w4a8()
     from gpt4 import aot
     from gpt4.quant import W4A8Linear
 
@@ -264,14 +256,11 @@ def test_w4a8_default_model_runs_the_files_groups_with_int8_activations(default_
     assert aot.unsupported(model) is None
 
 
-def test_w4a8_where_it_cannot_run_says_why():
+def test_w4a8_where_it_cannot_run_says_why(monkeypatch):
     from gpt4 import kernels
     from gpt4.errors import GPT4Error
 
-    original = kernels.w4a8_unavailable_reason
-    kernels.w4a8_unavailable_reason = lambda: "--quant w4a8 needs a CPU with AVX-512 VNNI; use --quant int4."
-    try:
-        with pytest.raises(GPT4Error, match="AVX-512 VNNI"):
-            kernels.load_w4a8.__wrapped__()
-    finally:
-        kernels.w4a8_unavailable_reason = original
+    monkeypatch.setattr(kernels, "w4a8_unavailable_reason",
+                        lambda: "--quant w4a8 needs a CPU with AVX-512 VNNI; use --quant int4.")
+    with pytest.raises(GPT4Error, match="AVX-512 VNNI"):
+        kernels.load_w4a8.__wrapped__()
