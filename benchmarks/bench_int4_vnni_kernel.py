@@ -46,7 +46,7 @@ def layer_inputs(model, prompt: str) -> dict[str, torch.Tensor]:
 def kernels(int4: Int4Linear, w4a8: W4A8Linear):
     """The two kernels as decode calls them, x (rows, in) in the compute dtype -> (rows, out)."""
     return {"pytorch": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4.packed, 32, int4.scales_and_zeros),
-            "w4a8": lambda x: torch.ops.gpt4_kernels.w4a8_matmul(x, w4a8.packed, w4a8.d, w4a8.m)}
+            "w4a8": lambda x: torch.ops.gpt4_kernels.w4a8_matmul(x, w4a8.blocks)}
 
 
 def time_call(fn, calls: int) -> float:

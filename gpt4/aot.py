@@ -33,7 +33,7 @@ from .quant import DEQUANTIZE_ROWS, Int4Linear, Int8Linear
 GRAPHS = ("one", "batch", "draft")  # a single sequence; 2..MAX_BATCH rows; 2..MAX_DRAFT tokens of one sequence
 MAX_BATCH = DEQUANTIZE_ROWS - 1  # from DEQUANTIZE_ROWS rows on, the quantized layers take another path
 MAX_DRAFT = 16  # prompt lookup checks up to MAX_DRAFT - 1 draft tokens after the newest one in the compiled graph
-_TRACED_SOURCES = ("model.py", "quant.py", "cache.py", "aot.py")
+_TRACED_SOURCES = ("model.py", "quant.py", "cache.py", "aot.py", "kernels/w4a8.cpp")  # w4a8: the operator's schema
 
 
 class _Step(nn.Module):

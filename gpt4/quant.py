@@ -284,11 +284,11 @@ class Int4Linear(nn.Module):
 
 
 class W4A8Linear(nn.Module):
-    """The 4-bit groups of 32 of Int4Linear, w = d * q + m, multiplied by activations quantized to int8 in the same
+    """The 4-bit groups of 32 of Int4Linear, w = scale (q - 8) + zero, multiplied by activations quantized to int8 in the same
     groups (gpt4/kernels/w4a8.cpp, AVX-512 VNNI): a decode step's matmuls 1.3x (one row) to 2x (8 rows or more)
     faster than PyTorch's int4 kernel, at +0.13% perplexity. Prompt chunks of DEQUANTIZE_ROWS rows or more
-    dequantize to the compute dtype as Int4Linear does. Output rows in blocks of 16: out_features % 16 == 0
-    (quantize_ keeps Int4Linear for other layers)."""
+    dequantize to the compute dtype as Int4Linear does. quantize_ keeps Int4Linear for layers the kernel cannot hold
+    (see fits)."""
 
     def __init__(self, layer: Int4Linear):
         super().__init__()
@@ -298,39 +298,52 @@ class W4A8Linear(nn.Module):
         n, k = layer.out_features, layer.in_features
         assert n % 16 == 0 and k % 32 == 0 and layer.group_size == 32, (n, k, layer.group_size)
         q = layer.dequantized_q()  # (n, k) in 0..15
-        scale_zero = layer.scales_and_zeros.float()  # (k / 32, n, 2)
-        # (q - 8) * scale + zero = scale * q + (zero - 8 * scale)
-        d, m = scale_zero[..., 0].t(), scale_zero[..., 1].t() - 8 * scale_zero[..., 0].t()  # (n, k / 32)
+        scale, zero = layer.scales_and_zeros.transpose(0, 1).unbind(-1)  # (n, k / 32) each: w = scale (q - 8) + zero
         groups = q.reshape(n // 16, 16, k // 32, 32).transpose(1, 2)  # (n/16, k/32, 16 rows, 32)
         low = groups[..., :16].reshape(n // 16, k // 32, 16, 4, 4)  # (..., row, chunk, byte)
         high = groups[..., 16:].reshape(n // 16, k // 32, 16, 4, 4)
-        packed = (low | (high << 4)).permute(0, 1, 3, 2, 4).reshape(n // 16, k // 32, 4, 64)  # (.., chunk, 16 x 4)
-        self.register_buffer("packed", packed.contiguous())
-        self.register_buffer("d", d.reshape(n // 16, 16, k // 32).transpose(1, 2).contiguous())  # (n/16, k/32, 16)
-        self.register_buffer("m", m.reshape(n // 16, 16, k // 32).transpose(1, 2).contiguous())
+        nibbles = (low | (high << 4)).permute(0, 1, 3, 2, 4).reshape(n // 16, k // 32, 256)  # (.., chunk, 16 x 4)
+
+        def per_block(v):  # (n, k / 32) -> (n/16, k/32, 32 bytes): the 16 rows' values in float16 (exact: see fits)
+            return v.reshape(n // 16, 16, k // 32).transpose(1, 2).half().contiguous().view(torch.uint8)
+
+        # One stream that a call reads in order: each block's nibbles, then its scales and zeros.
+        self.register_buffer("blocks", torch.cat((nibbles, per_block(scale), per_block(zero)), dim=-1))  # (.., 320)
         self.bias = layer.bias
         self.in_features, self.out_features, self.dtype = k, n, layer.scales_and_zeros.dtype
+
+    @staticmethod
+    def fits(layer: Int4Linear) -> bool:
+        """Whether the kernel can hold `layer`: output rows in blocks of 16, groups of 32, and scales and zeros that
+        float16 holds exactly (bf16 values between 2^-14 and 65504, or 0: real weights' are far from either end)."""
+        values = layer.scales_and_zeros
+        exact = torch.equal(values.half().to(values.dtype), values)
+        return layer.out_features % 16 == 0 and layer.group_size == 32 and exact
 
     def forward(self, x):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1])  # (N, in)
         if x.shape[0] >= DEQUANTIZE_ROWS:
             y = x.to(self.dtype) @ self.dequantized_t()
-        else:
-            y = torch.ops.gpt4_kernels.w4a8_matmul(x, self.packed, self.d, self.m)
+        else:  # in x's dtype, float32 or bfloat16
+            y = torch.ops.gpt4_kernels.w4a8_matmul(x, self.blocks)
         y = y.reshape(*shape[:-1], self.out_features)
         y = y if self.bias is None else y + self.bias
         return y.to(dtype)
 
     def dequantized_t(self) -> torch.Tensor:
-        """The weight transposed, (in, out), in the compute dtype: d * q + m."""
+        """The weight transposed, (in, out), in the compute dtype: scale (q - 8) + zero, as Int4Linear's."""
         n, k = self.out_features, self.in_features
-        chunks = self.packed.view(n // 16, k // 32, 4, 16, 4)  # (.., chunk, row, byte)
+        chunks = self.blocks[..., :256].unflatten(-1, (4, 16, 4))  # (.., chunk, row, byte)
         q = torch.cat((chunks & 15, chunks >> 4), dim=2)  # (n/16, k/32, 8, 16 rows, 4): value 4 * chunk8 + byte
         q = q.permute(1, 2, 4, 0, 3).reshape(k, n)  # (k/32, 8, 4, n/16, 16) -> (in, out)
-        d = self.d.transpose(0, 1).reshape(k // 32, 1, n)  # (k/32, 1, out)
-        m = self.m.transpose(0, 1).reshape(k // 32, 1, n)
-        w_t = torch.addcmul(m, q.view(k // 32, 32, n).float(), d)  # (k/32, 32, out) in fp32, rounded once below
+
+        def per_output(start):  # the blocks' scales (start 256) or zeros (288) -> (k/32, 1, out) in fp32
+            v = self.blocks[..., start:start + 32].contiguous().view(torch.float16)  # (n/16, k/32, 16)
+            return v.transpose(0, 1).reshape(k // 32, 1, n).float()
+
+        scale, zero = per_output(256), per_output(288)
+        w_t = torch.addcmul(zero, q.view(k // 32, 32, n).float() - 8, scale)  # (k/32, 32, out) in fp32, rounded once
         return w_t.view(k, n).to(self.dtype)
 
 
@@ -425,8 +438,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 k = child.in_features
                 group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)
                 new = Int4Linear.from_float(weight, child.bias, group)
-            if mode == "w4a8" and isinstance(new, Int4Linear) and new.out_features % 16 == 0 \
-                    and new.group_size == 32:
+            if mode == "w4a8" and isinstance(new, Int4Linear) and W4A8Linear.fits(new):
                 new = W4A8Linear(new)
             setattr(parent, name, new)
     model.quant = mode
@@ -462,7 +474,7 @@ def linear_bytes(model: nn.Module) -> int:
         elif isinstance(m, Int4Linear):  # a plain copy of the nibbles, if any, is read by prefill only
             total += sum(b.numel() * b.element_size() for b in (m.packed, m.scales_and_zeros))
         elif isinstance(m, W4A8Linear):
-            total += sum(b.numel() * b.element_size() for b in (m.packed, m.d, m.m))
+            total += m.blocks.numel()
     return total
 
 

@@ -219,6 +219,8 @@ def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_o
     weight = ((q - 8) * scale[..., None] + zero[..., None]).reshape(48, 96)
     x = torch.randn(rows, 96, generator=generator) * torch.linspace(0.1, 10, 96)  # groups of different ranges
     x[0, :32] = 0  # an all-zero group: scale 0, no division by it
+    kernel = torch.ops.gpt4_kernels.w4a8_matmul  # reads bf16 as it is and rounds its bf16 result as torch does
+    assert torch.equal(kernel(x.bfloat16(), layer.blocks), kernel(x.bfloat16().float(), layer.blocks).bfloat16())
     if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight, as Int4Linear
         torch.testing.assert_close(layer(x), int4(x))
         return
@@ -243,7 +245,7 @@ def test_w4a8_default_model_runs_the_files_groups_with_int8_activations(default_
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.layers[0].mlp.down_proj, W4A8Linear)
     assert not any(isinstance(m, Int4Linear) for m in model.modules())
     int4 = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="int4")
-    assert linear_bytes(model) < 1.2 * linear_bytes(int4)  # fp32 scales and offsets: a little more
+    assert linear_bytes(model) == linear_bytes(int4)  # the same nibbles, scales and zeros, in 16 bits each
     ids = torch.tensor([default_model.tokenizer.encode("The Eiffel Tower is located in the city of")])
     with torch.no_grad():
         want = default_model(ids).logits[0, -1]
@@ -254,6 +256,31 @@ def test_w4a8_default_model_runs_the_files_groups_with_int8_activations(default_
     out = model.generate(ids, max_new_tokens=8)[0, ids.shape[1]:]  # decoding: one row at a time
     assert "Paris" in model.tokenizer.decode(out.tolist())
     assert aot.unsupported(model) is None
+
+
+def test_w4a8_rounds_a_bf16_result_half_to_even():
+    """Its bf16 output rounds as torch does: 257, halfway between bf16's 256 and 258, becomes 256."""
+    skip_without_w4a8()
+    from gpt4.quant import W4A8Linear
+
+    q = torch.full((16, 32), 8, dtype=torch.uint8)  # w = (q - 8) * 1 + 0
+    q[0, 0], q[0, 1] = 10, 11  # row 0: w = 2, 3, 0, ...
+    layer = W4A8Linear(Int4Linear(q, torch.ones(16, 1), torch.zeros(16, 1), 32, None))
+    x = torch.zeros(1, 32, dtype=torch.bfloat16)
+    x[0, 0], x[0, 1] = 127, 1  # quantized exactly (scale 1): y = 127 * 2 + 3 = 257 in the kernel's fp32
+    y = torch.ops.gpt4_kernels.w4a8_matmul
+    assert y(x.float(), layer.blocks)[0, 0] == 257 and y(x, layer.blocks)[0, 0] == 256
+
+
+def test_w4a8_holds_only_scales_and_zeros_that_float16_holds_exactly():
+    """Its blocks keep scales and zeros in float16: quantize_ keeps a layer whose bf16 values float16 would round
+    in int4."""
+    from gpt4.quant import W4A8Linear
+
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    assert W4A8Linear.fits(Int4Linear.from_float(w, None, group_size=32))
+    for factor in (1e6, 1e-6):  # scales beyond float16's largest, then below its smallest normal number
+        assert not W4A8Linear.fits(Int4Linear.from_float(w * factor, None, group_size=32))
 
 
 def test_w4a8_where_it_cannot_run_says_why(monkeypatch):

@@ -67,5 +67,5 @@ def load_w4a8() -> None:
                         "int4.") from e
 
     @torch.library.register_fake("gpt4_kernels::w4a8_matmul")
-    def _(x, packed, d, m):
-        return x.new_empty((x.shape[0], d.shape[0] * 16))
+    def _(x, blocks):
+        return x.new_empty((x.shape[0], blocks.shape[0] * 16))

@@ -7,15 +7,47 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
+constexpr int64_t BLOCK_BYTES = 320;  // 16 output rows x 32 inputs: 256 bytes of nibbles, 16 fp16 d, 16 fp16 z
+
+// 32 values as two vectors of 16 floats.
+inline void load32(const float* v, __m512& a0, __m512& a1) {
+  a0 = _mm512_loadu_ps(v);
+  a1 = _mm512_loadu_ps(v + 16);
+}
+
+inline __m512 bf16_to_float(const void* v) {  // bf16 is the top half of a float
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+inline void load32(const at::BFloat16* v, __m512& a0, __m512& a1) {
+  a0 = bf16_to_float(v);
+  a1 = bf16_to_float(v + 16);
+}
+
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+
+// Rounded to nearest even, as PyTorch converts (NaN stays NaN); written without AVX512-BF16, which VNNI CPUs
+// before Cooper Lake lack.
+inline void store16(at::BFloat16* out, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+}
+
 // Each row of x (T, K) in groups of 32: q = round(x / s), s = max|x| / 127, and s * sum(q) (the term a group's
 // weight offset m multiplies).
-void quantize_groups(const float* x, int64_t count, int8_t* xq, float* scale, float* scaled_sum) {
+template <typename T>
+void quantize_groups(const T* x, int64_t count, int8_t* xq, float* scale, float* scaled_sum) {
   for (int64_t i = 0; i < count; ++i) {
-    const float* v = x + i * 32;
-    const __m512 a0 = _mm512_loadu_ps(v), a1 = _mm512_loadu_ps(v + 16);
+    __m512 a0, a1;
+    load32(x + i * 32, a0, a1);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
     const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, inv));
@@ -26,46 +58,36 @@ void quantize_groups(const float* x, int64_t count, int8_t* xq, float* scale, fl
   }
 }
 
-// y (T, N) = x (T, K) @ w.T in x's dtype (float32 or bfloat16).
-// packed (N/16, K/32, 4, 64) uint8: output rows in blocks of 16; in group g, chunk c holds 4 bytes per row r
-// (bytes 4r..4r+3), whose low nibbles are q[r, 32g + 4c + i] and high nibbles q[r, 32g + 16 + 4c + i], i = 0..3.
-// d, m (N/16, K/32, 16) float32: each group's scale and offset, per row of the block.
-at::Tensor w4a8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "w4a8_matmul: x must be (T, K) with K a multiple of 32");
-  const int64_t T = x.size(0), K = x.size(1), G = K / 32, N = d.size(0) * 16;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2,
-              "w4a8_matmul: packed must be contiguous uint8 (N/16, K/32, 4, 64)");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat && d.is_contiguous() &&
-              m.is_contiguous() && d.size(1) == G && d.sizes() == m.sizes(), "w4a8_matmul: d, m (N/16, K/32, 16)");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({T, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({T, G}, x.options().dtype(at::kFloat));
-  at::Tensor scaled_sum = at::empty({T, G}, x.options().dtype(at::kFloat));
-  quantize_groups(xf.data_ptr<float>(), T * G, xq.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                  scaled_sum.data_ptr<float>());
-  at::Tensor y = at::empty({T, N}, x.options().dtype(at::kFloat));
-  const uint8_t* W = packed.data_ptr<uint8_t>();
-  const float *D = d.data_ptr<float>(), *M = m.data_ptr<float>();
-  const int8_t* XQ = xq.data_ptr<int8_t>();
-  const float *S = scale.data_ptr<float>(), *SS = scaled_sum.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
+template <typename T>
+void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, int64_t N, T* y) {
+  const int64_t G = K / 32;
+  // The quantized activations, reused from call to call: a decode step makes 120 of these calls.
+  thread_local std::vector<int8_t> xq_buffer;
+  thread_local std::vector<float> scale_buffer;
+  xq_buffer.resize(rows_total * K);
+  scale_buffer.resize(2 * rows_total * G);
+  int8_t* XQ = xq_buffer.data();
+  float *S = scale_buffer.data(), *SS = S + rows_total * G;
+  quantize_groups(x, rows_total * G, XQ, S, SS);
   at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     constexpr int TILE = 8;  // token rows sharing one unpacking of the weights
     for (int64_t b = begin; b < end; ++b) {
-      for (int64_t t0 = 0; t0 < T; t0 += TILE) {
-        const int64_t rows = std::min<int64_t>(TILE, T - t0);
+      for (int64_t t0 = 0; t0 < rows_total; t0 += TILE) {
+        const int64_t rows = std::min<int64_t>(TILE, rows_total - t0);
         __m512 acc[TILE];
         for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* w = W + (b * G + g) * 256;
+          const uint8_t* w = blocks + (b * G + g) * BLOCK_BYTES;
           __m512i q[8];  // q[j], lane r: row r's values 4j..4j+3 of the group
           for (int c = 0; c < 4; ++c) {
             const __m512i v = _mm512_loadu_si512(w + 64 * c);
             q[c] = _mm512_and_si512(v, low);
             q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
           }
-          const __m512 dv = _mm512_loadu_ps(D + (b * G + g) * 16), mv = _mm512_loadu_ps(M + (b * G + g) * 16);
+          const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
+          const __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
+          const __m512 mv = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), dv, zv);  // m = z - 8 d
           for (int64_t t = 0; t < rows; ++t) {
             const int32_t* xg = reinterpret_cast<const int32_t*>(XQ + (t0 + t) * K + g * 32);
             __m512i dot = _mm512_setzero_si512();
@@ -75,17 +97,41 @@ at::Tensor w4a8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
             acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(SS[i]), acc[t]);
           }
         }
-        for (int64_t t = 0; t < rows; ++t) _mm512_storeu_ps(Y + (t0 + t) * N + b * 16, acc[t]);
+        for (int64_t t = 0; t < rows; ++t) store16(y + (t0 + t) * N + b * 16, acc[t]);
       }
     }
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// y (T, N) = x (T, K) @ w.T, read and written in x's dtype (float32 or bfloat16), accumulated in float32.
+// blocks (N/16, K/32, 320) uint8, one per 16 output rows and group of 32 inputs, read in one stream:
+//   bytes 0..255: 4 chunks of 64; chunk c holds 4 bytes per row r (bytes 4r..4r+3), whose low nibbles are
+//                 q[r, 32g + 4c + i] and high nibbles q[r, 32g + 16 + 4c + i], i = 0..3;
+//   bytes 256..287: d of the 16 rows (float16); bytes 288..319: z of the 16 rows (float16), the weight at q = 8:
+//   w = d * (q - 8) + z, the form of PyTorch's int4 scales and zeros, held exactly (so m = z - 8 d above).
+at::Tensor w4a8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "w4a8_matmul: x must be (T, K) with K a multiple of 32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "w4a8_matmul: x must be float32 or bfloat16");
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
+                  blocks.size(1) * 32 == K && blocks.size(2) == BLOCK_BYTES,
+              "w4a8_matmul: blocks must be contiguous uint8 (N/16, K/32, 320)");
+  const int64_t N = blocks.size(0) * 16;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({T, N}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    matmul(xc.data_ptr<float>(), T, K, blocks.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+  } else {
+    matmul(xc.data_ptr<at::BFloat16>(), T, K, blocks.data_ptr<uint8_t>(), N, y.data_ptr<at::BFloat16>());
+  }
+  return y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(gpt4_kernels, lib) {
-  lib.def("w4a8_matmul(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
+  lib.def("w4a8_matmul(Tensor x, Tensor blocks) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
