@@ -217,6 +217,7 @@ def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_o
     scale, zero = int4.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups)
     q = int4.dequantized_q().float().reshape(48, 3, 32)
     weight = ((q - 8) * scale[..., None] + zero[..., None]).reshape(48, 96)
+    assert torch.equal(torch.ops.gpt4_kernels.w4a8_dequantize(layer.blocks, torch.float32).t(), weight)
     x = torch.randn(rows, 96, generator=generator) * torch.linspace(0.1, 10, 96)  # groups of different ranges
     x[0, :32] = 0  # an all-zero group: scale 0, no division by it
     kernel = torch.ops.gpt4_kernels.w4a8_matmul  # reads bf16 as it is and rounds its bf16 result as torch does

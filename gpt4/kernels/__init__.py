@@ -69,3 +69,7 @@ def load_w4a8() -> None:
     @torch.library.register_fake("gpt4_kernels::w4a8_matmul")
     def _(x, blocks):
         return x.new_empty((x.shape[0], blocks.shape[0] * 16))
+
+    @torch.library.register_fake("gpt4_kernels::w4a8_dequantize")
+    def _(blocks, dtype):
+        return blocks.new_empty((blocks.shape[1] * 32, blocks.shape[0] * 16), dtype=dtype)

@@ -128,12 +128,54 @@ at::Tensor w4a8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return y;
 }
 
+template <typename T>
+void dequantize(const uint8_t* blocks, int64_t N, int64_t K, T* w_t) {
+  const int64_t G = K / 32;
+  at::parallel_for(0, N / 16 * G, 16, [&](int64_t begin, int64_t end) {
+    const __m512i low = _mm512_set1_epi32(0x0F);
+    for (int64_t bg = begin; bg < end; ++bg) {  // block b, group g
+      const int64_t b = bg / G, g = bg % G;
+      const uint8_t* w = blocks + bg * BLOCK_BYTES;
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
+      const __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(w + 64 * c);  // lane r: row r's 4 bytes
+        for (int i = 0; i < 4; ++i) {
+          for (int h = 0; h < 2; ++h) {  // input 32 g + 16 h + 4 c + i: the 16 rows' values, one per lane
+            const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, 8 * i + 4 * h), low);
+            const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))), dv, zv);
+            store16(w_t + (32 * g + 16 * h + 4 * c + i) * N + 16 * b, value);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The weight transposed, (K, N), in dtype (float32 or bfloat16): d * (q - 8) + z in float32, rounded once, as
+// PyTorch's addcmul computes Int4Linear's. For prompt chunks, multiplied in bf16 (AMX) rather than in integers.
+at::Tensor w4a8_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
+                  blocks.size(2) == BLOCK_BYTES, "w4a8_dequantize: blocks must be contiguous uint8 (N/16, K/32, 320)");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "w4a8_dequantize: dtype must be float32 or bfloat16");
+  const int64_t N = blocks.size(0) * 16, K = blocks.size(1) * 32;
+  at::Tensor w_t = at::empty({K, N}, blocks.options().dtype(dtype));
+  if (dtype == at::kFloat) {
+    dequantize(blocks.data_ptr<uint8_t>(), N, K, w_t.data_ptr<float>());
+  } else {
+    dequantize(blocks.data_ptr<uint8_t>(), N, K, w_t.data_ptr<at::BFloat16>());
+  }
+  return w_t;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def("w4a8_matmul(Tensor x, Tensor blocks) -> Tensor");
+  lib.def("w4a8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("w4a8_matmul", &w4a8_matmul);
+  lib.impl("w4a8_dequantize", &w4a8_dequantize);
 }
