@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="int4")
     int4 = {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
-    w4a8 = {name: W4A8Linear(m) for name, m in int4.items()}  # builds the kernel on first use
+    w4a8 = {name: W4A8Linear.from_int4(m) for name, m in int4.items()}  # builds the kernel on first use
     inputs = layer_inputs(model, "The history of the Roman Empire spans more than a thousand years, from")
     generator = torch.Generator().manual_seed(0)
 

@@ -284,41 +284,55 @@ class Int4Linear(nn.Module):
 
 
 class W4A8Linear(nn.Module):
-    """The 4-bit groups of 32 of Int4Linear, w = scale (q - 8) + zero, multiplied by activations quantized to int8 in the same
-    groups (gpt4/kernels/w4a8.cpp, AVX-512 VNNI): a decode step's matmuls 1.3x (one row) to 2x (8 rows or more)
-    faster than PyTorch's int4 kernel, at +0.13% perplexity. Prompt chunks of DEQUANTIZE_ROWS rows or more
-    dequantize to the compute dtype as Int4Linear does. quantize_ keeps Int4Linear for layers the kernel cannot hold
-    (see fits)."""
+    """4-bit weights in groups of 32, w = d * q + m, multiplied by activations quantized to int8 in the same groups
+    (gpt4/kernels/w4a8.cpp, AVX-512 VNNI), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.4x (one
+    row) to 2x (8 rows or more) faster than PyTorch's int4 kernel, at +0.13% perplexity. d and m are float16, a
+    Q4 file's own numbers; prompt chunks of DEQUANTIZE_ROWS rows or more dequantize to the compute dtype (in C++)
+    and multiply in it. quantize_ keeps Int4Linear for layers the kernel cannot hold (see fits)."""
 
-    def __init__(self, layer: Int4Linear):
+    def __init__(self, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
+                 dtype=torch.bfloat16):
+        """Int4Linear.from_block_nibbles's arguments: nibbles (out, in // 32, 16) as GGUF's Q4 blocks store them
+        (byte j: element j low, 16 + j high), possibly a view between the file's scales; scales, zeros
+        (out, in // 32), w = (q - 8) * scale + zero."""
         super().__init__()
         from .kernels import load_w4a8
 
         load_w4a8()
-        n, k = layer.out_features, layer.in_features
-        assert n % 16 == 0 and k % 32 == 0 and layer.group_size == 32, (n, k, layer.group_size)
-        q = layer.dequantized_q()  # (n, k) in 0..15
-        scale, zero = layer.scales_and_zeros.transpose(0, 1).unbind(-1)  # (n, k / 32) each: w = scale (q - 8) + zero
-        groups = q.reshape(n // 16, 16, k // 32, 32).transpose(1, 2)  # (n/16, k/32, 16 rows, 32)
-        low = groups[..., :16].reshape(n // 16, k // 32, 16, 4, 4)  # (..., row, chunk, byte)
-        high = groups[..., 16:].reshape(n // 16, k // 32, 16, 4, 4)
-        nibbles = (low | (high << 4)).permute(0, 1, 3, 2, 4).reshape(n // 16, k // 32, 256)  # (.., chunk, 16 x 4)
+        n, groups = scales.shape
+        assert W4A8Linear.fits(scales, zeros) and nibbles[0].numel() == 16 * groups, (nibbles.shape, scales.shape)
+        d = scales.float()
+        m = zeros.float() - 8 * d  # a Q4_1 file's m exactly: its zero is m + 8 d, summed exactly in fp32
+        # One stream that a call reads in order: block (b, g) holds output rows 16 b.. 16 b + 15 of group g, its
+        # 256 bytes of nibbles in 4 chunks of 64 (chunk c: row r's bytes 4c..4c+3 at 4r..4r+3), then d and m of the
+        # 16 rows in float16.
+        blocks = torch.empty(n // 16, groups, 320, dtype=torch.uint8)
+        rows = nibbles.reshape(n // 16, 16, groups, 4, 4)  # (b, row, g, chunk, byte)
+        blocks[..., :256].view(n // 16, groups, 4, 16, 4).copy_(rows.permute(0, 2, 3, 1, 4))
+        for start, values in ((256, d), (288, m)):
+            blocks[..., start:start + 32].view(torch.float16).copy_(values.view(n // 16, 16, groups).transpose(1, 2))
+        self.register_buffer("blocks", blocks)  # (n/16, groups, 320)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.in_features, self.out_features, self.dtype = 32 * groups, n, dtype
 
-        def per_block(v):  # (n, k / 32) -> (n/16, k/32, 32 bytes): the 16 rows' values in float16 (exact: see fits)
-            return v.reshape(n // 16, 16, k // 32).transpose(1, 2).half().contiguous().view(torch.uint8)
-
-        # One stream that a call reads in order: each block's nibbles, then its scales and zeros.
-        self.register_buffer("blocks", torch.cat((nibbles, per_block(scale), per_block(zero)), dim=-1))  # (.., 320)
-        self.bias = layer.bias
-        self.in_features, self.out_features, self.dtype = k, n, layer.scales_and_zeros.dtype
+    @classmethod
+    def from_int4(cls, layer: Int4Linear) -> "W4A8Linear":
+        """The same groups (Int4Linear's fits-checked scales and zeros; group_size 32)."""
+        groups = layer.dequantized_q().reshape(layer.out_features, -1, 2, 16)  # (out, in / 32, half, 16)
+        nibbles = groups[:, :, 0] | (groups[:, :, 1] << 4)
+        scales, zeros = layer.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, in / 32) each
+        return cls(nibbles, scales, zeros, layer.bias, layer.scales_and_zeros.dtype)
 
     @staticmethod
-    def fits(layer: Int4Linear) -> bool:
-        """Whether the kernel can hold `layer`: output rows in blocks of 16, groups of 32, and scales and zeros that
-        float16 holds exactly (bf16 values between 2^-14 and 65504, or 0: real weights' are far from either end)."""
-        values = layer.scales_and_zeros
-        exact = torch.equal(values.half().to(values.dtype), values)
-        return layer.out_features % 16 == 0 and layer.group_size == 32 and exact
+    def fits(scales: torch.Tensor, zeros: torch.Tensor) -> bool:
+        """Whether the kernel can hold groups of 32 with these scales and zeros (out, in / 32): output rows in
+        blocks of 16, and d and m that float16 holds to its precision (2^-11; a Q4 file's exactly)."""
+        d = scales.float()
+
+        def held(v):
+            return bool(((v.half().float() - v).abs() <= v.abs() * 2.0 ** -11).all())
+
+        return scales.shape[0] % 16 == 0 and held(d) and held(zeros.float() - 8 * d)
 
     def forward(self, x):
         shape, dtype = x.shape, x.dtype
@@ -332,7 +346,7 @@ class W4A8Linear(nn.Module):
         return y.to(dtype)
 
     def dequantized_t(self) -> torch.Tensor:
-        """The weight transposed, (in, out), in the compute dtype: scale (q - 8) + zero, as Int4Linear's."""
+        """The weight transposed, (in, out), in the compute dtype: d * q + m in fp32, rounded once."""
         return torch.ops.gpt4_kernels.w4a8_dequantize(self.blocks, self.dtype)  # 3-4x Int4Linear's PyTorch ops
 
 
@@ -421,14 +435,16 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 assert weight is not None, f"{full_name} is a placeholder, and no weights were given for it"
             if mode in ("int8", "w8a8") or (full_name == "lm_head" and exact is None):
                 new = Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
-            elif exact is not None:
-                new = Int4Linear.from_block_nibbles(*exact, child.bias)
+            elif exact is not None:  # a file's Q4 groups as they are
+                w4a8 = mode == "w4a8" and W4A8Linear.fits(*exact[1:])
+                new = W4A8Linear(*exact, child.bias) if w4a8 else Int4Linear.from_block_nibbles(*exact, child.bias)
             else:
                 k = child.in_features
                 group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)
                 new = Int4Linear.from_float(weight, child.bias, group)
-            if mode == "w4a8" and isinstance(new, Int4Linear) and W4A8Linear.fits(new):
-                new = W4A8Linear(new)
+                scales, zeros = new.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, in / group) each
+                if mode == "w4a8" and group == 32 and W4A8Linear.fits(scales, zeros):
+                    new = W4A8Linear.from_int4(new)
             setattr(parent, name, new)
     model.quant = mode
     return model

@@ -211,19 +211,20 @@ def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_o
     generator = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 96, generator=generator), torch.randn(48, generator=generator)  # 3 blocks of 16 rows
     int4 = Int4Linear.from_float(w, b, group_size=32)
-    layer = W4A8Linear(int4)
-    assert torch.equal(layer.dequantized_t().t(), int4.dequantized())  # prefill's bf16 weight: Int4Linear's
-    # The kernel's weight, (q - 8) * scale + zero in fp32 from the stored scales and zeros (not rounded to bf16).
+    layer = W4A8Linear.from_int4(int4)
+    # The kernel's weight: d q + m in fp32, d = scale and m = zero - 8 scale in float16.
     scale, zero = int4.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups)
     q = int4.dequantized_q().float().reshape(48, 3, 32)
-    weight = ((q - 8) * scale[..., None] + zero[..., None]).reshape(48, 96)
+    weight = (q * scale[..., None] + (zero - 8 * scale).half().float()[..., None]).reshape(48, 96)
     assert torch.equal(torch.ops.gpt4_kernels.w4a8_dequantize(layer.blocks, torch.float32).t(), weight)
     x = torch.randn(rows, 96, generator=generator) * torch.linspace(0.1, 10, 96)  # groups of different ranges
     x[0, :32] = 0  # an all-zero group: scale 0, no division by it
     kernel = torch.ops.gpt4_kernels.w4a8_matmul  # reads bf16 as it is and rounds its bf16 result as torch does
     assert torch.equal(kernel(x.bfloat16(), layer.blocks), kernel(x.bfloat16().float(), layer.blocks).bfloat16())
-    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight, as Int4Linear
-        torch.testing.assert_close(layer(x), int4(x))
+    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
+        assert torch.equal(layer.dequantized_t(), weight.t().bfloat16())
+        exact = F.linear(x, weight, b.bfloat16().float())
+        assert (layer(x) - exact).norm() / exact.norm() < 0.01  # bf16 activations, weights, products
         return
     q, scale = _activations_in_groups_of_32(x)
     # Integer products per group, times the group's activation scale; the weight's d * q + m in fp32.
@@ -266,22 +267,47 @@ def test_w4a8_rounds_a_bf16_result_half_to_even():
 
     q = torch.full((16, 32), 8, dtype=torch.uint8)  # w = (q - 8) * 1 + 0
     q[0, 0], q[0, 1] = 10, 11  # row 0: w = 2, 3, 0, ...
-    layer = W4A8Linear(Int4Linear(q, torch.ones(16, 1), torch.zeros(16, 1), 32, None))
+    layer = W4A8Linear.from_int4(Int4Linear(q, torch.ones(16, 1), torch.zeros(16, 1), 32, None))
     x = torch.zeros(1, 32, dtype=torch.bfloat16)
     x[0, 0], x[0, 1] = 127, 1  # quantized exactly (scale 1): y = 127 * 2 + 3 = 257 in the kernel's fp32
     y = torch.ops.gpt4_kernels.w4a8_matmul
     assert y(x.float(), layer.blocks)[0, 0] == 257 and y(x, layer.blocks)[0, 0] == 256
 
 
-def test_w4a8_holds_only_scales_and_zeros_that_float16_holds_exactly():
-    """Its blocks keep scales and zeros in float16: quantize_ keeps a layer whose bf16 values float16 would round
-    in int4."""
+def test_w4a8_holds_the_q4_files_weights_bit_for_bit():
+    """From the default model's Q4_1 blocks (a transformer block's MLP down projection), the weights w4a8 multiplies
+    are the gguf package's dequantization of the file, exactly: d and m as the file has them, unrounded."""
+    skip_without_w4a8()
+    import gguf
+
+    from gpt4.models import resolve
+    from gpt4.quant import W4A8Linear
+    from gpt4.weights.gguf_file import GGUFFile
+
+    path, name = resolve("gpt4"), "blk.3.ffn_down.weight"
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    reference = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())  # (out, in)
+    file = GGUFFile(path)
+    layer = W4A8Linear(*file.int4_groups(name), None)
+    file.close()
+    assert torch.equal(torch.ops.gpt4_kernels.w4a8_dequantize(layer.blocks, torch.float32).t(), reference)
+
+
+def test_w4a8_holds_scales_and_offsets_that_float16_holds():
+    """Its blocks keep d and m in float16: quantize_ keeps a layer whose values float16 would not hold in int4."""
     from gpt4.quant import W4A8Linear
 
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
-    assert W4A8Linear.fits(Int4Linear.from_float(w, None, group_size=32))
-    for factor in (1e6, 1e-6):  # scales beyond float16's largest, then below its smallest normal number
-        assert not W4A8Linear.fits(Int4Linear.from_float(w * factor, None, group_size=32))
+    for factor, fits in ((1, True), (1e6, False), (1e-9, False)):  # float16's range ends at 65504 and, below
+        int4 = Int4Linear.from_float(w * factor, None, group_size=32)  # 2^-14, in subnormals of less precision
+        assert W4A8Linear.fits(*int4.scales_and_zeros.transpose(0, 1).unbind(-1)) == fits
+    model = tiny_model("llama-gqa-untied", hidden_size=64, intermediate_size=128)
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj.weight.mul_(1e8)  # scales past 65504
+    quantize_(model, "w4a8")
+    assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
+    assert isinstance(model.layers[1].mlp.down_proj, W4A8Linear) and isinstance(model.layers[0].attn.qkv_proj, W4A8Linear)
 
 
 def test_w4a8_where_it_cannot_run_says_why(monkeypatch):

@@ -11,7 +11,7 @@
 
 namespace {
 
-constexpr int64_t BLOCK_BYTES = 320;  // 16 output rows x 32 inputs: 256 bytes of nibbles, 16 fp16 d, 16 fp16 z
+constexpr int64_t BLOCK_BYTES = 320;  // 16 output rows x 32 inputs: 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
 
 // 32 values as two vectors of 16 floats.
 inline void load32(const float* v, __m512& a0, __m512& a1) {
@@ -86,8 +86,7 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
             q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
           }
           const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
-          const __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
-          const __m512 mv = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), dv, zv);  // m = z - 8 d
+          const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
           for (int64_t t = 0; t < rows; ++t) {
             const int32_t* xg = reinterpret_cast<const int32_t*>(XQ + (t0 + t) * K + g * 32);
             __m512i dot = _mm512_setzero_si512();
@@ -107,8 +106,7 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
 // blocks (N/16, K/32, 320) uint8, one per 16 output rows and group of 32 inputs, read in one stream:
 //   bytes 0..255: 4 chunks of 64; chunk c holds 4 bytes per row r (bytes 4r..4r+3), whose low nibbles are
 //                 q[r, 32g + 4c + i] and high nibbles q[r, 32g + 16 + 4c + i], i = 0..3;
-//   bytes 256..287: d of the 16 rows (float16); bytes 288..319: z of the 16 rows (float16), the weight at q = 8:
-//   w = d * (q - 8) + z, the form of PyTorch's int4 scales and zeros, held exactly (so m = z - 8 d above).
+//   bytes 256..287: d of the 16 rows (float16); bytes 288..319: m of the 16 rows (float16).
 at::Tensor w4a8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "w4a8_matmul: x must be (T, K) with K a multiple of 32");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -137,13 +135,13 @@ void dequantize(const uint8_t* blocks, int64_t N, int64_t K, T* w_t) {
       const int64_t b = bg / G, g = bg % G;
       const uint8_t* w = blocks + bg * BLOCK_BYTES;
       const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
-      const __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
       for (int c = 0; c < 4; ++c) {
         const __m512i v = _mm512_loadu_si512(w + 64 * c);  // lane r: row r's 4 bytes
         for (int i = 0; i < 4; ++i) {
           for (int h = 0; h < 2; ++h) {  // input 32 g + 16 h + 4 c + i: the 16 rows' values, one per lane
             const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, 8 * i + 4 * h), low);
-            const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))), dv, zv);
+            const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dv, mv);
             store16(w_t + (32 * g + 16 * h + 4 * c + i) * N + 16 * b, value);
           }
         }
@@ -152,8 +150,8 @@ void dequantize(const uint8_t* blocks, int64_t N, int64_t K, T* w_t) {
   });
 }
 
-// The weight transposed, (K, N), in dtype (float32 or bfloat16): d * (q - 8) + z in float32, rounded once, as
-// PyTorch's addcmul computes Int4Linear's. For prompt chunks, multiplied in bf16 (AMX) rather than in integers.
+// The weight transposed, (K, N), in dtype (float32 or bfloat16): d * q + m in float32, rounded once. For prompt
+// chunks, multiplied in bf16 (AMX) rather than in integers.
 at::Tensor w4a8_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
                   blocks.size(2) == BLOCK_BYTES, "w4a8_dequantize: blocks must be contiguous uint8 (N/16, K/32, 320)");
