@@ -8,8 +8,8 @@
     w8a8: the same int8 weights, and activations quantized to a single int8 per value, per row: the fastest
           mode for batches and prompts, +3-4% perplexity from the 8-bit activations.
     w4a8: int4's weights times activations quantized to int8 in groups of 32 (our kernel, gpt4/kernels; AVX-512
-          VNNI), as llama.cpp runs Q4 files: int4's decode matmuls 1.3x faster for one row, 2x for 8 or more,
-          +0.13% perplexity.
+          VNNI), as llama.cpp runs Q4 files: int4's decode matmuls 1.3-2.1x faster for one row, 2-2.6x for 8
+          or more, +0.1-0.2% perplexity; quant="auto" takes it for Q4 files where it runs.
 
 Decoding one token reads every weight once, so its speed is set by bytes of weights: int8 halves bf16's bytes,
 int4 quarters them.
@@ -285,10 +285,10 @@ class Int4Linear(nn.Module):
 
 class W4A8Linear(nn.Module):
     """4-bit weights in groups of 32, w = d * q + m, multiplied by activations quantized to int8 in the same groups
-    (gpt4/kernels/w4a8.cpp, AVX-512 VNNI), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.4x (one
-    row) to 2x (8 rows or more) faster than PyTorch's int4 kernel, at +0.13% perplexity. d and m are float16, a
-    Q4 file's own numbers; prompt chunks of DEQUANTIZE_ROWS rows or more dequantize to the compute dtype (in C++)
-    and multiply in it. quantize_ keeps Int4Linear for layers the kernel cannot hold (see fits)."""
+    (gpt4/kernels/w4a8.cpp, AVX-512 VNNI), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.3-2.1x
+    (one row) to 2-2.6x (8 rows or more) faster than PyTorch's int4 kernel, at +0.1-0.2% perplexity. d and m are
+    float16, a Q4 file's own numbers; prompt chunks of DEQUANTIZE_ROWS rows or more dequantize to the compute dtype
+    (in C++) and multiply in it. quantize_ keeps Int4Linear for layers the kernel cannot hold (see fits)."""
 
     def __init__(self, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
                  dtype=torch.bfloat16):

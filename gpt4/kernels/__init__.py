@@ -1,9 +1,10 @@
 """C++ kernels of our own, built on first use with PyTorch's cpp_extension (g++ and ninja) and cached.
 
 w4a8.cpp: 4-bit weights times activations quantized to int8 in groups of 32, multiplied in integers with AVX-512
-VNNI, as llama.cpp multiplies its Q4 blocks by Q8 activations (`--quant w4a8`; gpt4.quant.W4A8Linear). On the
-default model a decode step's int4 matmuls take 1.26x less time than with PyTorch's int4 kernel at one row and 2x
-less at 8-16 rows (benchmarks/bench_int4_vnni_kernel.py), at +0.13% perplexity.
+VNNI, as llama.cpp multiplies its Q4 blocks by Q8 activations (`--quant w4a8`, auto's choice where it runs;
+gpt4.quant.W4A8Linear), and the same blocks dequantized for prompt chunks. On the default model a decode step's
+4-bit matmuls take 1.3-2.1x less time than with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows
+(benchmarks/bench_int4_vnni_kernel.py; docs/performance.md, runs 16-17).
 """
 
 from __future__ import annotations
