@@ -302,7 +302,9 @@ class W4A8Linear(nn.Module):
         n, groups = scales.shape
         assert W4A8Linear.fits(scales, zeros) and nibbles[0].numel() == 16 * groups, (nibbles.shape, scales.shape)
         d = scales.float()
-        m = zeros.float() - 8 * d  # a Q4_1 file's m exactly: its zero is m + 8 d, summed exactly in fp32
+        # A Q4_1 file's own m: its zero, m + 8 d in fp32, is exact while |m| and |8 d| are within 2^13 of each
+        # other (the default model's are: tested bit for bit).
+        m = zeros.float() - 8 * d
         # One stream that a call reads in order: block (b, g) holds output rows 16 b.. 16 b + 15 of group g, its
         # 256 bytes of nibbles in 4 chunks of 64 (chunk c: row r's bytes 4c..4c+3 at 4r..4r+3), then d and m of the
         # 16 rows in float16.
