@@ -252,6 +252,11 @@ class Int4Linear(nn.Module):
         y = y if self.bias is None else y + self.bias
         return y.to(dtype)  # the caller's dtype: an fp32 model with quantized layers stays fp32 between them
 
+    def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and zeros, (out, in // group) each (views of scales_and_zeros, the kernel's layout)."""
+        scales, zeros = self.scales_and_zeros.transpose(0, 1).unbind(-1)
+        return scales, zeros
+
     def dequantized_q(self) -> torch.Tensor:
         """q (out, in) in 0..15, uint8 (a transposed view of _q_t)."""
         return self._q_t().t()
@@ -300,7 +305,8 @@ class W4A8Linear(nn.Module):
 
         load_w4a8()
         n, groups = scales.shape
-        assert W4A8Linear.fits(scales, zeros) and nibbles[0].numel() == 16 * groups, (nibbles.shape, scales.shape)
+        # (values float16 holds: quantize_ asks fits first, ~0.1 ms a layer not spent twice at load)
+        assert n % 16 == 0 and nibbles[0].numel() == 16 * groups, (nibbles.shape, scales.shape)
         d = scales.float()
         # A Q4_1 file's own m: its zero, m + 8 d in fp32, is exact while |m| and |8 d| are within 2^13 of each
         # other (the default model's are: tested bit for bit).
@@ -322,8 +328,7 @@ class W4A8Linear(nn.Module):
         """The same groups (Int4Linear's fits-checked scales and zeros; group_size 32)."""
         groups = layer.dequantized_q().reshape(layer.out_features, -1, 2, 16)  # (out, in / 32, half, 16)
         nibbles = groups[:, :, 0] | (groups[:, :, 1] << 4)
-        scales, zeros = layer.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, in / 32) each
-        return cls(nibbles, scales, zeros, layer.bias, layer.scales_and_zeros.dtype)
+        return cls(nibbles, *layer.scales_zeros(), layer.bias, layer.scales_and_zeros.dtype)
 
     @staticmethod
     def fits(scales: torch.Tensor, zeros: torch.Tensor) -> bool:
@@ -444,8 +449,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 k = child.in_features
                 group = group_size if k % group_size == 0 else next(g for g in (128, 64, 32) if k % g == 0)
                 new = Int4Linear.from_float(weight, child.bias, group)
-                scales, zeros = new.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, in / group) each
-                if mode == "w4a8" and group == 32 and W4A8Linear.fits(scales, zeros):
+                if mode == "w4a8" and group == 32 and W4A8Linear.fits(*new.scales_zeros()):
                     new = W4A8Linear.from_int4(new)
             setattr(parent, name, new)
     model.quant = mode

@@ -29,6 +29,10 @@ inline void load32(const at::BFloat16* v, __m512& a0, __m512& a1) {
   a1 = bf16_to_float(v + 16);
 }
 
+inline __m512 half16(const uint8_t* v) {  // 16 float16 values
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+}
+
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
 
 // Rounded to nearest even, as PyTorch converts (NaN stays NaN); written without AVX512-BF16, which VNNI CPUs
@@ -85,8 +89,7 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
             q[c] = _mm512_and_si512(v, low);
             q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
           }
-          const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
-          const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
+          const __m512 dv = half16(w + 256), mv = half16(w + 288);
           for (int64_t t = 0; t < rows; ++t) {
             const int32_t* xg = reinterpret_cast<const int32_t*>(XQ + (t0 + t) * K + g * 32);
             __m512i dot = _mm512_setzero_si512();
@@ -134,8 +137,7 @@ void dequantize(const uint8_t* blocks, int64_t N, int64_t K, T* w_t) {
     for (int64_t bg = begin; bg < end; ++bg) {  // block b, group g
       const int64_t b = bg / G, g = bg % G;
       const uint8_t* w = blocks + bg * BLOCK_BYTES;
-      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
-      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
+      const __m512 dv = half16(w + 256), mv = half16(w + 288);
       for (int c = 0; c < 4; ++c) {
         const __m512i v = _mm512_loadu_si512(w + 64 * c);  // lane r: row r's 4 bytes
         for (int i = 0; i < 4; ++i) {
