@@ -20,7 +20,7 @@ from gpt4 import GPT4LMHeadModel
 from gpt4.generation import GenerationConfig, generate_tokens
 
 CATEGORIES = [  # first match wins; operator names as the profiler reports them
-    ("weight matmuls", ("w4a8_matmul", "_weight_int4pack_mm", "_weight_int8pack_mm", "int4mm_packed_weight",
+    ("weight matmuls", ("w4a8_matmul", "q8_matmul", "_weight_int4pack_mm", "_weight_int8pack_mm", "int4mm_packed_weight",
                         "aten::_int_mm", "qlinear_pointwise", "packed_int8_matmul",
                         "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("attention (SDPA)", ("scaled_dot_product", "_scaled_dot_product", "flash_attention")),

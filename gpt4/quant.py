@@ -288,12 +288,50 @@ class Int4Linear(nn.Module):
         return w_t.view(in_features, out_features)
 
 
-class W4A8Linear(nn.Module):
+class _BlocksLinear(nn.Module):
+    """A linear layer held as one stream of blocks, each 16 output rows x a group of 32 inputs, that our kernel
+    (gpt4/kernels/w4a8.cpp, AVX-512 VNNI) multiplies by activations quantized to int8 in the same groups of 32.
+    Prompt chunks of DEQUANTIZE_ROWS rows or more dequantize the blocks (in C++) and multiply in the compute dtype."""
+
+    kind: str  # the kernel's operators: gpt4_kernels.{kind}_matmul and {kind}_dequantize
+
+    def _hold(self, blocks: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.register_buffer("blocks", blocks)  # (out / 16, in / 32, bytes of a block)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.in_features, self.out_features, self.dtype = 32 * blocks.shape[1], 16 * blocks.shape[0], dtype
+
+    def forward(self, x):
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, shape[-1])  # (N, in)
+        if x.shape[0] >= DEQUANTIZE_ROWS:
+            y = x.to(self.dtype) @ self.dequantized_t()
+        else:  # in x's dtype, float32 or bfloat16
+            y = getattr(torch.ops.gpt4_kernels, f"{self.kind}_matmul")(x, self.blocks)
+        y = y.reshape(*shape[:-1], self.out_features)
+        y = y if self.bias is None else y + self.bias
+        return y.to(dtype)
+
+    def dequantized_t(self) -> torch.Tensor:
+        """The weight transposed, (in, out), in the compute dtype: computed in fp32, rounded once."""
+        return getattr(torch.ops.gpt4_kernels, f"{self.kind}_dequantize")(self.blocks, self.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.dequantized_t().t()
+
+
+def _float16_holds(values: torch.Tensor) -> bool:
+    """Whether float16 holds every value to its precision (2^-11 relative: not beyond its range, not subnormal)."""
+    values = values.float()
+    return bool(((values.half().float() - values).abs() <= values.abs() * 2.0 ** -11).all())
+
+
+class W4A8Linear(_BlocksLinear):
     """4-bit weights in groups of 32, w = d * q + m, multiplied by activations quantized to int8 in the same groups
-    (gpt4/kernels/w4a8.cpp, AVX-512 VNNI), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.3-2.1x
-    (one row) to 2-2.6x (8 rows or more) faster than PyTorch's int4 kernel, at +0.1-0.2% perplexity. d and m are
-    float16, a Q4 file's own numbers; prompt chunks of DEQUANTIZE_ROWS rows or more dequantize to the compute dtype
-    (in C++) and multiply in it. quantize_ keeps Int4Linear for layers the kernel cannot hold (see fits)."""
+    (AVX-512 VNNI), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.3-2.1x (one row) to 2-2.6x
+    (8 rows or more) faster than PyTorch's int4 kernel, at +0.1-0.2% perplexity. d and m are float16, a Q4 file's
+    own numbers. quantize_ keeps Int4Linear for layers the kernel cannot hold (see fits)."""
+
+    kind = "w4a8"
 
     def __init__(self, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
                  dtype=torch.bfloat16):
@@ -319,9 +357,7 @@ class W4A8Linear(nn.Module):
         blocks[..., :256].view(n // 16, groups, 4, 16, 4).copy_(rows.permute(0, 2, 3, 1, 4))
         for start, values in ((256, d), (288, m)):
             blocks[..., start:start + 32].view(torch.float16).copy_(values.view(n // 16, 16, groups).transpose(1, 2))
-        self.register_buffer("blocks", blocks)  # (n/16, groups, 320)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        self.in_features, self.out_features, self.dtype = 32 * groups, n, dtype
+        self._hold(blocks, bias, dtype)
 
     @classmethod
     def from_int4(cls, layer: Int4Linear) -> "W4A8Linear":
@@ -333,28 +369,76 @@ class W4A8Linear(nn.Module):
     @staticmethod
     def fits(scales: torch.Tensor, zeros: torch.Tensor) -> bool:
         """Whether the kernel can hold groups of 32 with these scales and zeros (out, in / 32): output rows in
-        blocks of 16, and d and m that float16 holds to its precision (2^-11; a Q4 file's exactly)."""
+        blocks of 16, and d and m that float16 holds to its precision (a Q4 file's exactly)."""
         d = scales.float()
+        return scales.shape[0] % 16 == 0 and _float16_holds(d) and _float16_holds(zeros.float() - 8 * d)
 
-        def held(v):
-            return bool(((v.half().float() - v).abs() <= v.abs() * 2.0 ** -11).all())
 
-        return scales.shape[0] % 16 == 0 and held(d) and held(zeros.float() - 8 * d)
+class Q8Linear(_BlocksLinear):
+    """8-bit weights in groups of 32, w = d * q (q in -128..127, d float16: GGUF's Q8_0 blocks), multiplied by
+    activations quantized to int8 in the same groups, as llama.cpp runs a Q8_0 matrix: w4a8's LM head, where every
+    logit goes through it. The default model's tied 49152 x 576 head in its file's own numbers: 0.53 ms a row
+    against 0.75 for Int8Linear's integer matmul (16-bit activations) and 0.98 for the weight-only kernel; 8 rows
+    1.0 ms against 1.1 and 3.6. A tied embedding looks its rows up in the same blocks (Q8Embedding)."""
 
-    def forward(self, x):
-        shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, shape[-1])  # (N, in)
-        if x.shape[0] >= DEQUANTIZE_ROWS:
-            y = x.to(self.dtype) @ self.dequantized_t()
-        else:  # in x's dtype, float32 or bfloat16
-            y = torch.ops.gpt4_kernels.w4a8_matmul(x, self.blocks)
-        y = y.reshape(*shape[:-1], self.out_features)
-        y = y if self.bias is None else y + self.bias
-        return y.to(dtype)
+    kind = "q8"
 
-    def dequantized_t(self) -> torch.Tensor:
-        """The weight transposed, (in, out), in the compute dtype: d * q + m in fp32, rounded once."""
-        return torch.ops.gpt4_kernels.w4a8_dequantize(self.blocks, self.dtype)  # 3-4x Int4Linear's PyTorch ops
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None, dtype=torch.bfloat16):
+        """q (out, in // 32, 32) int8, possibly a view between a file's scales (GGUFFile.int8_groups); d
+        (out, in // 32) float (float16 values: see fits)."""
+        super().__init__()
+        from .kernels import load_w4a8
+
+        load_w4a8()
+        n, groups = d.shape
+        assert n % 16 == 0 and q.shape == (n, groups, 32) and q.dtype == torch.int8, (q.shape, d.shape)
+        # Block (b, g): rows 16 b.. 16 b + 15 of group g, 512 bytes in 8 chunks of 64 (chunk j: row r's values
+        # 4j..4j+3 at 4r..4r+3) as q + 128, the unsigned bytes VNNI multiplies (q + 128 = q XOR 128 in two's
+        # complement); then the 16 rows' d in float16.
+        blocks = torch.empty(n // 16, groups, 544, dtype=torch.uint8)
+        values = q.view(torch.uint8).reshape(n // 16, 16, groups, 8, 4)  # (b, row, g, chunk, byte)
+        torch.bitwise_xor(values.permute(0, 2, 3, 1, 4), 128,
+                          out=blocks[..., :512].view(n // 16, groups, 8, 16, 4))
+        blocks[..., 512:].view(torch.float16).copy_(d.view(n // 16, 16, groups).transpose(1, 2))
+        self._hold(blocks, bias, dtype)
+
+    @staticmethod
+    def quantize(weight) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, d) as llama.cpp quantizes Q8_0, bit for bit: d = max |w| / 127 of each group, q = w * (1 / d) rounded
+        half away from zero, d stored in float16. weight (out, in): a tensor or a row reader (see Int8Linear), read
+        a slice of rows at a time."""
+        out_features, in_features = weight.shape
+        q = torch.empty(out_features, in_features // 32, 32, dtype=torch.int8)
+        d = torch.empty(out_features, in_features // 32)
+        with torch.no_grad():
+            for start in range(0, out_features, QUANTIZE_ROWS):
+                groups = weight[start:start + QUANTIZE_ROWS].to(torch.float32).unflatten(1, (-1, 32))  # (rows, g, 32)
+                scales = groups.abs().amax(-1) / 127  # (rows, g)
+                scaled = groups * torch.where(scales == 0, 0, 1 / scales)[..., None]
+                magnitude = scaled.abs()
+                whole = magnitude.floor()
+                rounded = whole + (2 * (magnitude - whole)).floor_()  # half away from zero, as C's roundf
+                q[start:start + QUANTIZE_ROWS] = rounded.copysign_(scaled)
+                d[start:start + QUANTIZE_ROWS] = scales.half().float()
+        return q, d
+
+    @staticmethod
+    def fits(shape, d: torch.Tensor | None = None) -> bool:
+        """Whether the kernel can hold a matrix of this shape (out, in) (and these d, when given: float16 holds
+        them, as a file's are)."""
+        return shape[0] % 16 == 0 and shape[1] % 32 == 0 and (d is None or _float16_holds(d))
+
+
+class Q8Embedding(nn.Module):
+    """Token embedding looked up in Q8Linear's blocks (a tied head's own: the vocabulary matrix held once)."""
+
+    def __init__(self, table: Q8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("blocks", table.blocks)  # shared, not copied
+        self.dtype = dtype
+
+    def forward(self, ids):
+        return torch.ops.gpt4_kernels.q8_rows(self.blocks, ids, self.dtype)  # (..., hidden)
 
 
 def _pack_kernel_layout(q: torch.Tensor) -> torch.Tensor:
@@ -412,7 +496,7 @@ def _kernel_layout_is_known() -> bool:
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None, embedding_rows=None,
-              weights=None) -> nn.Module:
+              embedding_groups=None, weights=None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with quantized ones (see the module's docstring for the
     modes); returns the model.
 
@@ -420,16 +504,19 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     straight from a 4-bit file (Int4Linear.from_block_nibbles); those modules use them instead of re-quantizing.
     In int4 mode the LM head (tied to the embedding or not) is int8 unless the file holds it in 4 bits: every
     logit goes through it, and 4 bits there cost the default model 5% perplexity (its head is Q8_0 in the file)
-    for a ~10% faster decode. The token embedding becomes an int8 lookup (Int8Embedding), sharing a tied head's
-    table; embedding_rows (a row reader, see Int8Linear) stands for an embedding loaded as a shape-only
-    placeholder, and weights (anything with .get(module name)) gives the weights of linear layers loaded so.
+    for a ~10% faster decode; in w4a8 mode it is Q8Linear, in groups of 32 as a Q8_0 file's (where the kernel
+    holds it). The token embedding becomes an int8 lookup (Int8Embedding, or Q8Embedding in w4a8 mode), sharing a
+    tied head's table; embedding_rows (a row reader, see Int8Linear) stands for an embedding loaded as a shape-only
+    placeholder, embedding_groups are its Q8_0 groups (q, d) as a file holds them (GGUFFile.int8_groups: w4a8
+    takes them as they are), and weights (anything with .get(module name)) gives the weights of linear layers
+    loaded so.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
     if mode == "none":
         return model
     exact_int4 = exact_int4 or {}
-    _quantize_embedding_(model, mode, exact_int4, embedding_rows)
+    _quantize_embedding_(model, mode, exact_int4, embedding_rows, embedding_groups)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -440,7 +527,11 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
             if weight.is_meta and exact is None:  # a placeholder: read now
                 weight = weights.get(full_name) if weights is not None else None
                 assert weight is not None, f"{full_name} is a placeholder, and no weights were given for it"
-            if mode in ("int8", "w8a8") or (full_name == "lm_head" and exact is None):
+            if full_name == "lm_head" and exact is None and mode == "w4a8" and Q8Linear.fits(weight.shape):
+                q, d = Q8Linear.quantize(weight)
+                new = Q8Linear(q, d, child.bias) if Q8Linear.fits(weight.shape, d) else \
+                    Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
+            elif mode in ("int8", "w8a8") or (full_name == "lm_head" and exact is None):
                 new = Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
             elif exact is not None:  # a file's Q4 groups as they are
                 w4a8 = mode == "w4a8" and W4A8Linear.fits(*exact[1:])
@@ -456,7 +547,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     return model
 
 
-def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows) -> None:
+def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows, embedding_groups) -> None:
     """The token embedding becomes an int8 lookup (about the error of the 8-bit head): a tied head's own table,
     that head quantized here. Done before quantize_'s walk over the modules, which holds every original module
     until it ends, so that the full-precision table is freed now (the default model's: 57 MB in bf16)."""
@@ -467,8 +558,17 @@ def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows
     tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
     rows = embedding_rows if embedding.weight.is_meta else embedding.weight
     assert rows is not None, "the embedding is a placeholder, and no rows were given for it"
-    if tied and not (mode in INT4_MODES and exact_int4.get("lm_head") is not None):
-        model.lm_head = table = Int8Linear(rows, head.bias, activation_bits=ACTIVATION_BITS[mode], keep_rows=True)
+    heads_table = tied and not (mode in INT4_MODES and exact_int4.get("lm_head") is not None)
+    bias = head.bias if heads_table else None
+    if mode == "w4a8" and Q8Linear.fits(rows.shape):
+        q, d = embedding_groups if embedding_groups is not None else Q8Linear.quantize(rows)
+        if Q8Linear.fits(rows.shape, d):
+            table = Q8Linear(q, d, bias, dtype)
+            model.lm_head = table if heads_table else model.lm_head
+            model.embed_tokens = Q8Embedding(table, dtype)
+            return
+    if heads_table:
+        model.lm_head = table = Int8Linear(rows, bias, activation_bits=ACTIVATION_BITS[mode], keep_rows=True)
     else:  # its own table
         table = Int8Linear(rows, None, dtype=dtype)
     model.embed_tokens = Int8Embedding(table, dtype)
@@ -484,9 +584,10 @@ def linear_bytes(model: nn.Module) -> int:
             total += m.in_features * m.out_features + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, Int4Linear):  # a plain copy of the nibbles, if any, is read by prefill only
             total += sum(b.numel() * b.element_size() for b in (m.packed, m.scales_and_zeros))
-        elif isinstance(m, W4A8Linear):
+        elif isinstance(m, _BlocksLinear):
             total += m.blocks.numel()
     return total
 
 
-__all__ = ["Int8Linear", "Int8Embedding", "Int4Linear", "W4A8Linear", "quantize_", "QUANT_MODES", "linear_bytes"]
+__all__ = ["Int8Linear", "Int8Embedding", "Int4Linear", "W4A8Linear", "Q8Linear", "Q8Embedding", "quantize_",
+           "QUANT_MODES", "linear_bytes"]

@@ -237,17 +237,20 @@ def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_o
 
 
 def test_w4a8_default_model_runs_the_files_groups_with_int8_activations(default_model):
-    """--quant w4a8 on the Q4_1 default model: every layer int4 would hold becomes W4A8Linear, the head stays
-    int8; its decode logits stay close to fp32's, and it may be compiled ahead of time."""
+    """--quant w4a8 on the Q4_1 default model: every layer int4 would hold becomes W4A8Linear, the tied head and
+    embedding share one Q8Linear table (the file's Q8_0 groups); its decode logits stay close to fp32's, and it may
+    be compiled ahead of time."""
     skip_without_w4a8()
     from gpt4 import aot
-    from gpt4.quant import W4A8Linear
+    from gpt4.quant import Q8Embedding, Q8Linear, W4A8Linear
 
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="w4a8")
-    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.layers[0].mlp.down_proj, W4A8Linear)
+    assert isinstance(model.lm_head, Q8Linear) and isinstance(model.layers[0].mlp.down_proj, W4A8Linear)
+    assert isinstance(model.embed_tokens, Q8Embedding) and model.embed_tokens.blocks is model.lm_head.blocks
     assert not any(isinstance(m, Int4Linear) for m in model.modules())
     int4 = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="int4")
-    assert linear_bytes(model) == linear_bytes(int4)  # the same nibbles, scales and zeros, in 16 bits each
+    assert linear_bytes(model.layers) == linear_bytes(int4.layers)  # the same nibbles, scales and zeros, 16 bits each
+    assert linear_bytes(model) - linear_bytes(int4) == 576 * 49152 // 32 * 2 - 49152 * 2  # a d a group, not a row
     ids = torch.tensor([default_model.tokenizer.encode("The Eiffel Tower is located in the city of")])
     with torch.no_grad():
         want = default_model(ids).logits[0, -1]
@@ -258,6 +261,94 @@ def test_w4a8_default_model_runs_the_files_groups_with_int8_activations(default_
     out = model.generate(ids, max_new_tokens=8)[0, ids.shape[1]:]  # decoding: one row at a time
     assert "Paris" in model.tokenizer.decode(out.tolist())
     assert aot.unsupported(model) is None
+
+
+@pytest.mark.parametrize("rows", [1, 9, 200])  # the kernel (tiles of 8 rows) and prefill's matmul
+def test_q8_linear_multiplies_int8_groups_by_int8_activations_in_groups_of_32(rows):
+    skip_without_w4a8()
+    from gpt4.quant import Q8Linear
+
+    generator = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 96, generator=generator), torch.randn(48, generator=generator)
+    w[5, 32:64] = 0  # an all-zero group of weights: d = 0
+    layer = Q8Linear(*Q8Linear.quantize(w), b)
+    q, d = Q8Linear.quantize(w)
+    weight = (q.float() * d[..., None]).reshape(48, 96)  # w = d q, d in float16
+    assert torch.equal(torch.ops.gpt4_kernels.q8_dequantize(layer.blocks, torch.float32).t(), weight)
+    assert (weight - w).abs().max() <= w.abs().max() / 127  # half a step, and d's float16 rounding
+    x = torch.randn(rows, 96, generator=generator) * torch.linspace(0.1, 10, 96)
+    x[0, :32] = 0  # an all-zero group of activations
+    if rows >= 128:
+        assert torch.equal(layer.dequantized_t(), weight.t().bfloat16())
+        exact = F.linear(x, weight, b.bfloat16().float())
+        assert (layer(x) - exact).norm() / exact.norm() < 0.01
+        return
+    xq, scale = _activations_in_groups_of_32(x)
+    want = F.linear((xq * scale).reshape(rows, 96), weight, b.bfloat16().float())
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(layer(x[:1]), layer(x)[:1])
+    kernel = torch.ops.gpt4_kernels.q8_matmul  # bf16 in and out, rounded as torch rounds
+    assert torch.equal(kernel(x.bfloat16(), layer.blocks), kernel(x.bfloat16().float(), layer.blocks).bfloat16())
+
+
+def test_q8_quantizes_as_llama_cpp_and_holds_the_default_models_q8_0_table_bit_for_bit():
+    """Q8Linear.quantize gives the bytes of the gguf package's Q8_0 quantization (bit-exact with ggml's); the
+    default model's Q8_0 token embedding, taken from the file as it is, dequantizes to the gguf package's values,
+    and Q8Embedding looks up those rows."""
+    skip_without_w4a8()
+    import gguf
+    import numpy as np
+
+    from gpt4.models import resolve
+    from gpt4.quant import Q8Embedding, Q8Linear
+    from gpt4.weights.gguf_file import GGUFFile
+
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=generator) * torch.logspace(-3, 2, 32)[:, None]
+    w[0, :32] = 0
+    w[1, :32] = torch.arange(32) - 15.5  # halves: away from zero
+    q, d = Q8Linear.quantize(w)
+    theirs = torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0).view(np.uint8).copy())
+    ours = torch.cat([d.half().view(torch.uint8).reshape(32, 4, 2), q.view(torch.uint8)], dim=-1)  # (rows, g, 34)
+    assert torch.equal(ours.reshape(32, -1), theirs)
+
+    path = resolve("gpt4")
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    reference = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())  # (vocab, hidden)
+    file = GGUFFile(path)
+    table = Q8Linear(*file.int8_groups("token_embd.weight"), None, dtype=torch.bfloat16)
+    file.close()
+    assert torch.equal(torch.ops.gpt4_kernels.q8_dequantize(table.blocks, torch.float32).t(), reference)
+    ids = torch.tensor([[0, 1, 15, 16, 49151], [7, 7, 12345, 30000, 2]])
+    for dtype in (torch.float32, torch.bfloat16):  # rounded once
+        assert torch.equal(Q8Embedding(table, dtype)(ids), reference[ids].to(dtype))
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "llama-gqa-untied"])
+def test_w4a8_makes_the_head_and_embedding_q8_tables_held_once_when_tied(family):
+    skip_without_w4a8()
+    from gpt4.quant import Q8Embedding, Q8Linear
+
+    model = tiny_model(family, hidden_size=64, intermediate_size=128)
+    table = model.embed_tokens.weight.detach().clone()
+    ids = torch.tensor([[0, 5, 95, 17, 5]])
+    with torch.no_grad():
+        want = model(ids).logits
+        quantize_(model, "w4a8")
+        got = model(ids).logits.float()
+    assert isinstance(model.lm_head, Q8Linear) and isinstance(model.embed_tokens, Q8Embedding)
+    assert (model.embed_tokens.blocks is model.lm_head.blocks) == model.config.tie_word_embeddings
+    q, d = Q8Linear.quantize(table)
+    assert torch.equal(model.embed_tokens(ids), (q.float() * d[..., None]).flatten(1)[ids])
+    assert F.cosine_similarity(got, want, dim=-1).min() > 0.98
+    big = tiny_model(family, hidden_size=64, intermediate_size=128)
+    with torch.no_grad():
+        big.embed_tokens.weight.mul_(1e10)  # d past float16's range: the int8 table it was before
+        if not model.config.tie_word_embeddings:
+            big.lm_head.weight.mul_(1e10)
+    quantize_(big, "w4a8")
+    assert isinstance(big.lm_head, Int8Linear) and isinstance(big.embed_tokens, Int8Embedding)
 
 
 def test_w4a8_rounds_a_bf16_result_half_to_even():

@@ -90,10 +90,19 @@ def load_w4a8() -> None:
                             "--quant int4.") from e
         built.touch()
 
-    @torch.library.register_fake("gpt4_kernels::w4a8_matmul")
-    def _(x, blocks):
-        return x.new_empty((x.shape[0], blocks.shape[0] * 16))
+    for kind in ("w4a8", "q8"):
+        torch.library.register_fake(f"gpt4_kernels::{kind}_matmul")(_matmul_shape)
+        torch.library.register_fake(f"gpt4_kernels::{kind}_dequantize")(_dequantize_shape)
+    torch.library.register_fake("gpt4_kernels::q8_rows")(_rows_shape)
 
-    @torch.library.register_fake("gpt4_kernels::w4a8_dequantize")
-    def _(blocks, dtype):
-        return blocks.new_empty((blocks.shape[1] * 32, blocks.shape[0] * 16), dtype=dtype)
+
+def _matmul_shape(x, blocks):
+    return x.new_empty((x.shape[0], blocks.shape[0] * 16))
+
+
+def _dequantize_shape(blocks, dtype):
+    return blocks.new_empty((blocks.shape[1] * 32, blocks.shape[0] * 16), dtype=dtype)
+
+
+def _rows_shape(blocks, ids, dtype):
+    return blocks.new_empty((*ids.shape, blocks.shape[1] * 32), dtype=dtype)

@@ -181,7 +181,8 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
             quantize_(model, quant, exact_int4=layers if quant in INT4_MODES else None,
                       weights=None if quant in INT4_MODES else layers,
-                      embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None)
+                      embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None,
+                      embedding_groups=gguf.int8_groups("token_embd.weight") if from_file and quant == "w4a8" else None)
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a placeholder was not replaced"
         return_freed_memory()
     finally:

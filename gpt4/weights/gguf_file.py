@@ -143,6 +143,17 @@ class GGUFFile:
         nibbles = blocks[:, width - 16:].unflatten(0, (rows, -1))  # (out, in / 32, 16)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
+    def int8_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A Q8_0 matrix as its groups of 32, exactly: (q, d), None for other types. q (out, in / 32, 32) int8 is a
+        view into the blocks as read; d (out, in / 32) the groups' float16 scales as float32; w = d * q."""
+        info = self.tensors[name]
+        if info.type_name != "Q8_0":
+            return None
+        blocks = torch.from_numpy(self._read(info.offset, info.n_bytes)).view(-1, 34)  # fp16 d, then 32 int8
+        rows = info.shape[0]
+        d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(rows, -1)
+        return blocks[:, 2:].view(torch.int8).unflatten(0, (rows, -1)), d
+
     def config(self) -> GPT4Config:
         arch = self.architecture
         if arch not in SUPPORTED_ARCHITECTURES:
