@@ -273,7 +273,7 @@ def test_q8_linear_multiplies_int8_groups_by_int8_activations_in_groups_of_32(ro
     w[5, 32:64] = 0  # an all-zero group of weights: d = 0
     layer = Q8Linear(*Q8Linear.quantize(w), b)
     q, d = Q8Linear.quantize(w)
-    weight = (q.float() * d[..., None]).reshape(48, 96)  # w = d q, d in float16
+    weight = (q.float() * d.half().float()[..., None]).reshape(48, 96)  # w = d q, d in float16
     assert torch.equal(torch.ops.gpt4_kernels.q8_dequantize(layer.blocks, torch.float32).t(), weight)
     assert (weight - w).abs().max() <= w.abs().max() / 127  # half a step, and d's float16 rounding
     x = torch.randn(rows, 96, generator=generator) * torch.linspace(0.1, 10, 96)
@@ -340,15 +340,16 @@ def test_w4a8_makes_the_head_and_embedding_q8_tables_held_once_when_tied(family)
     assert isinstance(model.lm_head, Q8Linear) and isinstance(model.embed_tokens, Q8Embedding)
     assert (model.embed_tokens.blocks is model.lm_head.blocks) == model.config.tie_word_embeddings
     q, d = Q8Linear.quantize(table)
-    assert torch.equal(model.embed_tokens(ids), (q.float() * d[..., None]).flatten(1)[ids])
+    assert torch.equal(model.embed_tokens(ids), (q.float() * d.half().float()[..., None]).flatten(1)[ids])
     assert F.cosine_similarity(got, want, dim=-1).min() > 0.98
-    big = tiny_model(family, hidden_size=64, intermediate_size=128)
-    with torch.no_grad():
-        big.embed_tokens.weight.mul_(1e10)  # d past float16's range: the int8 table it was before
-        if not model.config.tie_word_embeddings:
-            big.lm_head.weight.mul_(1e10)
-    quantize_(big, "w4a8")
-    assert isinstance(big.lm_head, Int8Linear) and isinstance(big.embed_tokens, Int8Embedding)
+    for factor in (1e10, 1e-7):  # d past float16's range, or among its subnormals: the int8 tables of before
+        big = tiny_model(family, hidden_size=64, intermediate_size=128)
+        with torch.no_grad():
+            big.embed_tokens.weight.mul_(factor)
+            if not model.config.tie_word_embeddings:
+                big.lm_head.weight.mul_(factor)
+        quantize_(big, "w4a8")
+        assert isinstance(big.lm_head, Int8Linear) and isinstance(big.embed_tokens, Int8Embedding)
 
 
 def test_w4a8_rounds_a_bf16_result_half_to_even():
