@@ -320,7 +320,8 @@ class _BlocksLinear(nn.Module):
 
 
 def _float16_holds(values: torch.Tensor) -> bool:
-    """Whether float16 holds every value to its precision (2^-11 relative: not beyond its range, not subnormal)."""
+    """Whether float16 holds every value to its precision, 2^-11 relative (values beyond its range, or rounded
+    among its subnormals, it does not)."""
     values = values.float()
     held = values.half().float()
     # (A file's own float16 numbers pass the first, cheap test: 0.1 ms a layer of the load.)
@@ -387,9 +388,10 @@ class W4A8Linear(_BlocksLinear):
 class Q8Linear(_BlocksLinear):
     """8-bit weights in groups of 32, w = d * q (q in -128..127, d float16: GGUF's Q8_0 blocks), multiplied by
     activations quantized to int8 in the same groups, as llama.cpp runs a Q8_0 matrix: w4a8's LM head, where every
-    logit goes through it. The default model's tied 49152 x 576 head in its file's own numbers: 0.53 ms a row
-    against 0.75 for Int8Linear's integer matmul (16-bit activations) and 0.98 for the weight-only kernel; 8 rows
-    1.0 ms against 1.1 and 3.6. A tied embedding looks its rows up in the same blocks (Q8Embedding)."""
+    logit goes through it. The default model's tied 49152 x 576 head in its file's own numbers: 0.59 ms a row
+    against 0.82 for Int8Linear's integer matmul (16-bit activations) and 1.05 for the weight-only kernel; 8 rows
+    1.12 ms against 1.19 and 3.89 (benchmarks/bench_lm_head.py). A tied embedding looks its rows up in the same
+    blocks (Q8Embedding)."""
 
     kind = "q8"
 
@@ -411,14 +413,14 @@ class Q8Linear(_BlocksLinear):
         flip = -0x7F7F7F80  # 0x80808080 as an int32: 128 in each byte
         torch.bitwise_xor(words.permute(0, 2, 3, 1), flip,
                           out=blocks.view(torch.int32)[..., :128].view(n // 16, groups, 8, 16))
-        blocks[..., 512:].view(torch.float16).copy_(d.view(n // 16, 16, groups).transpose(1, 2))
+        blocks[..., 512:].view(torch.float16).copy_(d.reshape(n // 16, 16, groups).transpose(1, 2))
         self._hold(blocks, bias, dtype)
 
     @staticmethod
     def quantize(weight) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, d) as llama.cpp quantizes Q8_0, bit for bit: d = max |w| / 127 of each group, q = w * (1 / d) rounded
-        half away from zero; d in float32, which Q8Linear stores in float16 (see fits). weight (out, in): a tensor or a row reader (see Int8Linear), read
-        a slice of rows at a time."""
+        half away from zero; d in float32, which Q8Linear stores in float16 (see fits). weight (out, in): a tensor
+        or a row reader (see Int8Linear), read a slice of rows at a time."""
         out_features, in_features = weight.shape
         q = torch.empty(out_features, in_features // 32, 32, dtype=torch.int8)
         d = torch.empty(out_features, in_features // 32)
@@ -576,7 +578,8 @@ def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows
         q, d = embedding_groups if embedding_groups is not None else Q8Linear.quantize(rows)
         if Q8Linear.fits(rows.shape, d):
             table = Q8Linear(q, d, bias, dtype)
-            model.lm_head = table if heads_table else model.lm_head
+            if heads_table:
+                model.lm_head = table
             model.embed_tokens = Q8Embedding(table, dtype)
             return
     if heads_table:

@@ -12,7 +12,6 @@
 
 namespace {
 
-
 // 32 values as two vectors of 16 floats.
 inline void load32(const float* v, __m512& a0, __m512& a1) {
   a0 = _mm512_loadu_ps(v);

@@ -179,10 +179,11 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
                 read = gguf.int4_groups if quant in INT4_MODES else (lambda name: gguf.tensor(name, dtype))
                 layers = _GGUFBlockTensors(gguf, config, read, placeholders - {"token_embd.weight"})
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
+            groups = gguf.int8_groups("token_embd.weight") if from_file and quant == "w4a8" else None  # Q8_0's
             quantize_(model, quant, exact_int4=layers if quant in INT4_MODES else None,
                       weights=None if quant in INT4_MODES else layers,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None,
-                      embedding_groups=gguf.int8_groups("token_embd.weight") if from_file and quant == "w4a8" else None)
+                      embedding_groups=groups)
         assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a placeholder was not replaced"
         return_freed_memory()
     finally:
