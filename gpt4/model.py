@@ -105,6 +105,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.output_bias)
         self.split_sizes = (q_out + kv_out, kv_out)  # (q and k: rotated together, v)
         self.dropout = config.dropout
+        self.decode_kernel = False  # decode steps' attention through our C++ kernel (see use_decode_kernel)
+
+    def use_decode_kernel(self) -> bool:
+        """From now on a decode step's attention runs through gpt4_kernels.decode_attention (loaded with the w4a8
+        kernel: quantize_ switches it on in w4a8 mode), where its shapes allow; returns whether it does. One pass
+        over the cache per KV head, split across threads in chunks of slots: 30 layers of the default model over 512
+        slots 0.93 ms against SDPA's 1.32, over 16 slots 0.26 against 0.45."""
+        query_rows = self.n_heads // self.n_kv_heads
+        self.decode_kernel = query_rows <= 16 and self.head_dim % 16 == 0 and self.head_dim <= 256
+        return self.decode_kernel
 
     def forward(self, x, rope, mask, cache, positions, kv_length):
         B, S, _ = x.shape
@@ -128,11 +138,13 @@ class Attention(nn.Module):
             # rather than per query head: 1.5-2x faster here for 8 rows (8 x 9 heads over 80 slots: 49 -> 29 us
             # a layer), up to 1.5x for one row at 576 slots, never slower.
             q, shared_kv = q.reshape(B, self.n_kv_heads, -1, self.head_dim), False  # (B, Hkv, Hq / Hkv, D)
-        # No mask: either a full causal sequence (S == T) or one query that sees every cached slot.
-        y = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=shared_kv,
-        ).reshape(B, self.n_heads, S, self.head_dim)  # (B, Hq, S, D); in the cache's dtype (fp32 on the CPU)
+        if S == 1 and cache is not None and self.decode_kernel and not self.training:
+            y = torch.ops.gpt4_kernels.decode_attention(q.to(k.dtype), k, v, mask, self.head_dim ** -0.5)
+        else:  # no mask: either a full causal sequence (S == T) or one query that sees every cached slot
+            y = F.scaled_dot_product_attention(
+                q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=shared_kv)
+        y = y.reshape(B, self.n_heads, S, self.head_dim)  # (B, Hq, S, D); in the cache's dtype (fp32 on the CPU)
         return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(B, S, -1))
 
 

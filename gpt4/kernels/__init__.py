@@ -4,7 +4,9 @@ w4a8.cpp: 4-bit weights times activations quantized to int8 in groups of 32, mul
 VNNI, as llama.cpp multiplies its Q4 blocks by Q8 activations (`--quant w4a8`, auto's choice where it runs;
 gpt4.quant.W4A8Linear), and the same blocks dequantized for prompt chunks. On the default model a decode step's
 4-bit matmuls take 1.3-2.1x less time than with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows
-(benchmarks/bench_int4_vnni_kernel.py; docs/performance.md, runs 16-17).
+(benchmarks/bench_int4_vnni_kernel.py; docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0
+groups (gpt4.quant.Q8Linear, run 18), and a decode step's attention (gpt4.model.Attention.use_decode_kernel), which
+w4a8 models use too.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def load_w4a8() -> None:
         torch.library.register_fake(f"gpt4_kernels::{kind}_matmul")(_matmul_shape)
         torch.library.register_fake(f"gpt4_kernels::{kind}_dequantize")(_dequantize_shape)
     torch.library.register_fake("gpt4_kernels::q8_rows")(_rows_shape)
+    torch.library.register_fake("gpt4_kernels::decode_attention")(_attention_shape)
 
 
 def _matmul_shape(x, blocks):
@@ -106,3 +109,7 @@ def _dequantize_shape(blocks, dtype):
 
 def _rows_shape(blocks, ids, dtype):
     return blocks.new_empty((*ids.shape, blocks.shape[1] * 32), dtype=dtype)
+
+
+def _attention_shape(q, k, v, mask, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

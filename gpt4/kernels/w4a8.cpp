@@ -2,12 +2,15 @@
 // int8 in the same groups of 32, multiplied in integers with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products an
 // instruction), as llama.cpp multiplies its Q4 blocks by Q8 activations. Registered as gpt4_kernels::w4a8_matmul.
 // q8: the same for 8-bit weights (w = d * q, q in -128..127, GGUF's Q8_0 groups: an LM head), gpt4_kernels::q8_matmul.
+// decode_attention: one decode step's attention over the KV cache (AVX-512F), which w4a8 models use with them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -27,6 +30,9 @@ inline void load32(const at::BFloat16* v, __m512& a0, __m512& a1) {
   a0 = bf16_to_float(v);
   a1 = bf16_to_float(v + 16);
 }
+
+inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
+inline __m512 load16(const at::BFloat16* v) { return bf16_to_float(v); }
 
 inline __m512 half16(const uint8_t* v) {  // 16 float16 values
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
@@ -245,6 +251,164 @@ at::Tensor q8_rows(const at::Tensor& blocks, const at::Tensor& ids, at::ScalarTy
   return out;
 }
 
+// exp(x) for 16 floats x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor
+// polynomial of degree 7 (error below 1e-8 there), times 2^n; 0 below -104 (under float's smallest subnormal).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: r exact enough
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int64_t SLOTS_PER_CHUNK = 64;  // cache slots a task attends to (partial softmax, merged afterwards)
+constexpr int64_t MAX_ROWS = 16, MAX_DIM = 256;
+
+// One task: G query rows (q, float32, scaled) of one KV head over slots start..stop-1. Writes the rows' maxima of
+// the scores, their sums of exp(score - max), and (G, D) sums of exp(score - max) * v over the unmasked slots.
+template <typename KV>
+void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v, int64_t k_stride, int64_t v_stride,
+                  const bool* mask, int64_t mask_stride, int64_t start, int64_t stop, float* max, float* sum,
+                  float* acc) {
+  const int64_t n = stop - start, vectors = D / 16;
+  float scores[MAX_ROWS][SLOTS_PER_CHUNK];
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = start + i;
+    if (mask != nullptr && !mask[t * mask_stride]) {
+      for (int64_t g = 0; g < G; ++g) scores[g][i] = -INFINITY;
+      continue;
+    }
+    __m512 key[MAX_DIM / 16];
+    for (int64_t j = 0; j < vectors; ++j) key[j] = load16(k + t * k_stride + 16 * j);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), key[0]);
+      for (int64_t j = 1; j < vectors; ++j) dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * j), key[j], dot);
+      scores[g][i] = _mm512_reduce_add_ps(dot);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, scores[g][i]);
+    max[g] = top;
+    __m512 total = _mm512_setzero_ps();
+    if (top != -INFINITY) {  // (-inf: every slot of the chunk is masked, and every weight 0)
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+        const __m512 s = _mm512_maskz_loadu_ps(lanes, scores[g] + i);
+        const __m512 e = _mm512_maskz_mov_ps(lanes, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top))));
+        _mm512_mask_storeu_ps(scores[g] + i, lanes, e);
+        total = _mm512_add_ps(total, e);
+      }
+    }
+    sum[g] = _mm512_reduce_add_ps(total);
+    // The weighted values, D / 16 accumulators in registers; the chunk's values (16 KB for D = 64 in fp32) stay in
+    // L1 from one query row to the next.
+    __m512 out[MAX_DIM / 16];
+    for (int64_t j = 0; j < vectors; ++j) out[j] = _mm512_setzero_ps();
+    if (top != -INFINITY) {
+      for (int64_t i = 0; i < n; ++i) {
+        const __m512 weight = _mm512_set1_ps(scores[g][i]);  // 0 for a masked slot
+        const KV* value = v + (start + i) * v_stride;
+        for (int64_t j = 0; j < vectors; ++j) out[j] = _mm512_fmadd_ps(weight, load16(value + 16 * j), out[j]);
+      }
+    }
+    for (int64_t j = 0; j < vectors; ++j) _mm512_storeu_ps(acc + g * D + 16 * j, out[j]);
+  }
+}
+
+template <typename KV>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
+                           int64_t mask_batch_stride, int64_t mask_stride, float scale, at::Tensor& y) {
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), slots = k.size(2);
+  const int64_t chunks = (slots + SLOTS_PER_CHUNK - 1) / SLOTS_PER_CHUNK, tasks = B * H * chunks;
+  const KV* Q = q.data_ptr<KV>();  // (contiguous)
+  const KV* K = k.data_ptr<KV>();
+  const KV* V = v.data_ptr<KV>();
+  // Each task's maxima (G), sums (G) and weighted values (G x D), uninitialized: every task writes all of its own.
+  thread_local std::vector<float> partial_buffer;
+  partial_buffer.resize(tasks * G * (D + 2));
+  float* partials = partial_buffer.data();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    float queries[MAX_ROWS * MAX_DIM];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
+      for (int64_t e = 0; e < G * D; e += 16) {  // the KV head's query rows in float32, scaled once
+        _mm512_storeu_ps(queries + e, _mm512_mul_ps(load16(Q + bh * G * D + e), _mm512_set1_ps(scale)));
+      }
+      float* part = partials + task * G * (D + 2);
+      attend_chunk(queries, G, D, K + b * k.stride(0) + h * k.stride(1), V + b * v.stride(0) + h * v.stride(1),
+                   k.stride(2), v.stride(2), mask == nullptr ? nullptr : mask + b * mask_batch_stride, mask_stride,
+                   c * SLOTS_PER_CHUNK, std::min(slots, (c + 1) * SLOTS_PER_CHUNK), part, part + G, part + 2 * G);
+    }
+  });
+  KV* Y = y.data_ptr<KV>();
+  for (int64_t bh = 0; bh < B * H; ++bh) {  // merge the chunks: the softmax over all slots
+    const float* first = partials + bh * chunks * G * (D + 2);
+    for (int64_t g = 0; g < G; ++g) {
+      float top = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, first[c * G * (D + 2) + g]);
+      __m512 out[MAX_DIM / 16];
+      for (int64_t j = 0; j < D / 16; ++j) out[j] = _mm512_setzero_ps();
+      float total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = first + c * G * (D + 2);
+        if (part[g] == -INFINITY) continue;
+        const float w = std::exp(part[g] - top);
+        total += w * part[G + g];
+        for (int64_t j = 0; j < D / 16; ++j) {
+          out[j] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(part + 2 * G + g * D + 16 * j), out[j]);
+        }
+      }
+      const __m512 inverse = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);  // (no slot at all: zeros)
+      for (int64_t j = 0; j < D / 16; ++j) store16(Y + (bh * G + g) * D + 16 * j, _mm512_mul_ps(out[j], inverse));
+    }
+  }
+}
+
+// One decode step's attention per KV head: q (B, H, G, D), the G query rows of each of the B x H KV heads (the query
+// heads that share it); k, v (B, H, T, D), the first T cache slots (any strides but the last); mask None or bool
+// (B or 1, 1, 1, T), true where a slot may be attended. softmax(q k^T * scale) v, (B, H, G, D) in q's dtype; q, k and
+// v float32 or bfloat16 (one dtype), computed in float32. The slots are split into chunks of 64 that the threads
+// share (one sequence's 3 KV heads would keep only 3 tasks), merged at the end.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "decode_attention: q must be (B, H, G, D) and k, v (B, H, T, D)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "decode_attention: q, k and v must all be float32 or all bfloat16");
+  const int64_t G = q.size(2), D = q.size(3), T = k.size(2);
+  TORCH_CHECK(G >= 1 && G <= MAX_ROWS && D % 16 == 0 && D <= MAX_DIM && T >= 1,
+              "decode_attention: at most ", MAX_ROWS, " query rows per head, a head size that is a multiple of 16 up "
+              "to ", MAX_DIM, ", and at least one slot");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v rows must be contiguous");
+  const bool* mask_data = nullptr;
+  int64_t mask_batch_stride = 0, mask_stride = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == q.size(0)) &&
+                    m.size(1) == 1 && m.size(2) == 1 && m.size(3) == T,
+                "decode_attention: mask must be bool (B or 1, 1, 1, T)");
+    mask_data = m.data_ptr<bool>();
+    mask_batch_stride = m.size(0) == 1 ? 0 : m.stride(0);
+    mask_stride = m.stride(3);
+  }
+  const at::Tensor queries = q.contiguous();
+  at::Tensor y = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (q.scalar_type() == at::kFloat) {
+    decode_attention_impl<float>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
+  } else {
+    decode_attention_impl<at::BFloat16>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gpt4_kernels, lib) {
@@ -253,6 +417,7 @@ TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def("q8_matmul(Tensor x, Tensor blocks) -> Tensor");
   lib.def("q8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_rows(Tensor blocks, Tensor ids, ScalarType dtype) -> Tensor");
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
@@ -261,4 +426,5 @@ TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("q8_matmul", &q8_matmul);
   lib.impl("q8_dequantize", &q8_dequantize);
   lib.impl("q8_rows", &q8_rows);
+  lib.impl("decode_attention", &decode_attention);
 }

@@ -1,0 +1,75 @@
+"""Our decode attention kernel (gpt4_kernels.decode_attention) against torch's SDPA: the same softmax(q k^T / sqrt(d))
+v for one decode step, chunked and merged across threads, under masks, from strided cache slices, in fp32 and bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt4 import GPT4LMHeadModel
+
+from .conftest import skip_without_w4a8
+
+
+@pytest.fixture(scope="module")
+def decode_attention():
+    skip_without_w4a8()
+    from gpt4.kernels import load_w4a8
+
+    load_w4a8()
+    return torch.ops.gpt4_kernels.decode_attention
+
+
+# (batch, KV heads, query rows a KV head, head size, slots): one and several chunks of 64, a partial last chunk,
+# the largest row count and head size, one slot.
+SHAPES = [(1, 3, 3, 64, 512), (2, 3, 3, 64, 70), (3, 2, 1, 32, 1), (1, 1, 16, 256, 200), (4, 2, 4, 64, 64)]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_attention_equals_sdpa(decode_attention, shape, dtype, tolerance):
+    batch, heads, rows, size, slots = shape
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, batch, heads, slots + 37, size, generator=generator).to(dtype)  # a longer cache
+    k, v = cache[0, :, :, :slots], cache[1, :, :, :slots]  # its first slots: strided views, as the model passes
+    q = torch.randn(batch, heads, rows, size, generator=generator).to(dtype) * 3  # sharper softmax
+    mask = torch.rand(batch, 1, 1, slots, generator=generator) < 0.6
+    mask[..., 0] = True
+    if slots > 130:
+        mask[0, ..., 1:130] = False  # whole chunks of 64 with no slot to attend
+    for m in (None, mask, mask[:1]):  # no mask, one per row, one for all rows
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+        got = decode_attention(q, k, v, m, size ** -0.5)
+        assert got.dtype == dtype and got.shape == q.shape
+        torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
+
+
+def test_decode_attention_refuses_what_it_cannot_compute(decode_attention):
+    q, k = torch.randn(1, 2, 3, 64), torch.randn(1, 2, 10, 64)
+    with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
+        decode_attention(q, k.bfloat16(), k.bfloat16(), None, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        decode_attention(q[..., :40], k[..., :40], k[..., :40], None, 0.125)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        decode_attention(q, k, k, torch.ones(1, 1, 1, 9, dtype=torch.bool), 0.125)
+    with pytest.raises(RuntimeError, match="rows must be contiguous"):
+        decode_attention(q, torch.randn(1, 2, 64, 10).transpose(2, 3), k, None, 0.125)  # columns, not rows
+
+
+def test_w4a8_models_decode_through_it_with_sdpas_tokens():
+    """quantize_'s w4a8 mode switches the kernel on; a float32 model decoding through it (two prompts of different
+    lengths: a mask over the cache) gives the tokens of SDPA."""
+    skip_without_w4a8()
+    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="float32", quant="w4a8")
+    assert all(layer.attn.decode_kernel for layer in model.layers)
+    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="float32")  # exact weights: no int8 activations to amplify
+    for layer in model.layers:
+        assert layer.attn.use_decode_kernel()
+    tok = model.tokenizer
+    prompts = ["The capital of France is", "Water boils at a temperature of one hundred degrees"]
+    outputs = {}
+    for kernel in (True, False):
+        for layer in model.layers:
+            layer.attn.decode_kernel = kernel
+        outputs[kernel] = [model.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
+        outputs[kernel].append(model.generate(prompts, max_new_tokens=24, do_sample=False))  # a batch, padded
+    assert outputs[True] == outputs[False]
