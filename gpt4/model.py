@@ -140,7 +140,7 @@ class Attention(nn.Module):
             q, shared_kv = q.reshape(B, self.n_kv_heads, -1, self.head_dim), False  # (B, Hkv, Hq / Hkv, D)
         if S == 1 and cache is not None and self.decode_kernel and not self.training:
             y = torch.ops.gpt4_kernels.decode_attention(q.to(k.dtype), k, v, mask, self.head_dim ** -0.5)
-        else:  # no mask: either a full causal sequence (S == T) or one query that sees every cached slot
+        else:  # (without a mask: a whole causal sequence, S == T, or one query that sees every cached slot)
             y = F.scaled_dot_product_attention(
                 q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=shared_kv)
