@@ -541,10 +541,9 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
             if weight.is_meta and exact is None:  # a placeholder: read now
                 weight = weights.get(full_name) if weights is not None else None
                 assert weight is not None, f"{full_name} is a placeholder, and no weights were given for it"
-            if full_name == "lm_head" and exact is None and mode == "w4a8" and Q8Linear.fits(weight.shape):
-                q, d = Q8Linear.quantize(weight)
-                new = Q8Linear(q, d, child.bias) if Q8Linear.fits(weight.shape, d) else \
-                    Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
+            q8 = _q8_groups(weight) if full_name == "lm_head" and exact is None and mode == "w4a8" else None
+            if q8 is not None:
+                new = Q8Linear(*q8, child.bias)
             elif mode in ("int8", "w8a8") or (full_name == "lm_head" and exact is None):
                 new = Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
             elif exact is not None:  # a file's Q4 groups as they are
@@ -578,19 +577,27 @@ def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows
     assert rows is not None, "the embedding is a placeholder, and no rows were given for it"
     heads_table = tied and not (mode in INT4_MODES and exact_int4.get("lm_head") is not None)
     bias = head.bias if heads_table else None
-    if mode == "w4a8" and Q8Linear.fits(rows.shape):
-        q, d = embedding_groups if embedding_groups is not None else Q8Linear.quantize(rows)
-        if Q8Linear.fits(rows.shape, d):
-            table = Q8Linear(q, d, bias, dtype)
-            if heads_table:
-                model.lm_head = table
-            model.embed_tokens = Q8Embedding(table, dtype)
-            return
+    q8 = _q8_groups(rows, embedding_groups) if mode == "w4a8" else None
+    if q8 is not None:
+        table = Q8Linear(*q8, bias, dtype)
+        if heads_table:
+            model.lm_head = table
+        model.embed_tokens = Q8Embedding(table, dtype)
+        return
     if heads_table:
         model.lm_head = table = Int8Linear(rows, bias, activation_bits=ACTIVATION_BITS[mode], keep_rows=True)
     else:  # its own table
         table = Int8Linear(rows, None, dtype=dtype)
     model.embed_tokens = Int8Embedding(table, dtype)
+
+
+def _q8_groups(weight, groups=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Q8Linear's (q, d) for weight (out, in), a tensor or a row reader: a file's own Q8_0 groups if given, else
+    quantized now; None where the kernel cannot hold them (the caller keeps Int8Linear)."""
+    if not Q8Linear.fits(weight.shape):
+        return None
+    q, d = groups if groups is not None else Q8Linear.quantize(weight)
+    return (q, d) if Q8Linear.fits(weight.shape, d) else None
 
 
 def linear_bytes(model: nn.Module) -> int:
