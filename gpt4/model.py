@@ -21,7 +21,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import GPT4Config
-from .quant import Int8Linear
+from .quant import BlocksLinear, Int8Linear
 
 # Compiled decode steps (compile_decode): torch.compile in inductor's default mode, or with the weights frozen into
 # the graph and autotuned C++ GEMM templates; or compiled ahead of time by AOTInductor and cached on disk (gpt4.aot).
@@ -235,6 +235,7 @@ class GPT4LMHeadModel(nn.Module):
         self.quant = "none"  # the linear layers' quantization mode, set by gpt4.quant.quantize_
         self.source = None  # the file or folder from_pretrained read the weights from (keys compiled steps)
         self._compiled_decode = None  # set by compile_decode()
+        self._fused_decode = None  # (weights, biases) of gpt4_kernels.decode_layers, set by use_fused_decode()
         self.generation_config = None
         self.apply(self._init_weights)
 
@@ -346,7 +347,40 @@ class GPT4LMHeadModel(nn.Module):
             mask = None  # one sequence's newest token (position kv_length - 1) sees every slot: skip the mask
         else:
             mask = attention_mask_for(positions, kv_length, window)
+        if self._fused_decode is not None and not self.training:
+            return self._fused_step(input_ids, positions, mask, cache, kv_length)
         return self._decode_step(input_ids, positions, mask, cache, kv_length)
+
+    def _fused_step(self, input_ids, positions, mask, cache, kv_length) -> torch.Tensor:
+        weights, biases = self._fused_decode
+        x = torch.ops.gpt4_kernels.decode_layers(
+            self.embed_tokens(input_ids[:, 0]), positions[:, 0], mask, cache.keys, cache.values, kv_length, weights,
+            biases, self.rope_inv_freq.float(), self.config.num_attention_heads, self.config.norm_eps)  # (B, H)
+        return self.lm_head(self.final_norm(x)).float()  # (B, V)
+
+    def use_fused_decode(self) -> bool:
+        """From now on an eager decode step runs all the layers in one call of our kernel (gpt4_kernels.decode_layers)
+        where the model allows it: the Llama family (RMSNorm, RoPE, SwiGLU), every layer's matmuls in blocks (w4a8's:
+        quantize_ switches it on) and attention through the decode kernel. The same kernels as the eager layers',
+        without Python and operator dispatch around ~20 operators a layer, and the same tokens. Returns whether it
+        does. Like compile_decode, it assumes that the layers' modules stay as they are."""
+        config = self.config
+        linears = [m for layer in self.layers
+                   for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        norms = [norm for layer in self.layers for norm in (layer.attn_norm, layer.mlp_norm)]
+        fits = (config.norm == "rmsnorm" and config.mlp == "swiglu" and config.position_embedding == "rope"
+                and config.head_dim % 32 == 0 and self.dtype in (torch.float32, torch.bfloat16)
+                and all(isinstance(m, BlocksLinear) for m in linears)
+                and all(norm.weight.dtype == self.dtype for norm in norms)
+                and all(layer.attn.decode_kernel for layer in self.layers))
+        self._fused_decode = None
+        if fits:
+            weights = [t for layer in self.layers for t in (
+                layer.attn_norm.weight, layer.attn.qkv_proj.blocks, layer.attn.o_proj.blocks, layer.mlp_norm.weight,
+                layer.mlp.up_proj.blocks, layer.mlp.down_proj.blocks)]
+            # (Biases in the model's dtype: an fp32 model's w4a8 layers keep theirs in bf16, exactly widened in eager.)
+            self._fused_decode = (weights, [None if m.bias is None else m.bias.to(self.dtype) for m in linears])
+        return fits
 
     def _decode_step(self, input_ids, positions, mask, cache, kv_length=None) -> torch.Tensor:
         kv_length = kv_length or mask.shape[-1]

@@ -288,7 +288,7 @@ class Int4Linear(nn.Module):
         return w_t.view(in_features, out_features)
 
 
-class _BlocksLinear(nn.Module):
+class BlocksLinear(nn.Module):
     """A linear layer held as one stream of blocks, each 16 output rows x a group of 32 inputs, that our kernel
     (gpt4/kernels/w4a8.cpp, AVX-512 VNNI) multiplies by activations quantized to int8 in the same groups of 32.
     Prompt chunks of DEQUANTIZE_ROWS rows or more dequantize the blocks (in C++) and multiply in the compute dtype."""
@@ -336,7 +336,7 @@ def _int32_words(groups: torch.Tensor) -> torch.Tensor:
     return (groups if aligned and groups.stride(-1) == 1 else groups.contiguous()).view(torch.int32)
 
 
-class W4A8Linear(_BlocksLinear):
+class W4A8Linear(BlocksLinear):
     """4-bit weights in groups of 32, w = d * q + m, multiplied by activations quantized to int8 in the same groups
     (AVX-512 VNNI), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.3-2.1x (one row) to 2-2.6x
     (8 rows or more) faster than PyTorch's int4 kernel, at +0.1-0.2% perplexity. d and m are float16, a Q4 file's
@@ -385,7 +385,7 @@ class W4A8Linear(_BlocksLinear):
         return scales.shape[0] % 16 == 0 and _float16_holds(d) and _float16_holds(zeros.float() - 8 * d)
 
 
-class Q8Linear(_BlocksLinear):
+class Q8Linear(BlocksLinear):
     """8-bit weights in groups of 32, w = d * q (q in -128..127, d float16: GGUF's Q8_0 blocks), multiplied by
     activations quantized to int8 in the same groups, as llama.cpp runs a Q8_0 matrix: w4a8's LM head, where every
     logit goes through it. The default model's tied 49152 x 576 head in its file's own numbers: 0.59 ms a row
@@ -560,6 +560,8 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
         for module in model.modules():
             if hasattr(module, "use_decode_kernel"):  # (gpt4.model.Attention)
                 module.use_decode_kernel()
+        if hasattr(model, "use_fused_decode"):  # (gpt4.model.GPT4LMHeadModel) and whole eager decode steps
+            model.use_fused_decode()
     model.quant = mode
     return model
 
@@ -610,7 +612,7 @@ def linear_bytes(model: nn.Module) -> int:
             total += m.in_features * m.out_features + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, Int4Linear):  # a plain copy of the nibbles, if any, is read by prefill only
             total += sum(b.numel() * b.element_size() for b in (m.packed, m.scales_and_zeros))
-        elif isinstance(m, _BlocksLinear):
+        elif isinstance(m, BlocksLinear):
             total += m.blocks.numel()
     return total
 

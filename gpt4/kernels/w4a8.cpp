@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -65,14 +66,28 @@ struct Q8Block {  // 512 bytes u = q + 128, 16 fp16 d: w = d * (u - 128)
 
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
 
-// Rounded to nearest even, as PyTorch converts (NaN stays NaN); written without AVX512-BF16, which VNNI CPUs
-// before Cooper Lake lack.
-inline void store16(at::BFloat16* out, __m512 v) {
+// 16 floats rounded to bfloat16, in the low halves of 32-bit lanes: to nearest even, as PyTorch converts (NaN stays
+// NaN); written without AVX512-BF16, which VNNI CPUs before Cooper Lake lack.
+inline __m512i bf16_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+}
+
+inline void store16(at::BFloat16* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bf16_bits(v)));
+}
+
+// v as a tensor of T holds it: what PyTorch's eager operators round each result to.
+template <typename T>
+inline __m512 held_as(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+  }
 }
 
 // Each row of x (T, K) in groups of 32: q = round(x / s), s = max|x| / 127, and s * sum(q) (the term a group's
@@ -321,14 +336,23 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
   }
 }
 
+// One decode step's attention (see decode_attention): the tensors as pointers and strides (in elements).
 template <typename KV>
-void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
-                           int64_t mask_batch_stride, int64_t mask_stride, float scale, at::Tensor& y) {
-  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), slots = k.size(2);
+struct AttentionArgs {
+  int64_t B, H, G, D, slots;
+  const KV* q;                                   // (B, H, G, D) contiguous
+  const KV *k, *v;                               // (B, H, slots, D), rows contiguous
+  int64_t k_batch, k_head, k_slot, v_batch, v_head, v_slot;
+  const bool* mask;                              // nullptr, or one row of slots per batch row
+  int64_t mask_batch, mask_slot;
+  float scale;
+  KV* y;                                         // (B, H, G, D) contiguous
+};
+
+template <typename KV>
+void decode_attention_impl(const AttentionArgs<KV>& a) {
+  const int64_t B = a.B, H = a.H, G = a.G, D = a.D, slots = a.slots;
   const int64_t chunks = (slots + SLOTS_PER_CHUNK - 1) / SLOTS_PER_CHUNK, tasks = B * H * chunks;
-  const KV* Q = q.data_ptr<KV>();  // (contiguous)
-  const KV* K = k.data_ptr<KV>();
-  const KV* V = v.data_ptr<KV>();
   // Each task's maxima (G), sums (G) and weighted values (G x D), uninitialized: every task writes all of its own.
   thread_local std::vector<float> partial_buffer;
   partial_buffer.resize(tasks * G * (D + 2));
@@ -338,15 +362,14 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
       for (int64_t e = 0; e < G * D; e += 16) {  // the KV head's query rows in float32, scaled once
-        _mm512_storeu_ps(queries + e, _mm512_mul_ps(load16(Q + bh * G * D + e), _mm512_set1_ps(scale)));
+        _mm512_storeu_ps(queries + e, _mm512_mul_ps(load16(a.q + bh * G * D + e), _mm512_set1_ps(a.scale)));
       }
       float* part = partials + task * G * (D + 2);
-      attend_chunk(queries, G, D, K + b * k.stride(0) + h * k.stride(1), V + b * v.stride(0) + h * v.stride(1),
-                   k.stride(2), v.stride(2), mask == nullptr ? nullptr : mask + b * mask_batch_stride, mask_stride,
+      attend_chunk(queries, G, D, a.k + b * a.k_batch + h * a.k_head, a.v + b * a.v_batch + h * a.v_head, a.k_slot,
+                   a.v_slot, a.mask == nullptr ? nullptr : a.mask + b * a.mask_batch, a.mask_slot,
                    c * SLOTS_PER_CHUNK, std::min(slots, (c + 1) * SLOTS_PER_CHUNK), part, part + G, part + 2 * G);
     }
   });
-  KV* Y = y.data_ptr<KV>();
   for (int64_t bh = 0; bh < B * H; ++bh) {  // merge the chunks: the softmax over all slots
     const float* first = partials + bh * chunks * G * (D + 2);
     for (int64_t g = 0; g < G; ++g) {
@@ -365,9 +388,18 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
         }
       }
       const __m512 inverse = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);  // (no slot at all: zeros)
-      for (int64_t j = 0; j < D / 16; ++j) store16(Y + (bh * G + g) * D + 16 * j, _mm512_mul_ps(out[j], inverse));
+      for (int64_t j = 0; j < D / 16; ++j) store16(a.y + (bh * G + g) * D + 16 * j, _mm512_mul_ps(out[j], inverse));
     }
   }
+}
+
+template <typename KV>
+void attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
+                          int64_t mask_batch, int64_t mask_slot, float scale, at::Tensor& y) {
+  decode_attention_impl(AttentionArgs<KV>{q.size(0), q.size(1), q.size(2), q.size(3), k.size(2), q.data_ptr<KV>(),
+                                          k.data_ptr<KV>(), v.data_ptr<KV>(), k.stride(0), k.stride(1), k.stride(2),
+                                          v.stride(0), v.stride(1), v.stride(2), mask, mask_batch, mask_slot, scale,
+                                          y.data_ptr<KV>()});
 }
 
 // One decode step's attention per KV head: q (B, H, G, D), the G query rows of each of the B x H KV heads (the query
@@ -402,11 +434,238 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor queries = q.contiguous();
   at::Tensor y = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (q.scalar_type() == at::kFloat) {
-    decode_attention_impl<float>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
+    attention_of_tensors<float>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
   } else {
-    decode_attention_impl<at::BFloat16>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
+    attention_of_tensors<at::BFloat16>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
   }
   return y;
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// decode_layers: one decode step through every layer of a model in blocks (w4a8's 4-bit layers, Q8 ones) of the
+// Llama family (RMSNorm, RoPE, SwiGLU), in one call. The eager step runs the same kernels but spends most of its time
+// in Python and operator dispatch around ~20 operators a layer. Each operation here rounds its result to the model's
+// dtype T where an eager operator does (the residual stream, the norms, the rotation, SiLU), and the matmuls and the
+// attention are the eager step's own kernels, so both paths give the same tokens.
+
+template <typename T>
+void blocks_linear(const T* x, int64_t rows, const at::Tensor& blocks, const std::optional<at::Tensor>& bias, T* y) {
+  const int64_t K = blocks.size(1) * 32, N = blocks.size(0) * 16;
+  if (blocks.size(2) == Q4Block::BYTES) {
+    matmul<Q4Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
+  } else {
+    matmul<Q8Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
+  }
+  if (bias.has_value()) {
+    const T* b = bias->data_ptr<T>();
+    for (int64_t t = 0; t < rows; ++t) {
+      for (int64_t j = 0; j < N; j += 16) store16(y + t * N + j, _mm512_add_ps(load16(y + t * N + j), load16(b + j)));
+    }
+  }
+}
+
+// RMSNorm.forward for rows (rows, H): x / sqrt(mean(x^2) + eps) in float32, rounded to T, times the weight.
+template <typename T>
+void rms_norm(const T* x, int64_t rows, int64_t H, const T* weight, float eps, T* out) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const T* row = x + t * H;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t j = 0; j < H; j += 16) squares = _mm512_fmadd_ps(load16(row + j), load16(row + j), squares);
+    const __m512 inverse = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / H + eps));
+    for (int64_t j = 0; j < H; j += 16) {
+      store16(out + t * H + j, _mm512_mul_ps(held_as<T>(_mm512_mul_ps(load16(row + j), inverse)), load16(weight + j)));
+    }
+  }
+}
+
+// apply_rope on `heads` consecutive heads of D values (pairs i, i + D / 2), in place: x cos + rotate_half(x) sin, each
+// product and the sum rounded to T; cos, sin (D / 2) hold one position's angles, rounded to T as rope_cos_sin's are.
+template <typename T>
+void rotate(T* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    T* head = x + h * D;
+    for (int64_t j = 0; j < half; j += 16) {
+      const __m512 x1 = load16(head + j), x2 = load16(head + half + j);
+      const __m512 c = _mm512_loadu_ps(cos + j), s = _mm512_loadu_ps(sin + j);
+      store16(head + j, _mm512_sub_ps(held_as<T>(_mm512_mul_ps(x1, c)), held_as<T>(_mm512_mul_ps(x2, s))));
+      store16(head + half + j, _mm512_add_ps(held_as<T>(_mm512_mul_ps(x2, c)), held_as<T>(_mm512_mul_ps(x1, s))));
+    }
+  }
+}
+
+// MLP.forward's SwiGLU: rows of h (rows, 2 I) = [gate | up] -> silu(gate) (rounded to T) * up, (rows, I).
+template <typename T>
+void swiglu(const T* h, int64_t rows, int64_t I, T* out) {
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t j = 0; j < I; j += 16) {
+      const __m512 gate = load16(h + t * 2 * I + j), up = load16(h + t * 2 * I + I + j);
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gate)));  // e^-|gate|
+      // sigmoid(gate) = 1 / (1 + e^-gate), or e^gate / (1 + e^gate) for gate < 0: never exp of a positive number
+      const __mmask16 negative = _mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_LT_OQ);
+      const __m512 numerator = _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.f), e);
+      const __m512 silu = _mm512_mul_ps(gate, _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+      store16(out + t * I + j, _mm512_mul_ps(held_as<T>(silu), up));
+    }
+  }
+}
+
+template <typename From, typename To>
+void convert(const From* in, int64_t count, To* out) {  // count: a multiple of 16
+  for (int64_t i = 0; i < count; i += 16) store16(out + i, load16(in + i));
+}
+
+template <typename T>
+void add_into(T* x, const T* y, int64_t count) {  // the residual stream: x + y, rounded to T
+  for (int64_t i = 0; i < count; i += 16) store16(x + i, _mm512_add_ps(load16(x + i), load16(y + i)));
+}
+
+template <typename T, typename KV>
+void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, const bool* mask, int64_t mask_batch,
+                        int64_t mask_slot, at::TensorList keys, at::TensorList values, int64_t kv_length,
+                        at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                        const float* inv_freq, int64_t Hq, float eps) {
+  const int64_t layers = keys.size(), Hkv = keys[0].size(1), D = keys[0].size(3), half = D / 2;
+  const int64_t NQ = Hq * D, NQKV = (Hq + 2 * Hkv) * D, I = weights[4].size(0) * 8;
+  // Each row's rotation angles (rope_cos_sin): position * inverse frequency in float32, cos and sin rounded to T.
+  std::vector<float> cos(B * half), sin(B * half);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(positions[b]) * inv_freq[i];
+      cos[b * half + i] = static_cast<float>(static_cast<T>(std::cos(angle)));
+      sin[b * half + i] = static_cast<float>(static_cast<T>(std::sin(angle)));
+    }
+  }
+  std::vector<T> h(B * H), qkv(B * NQKV), y(B * NQ), out(B * H), up(B * 2 * I), act(B * I);
+  std::vector<KV> q_kv(B * NQ), y_kv(B * NQ);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = &weights[6 * l];  // attention norm, qkv, o, MLP norm, up (gate and up), down
+    rms_norm(X, B, H, w[0].data_ptr<T>(), eps, h.data());
+    blocks_linear(h.data(), B, w[1], biases.get(4 * l), qkv.data());
+    KV *k_cache = keys[l].data_ptr<KV>(), *v_cache = values[l].data_ptr<KV>();
+    for (int64_t b = 0; b < B; ++b) {
+      T* row = qkv.data() + b * NQKV;  // q heads, k heads, v heads
+      rotate(row, Hq + Hkv, D, cos.data() + b * half, sin.data() + b * half);
+      for (int64_t kv = 0; kv < Hkv; ++kv) {  // KVCache.update: slot positions[b] of row b
+        convert(row + NQ + kv * D, D, k_cache + b * keys[l].stride(0) + kv * keys[l].stride(1) +
+                                          positions[b] * keys[l].stride(2));
+        convert(row + NQ + (Hkv + kv) * D, D, v_cache + b * values[l].stride(0) + kv * values[l].stride(1) +
+                                                  positions[b] * values[l].stride(2));
+      }
+      convert(row, NQ, q_kv.data() + b * NQ);  // (Hq, D) = (Hkv, G, D): each KV head's query rows
+    }
+    decode_attention_impl(AttentionArgs<KV>{B, Hkv, Hq / Hkv, D, kv_length, q_kv.data(), k_cache, v_cache,
+                                            keys[l].stride(0), keys[l].stride(1), keys[l].stride(2),
+                                            values[l].stride(0), values[l].stride(1), values[l].stride(2), mask,
+                                            mask_batch, mask_slot, scale, y_kv.data()});
+    convert(y_kv.data(), B * NQ, y.data());
+    blocks_linear(y.data(), B, w[2], biases.get(4 * l + 1), out.data());
+    add_into(X, out.data(), B * H);
+    rms_norm(X, B, H, w[3].data_ptr<T>(), eps, h.data());
+    blocks_linear(h.data(), B, w[4], biases.get(4 * l + 2), up.data());
+    swiglu(up.data(), B, I, act.data());
+    blocks_linear(act.data(), B, w[5], biases.get(4 * l + 3), out.data());
+    add_into(X, out.data(), B * H);
+  }
+}
+
+// A linear layer's blocks (either kind) for an (N, K) weight, and its bias.
+void check_layer(const at::Tensor& blocks, const std::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                 at::ScalarType dtype, int64_t layer) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
+                  (blocks.size(2) == Q4Block::BYTES || blocks.size(2) == Q8Block::BYTES) &&
+                  blocks.size(0) * 16 == N && blocks.size(1) * 32 == K,
+              "decode_layers: layer ", layer, " has blocks of shape ", blocks.sizes(), " where (", N / 16, ", ",
+              K / 32, ", ", Q4Block::BYTES, " or ", Q8Block::BYTES, ") uint8 were expected");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == N),
+              "decode_layers: layer ", layer, " has a bias that is not ", N, " values of x's dtype");
+}
+
+// A decode step through all L layers: x (B, hidden), the new tokens' embeddings, float32 or bfloat16 (the model's
+// dtype T); positions (B) int64, each below kv_length; mask None or bool (B or 1, 1, 1, kv_length); keys, values: L
+// caches (at least B rows, Hkv, at least kv_length slots, D), float32 or bfloat16, whose slot positions[b] of row b
+// each layer writes; weights: per layer the attention norm (hidden), the qkv blocks ((n_heads + 2 Hkv) D outputs, q
+// then k then v heads), o's, the MLP norm, up's (gate then up: 2 I outputs), down's; biases: per layer qkv's, o's,
+// up's, down's, or None; inv_freq (D / 2) float32. Returns the hidden states after the last layer, (B, hidden) in T.
+at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const std::optional<at::Tensor>& mask,
+                         at::TensorList keys, at::TensorList values, int64_t kv_length, at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& inv_freq,
+                         int64_t n_heads, double eps) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.size(1) % 32 == 0,
+              "decode_layers: x must be (B, hidden) float32 or bfloat16, hidden a multiple of 32");
+  const int64_t B = x.size(0), H = x.size(1), layers = keys.size();
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(layers >= 1 && values.size() == keys.size() && weights.size() == 6 * keys.size() &&
+                  biases.size() == 4 * keys.size(),
+              "decode_layers: each layer needs a key cache, a value cache, 6 weights and 4 biases (or None)");
+  TORCH_CHECK(keys[0].dim() == 4, "decode_layers: caches must be (B, KV heads, slots, head size)");
+  const int64_t Hkv = keys[0].size(1), D = keys[0].size(3);
+  const at::ScalarType kv_dtype = keys[0].scalar_type();
+  TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16, "decode_layers: caches must be float32 or bfloat16");
+  TORCH_CHECK(Hkv >= 1 && n_heads % Hkv == 0 && n_heads / Hkv <= MAX_ROWS && D % 32 == 0 && D <= MAX_DIM,
+              "decode_layers: at most ", MAX_ROWS, " query heads per KV head, and a head size that is a multiple of 32 "
+              "up to ", MAX_DIM);
+  TORCH_CHECK(kv_length >= 1, "decode_layers: kv_length must be positive");
+  for (const at::TensorList caches : {keys, values}) {
+    for (const at::Tensor& cache : caches) {
+      TORCH_CHECK(cache.dim() == 4 && cache.size(0) >= B && cache.size(1) == Hkv && cache.size(2) >= kv_length &&
+                      cache.size(3) == D && cache.stride(3) == 1 && cache.scalar_type() == kv_dtype,
+                  "decode_layers: every cache must be (at least ", B, " rows, ", Hkv, ", at least ", kv_length, ", ", D,
+                  ") of one dtype, rows contiguous");
+    }
+  }
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == B,
+              "decode_layers: positions must be B int64 values");
+  const at::Tensor rows_positions = positions.contiguous();
+  const int64_t* position = rows_positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // (a slot outside the cache would be written out of bounds)
+    TORCH_CHECK(position[b] >= 0 && position[b] < kv_length, "decode_layers: position ", position[b],
+                " is outside the ", kv_length, " slots attended");
+  }
+  TORCH_CHECK(weights[4].dim() == 3 && weights[4].size(0) % 4 == 0, "decode_layers: up's blocks must be 3-d");
+  const int64_t I = weights[4].size(0) * 8;
+  TORCH_CHECK(I % 32 == 0, "decode_layers: the MLP's width must be a multiple of 32");
+  for (int64_t l = 0; l < layers; ++l) {
+    for (const int i : {0, 3}) {
+      const at::Tensor& norm = weights[6 * l + i];
+      TORCH_CHECK(norm.scalar_type() == dtype && norm.is_contiguous() && norm.numel() == H,
+                  "decode_layers: layer ", l, "'s norms must be ", H, " values of x's dtype");
+    }
+    check_layer(weights[6 * l + 1], biases.get(4 * l), (n_heads + 2 * Hkv) * D, H, dtype, l);
+    check_layer(weights[6 * l + 2], biases.get(4 * l + 1), H, n_heads * D, dtype, l);
+    check_layer(weights[6 * l + 4], biases.get(4 * l + 2), 2 * I, H, dtype, l);
+    check_layer(weights[6 * l + 5], biases.get(4 * l + 3), H, I, dtype, l);
+  }
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2,
+              "decode_layers: inv_freq must be ", D / 2, " contiguous float32 values");
+  const bool* mask_data = nullptr;
+  int64_t mask_batch = 0, mask_slot = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == B) &&
+                    m.size(1) == 1 && m.size(2) == 1 && m.size(3) == kv_length,
+                "decode_layers: mask must be bool (B or 1, 1, 1, kv_length)");
+    mask_data = m.data_ptr<bool>();
+    mask_batch = m.size(0) == 1 ? 0 : m.stride(0);
+    mask_slot = m.stride(3);
+  }
+  at::Tensor hidden = x.clone(at::MemoryFormat::Contiguous);
+  const auto run = [&](auto model_type, auto cache_type) {
+    using T = decltype(model_type);
+    using KV = decltype(cache_type);
+    decode_layers_impl<T, KV>(hidden.data_ptr<T>(), B, H, position, mask_data, mask_batch, mask_slot, keys, values,
+                              kv_length, weights, biases, inv_freq.data_ptr<float>(), n_heads,
+                              static_cast<float>(eps));
+  };
+  if (dtype == at::kFloat) {
+    kv_dtype == at::kFloat ? run(float{}, float{}) : run(float{}, at::BFloat16{});
+  } else {
+    kv_dtype == at::kFloat ? run(at::BFloat16{}, float{}) : run(at::BFloat16{}, at::BFloat16{});
+  }
+  return hidden;
 }
 
 }  // namespace
@@ -418,6 +677,9 @@ TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def("q8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_rows(Tensor blocks, Tensor ids, ScalarType dtype) -> Tensor");
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  lib.def(
+      "decode_layers(Tensor x, Tensor positions, Tensor? mask, Tensor(a!)[] keys, Tensor(b!)[] values, int kv_length, "
+      "Tensor[] weights, Tensor?[] biases, Tensor inv_freq, int n_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
@@ -427,4 +689,5 @@ TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("q8_dequantize", &q8_dequantize);
   lib.impl("q8_rows", &q8_rows);
   lib.impl("decode_attention", &decode_attention);
+  lib.impl("decode_layers", &decode_layers);
 }

@@ -1,0 +1,135 @@
+"""The fused decode step (gpt4_kernels.decode_layers: every layer of a w4a8 model in one call) against the eager
+layers it stands for: the same logits, to the rounding of a few operations, and the same cache writes, for one or
+several sequences at different positions, under masks and a sliding window, in float32 and bfloat16 with either
+cache dtype; biases, GQA, one KV head, Llama 3 rope scaling; the default model's greedy tokens; and refusals."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt4 import GPT4LMHeadModel
+from gpt4.cache import KVCache
+from gpt4.model import attention_mask_for
+from gpt4.quant import quantize_
+
+from .conftest import skip_without_w4a8, tiny_model
+
+# hidden 128 in 4 heads of 32: the fused step rotates head halves in vectors of 16 floats.
+SIZES = dict(hidden_size=128, intermediate_size=256)
+
+
+def fused_model(family: str, dtype: torch.dtype, **overrides) -> GPT4LMHeadModel:
+    skip_without_w4a8()
+    model = tiny_model(family, **SIZES, **overrides).to(dtype)
+    quantize_(model, "w4a8")
+    assert model._fused_decode is not None
+    return model
+
+
+def random_cache(model, batch: int, slots: int, dtype: torch.dtype) -> KVCache:
+    """A cache whose slots hold random keys and values, as earlier tokens would have left them."""
+    cache = KVCache(model.config, batch, slots, dtype=dtype)
+    generator = torch.Generator().manual_seed(1)
+    for t in cache.keys + cache.values:
+        t.copy_(torch.randn(t.shape, generator=generator))
+    return cache
+
+
+def both_steps(model, ids, positions, kv_length, cache, mask):
+    """(eager logits, eager cache), (fused logits, fused cache) from copies of the same cache."""
+    eager_cache, fused_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+    with torch.inference_mode():
+        eager = model._decode_step(ids, positions, mask, eager_cache, kv_length)
+        fused = model._fused_step(ids, positions, mask, fused_cache, kv_length)
+    return (eager, eager_cache), (fused, fused_cache)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family,overrides", [
+    ("llama-gqa-untied", {}),  # 2 query heads per KV head
+    ("llama3-rope-scaling", {}),  # one KV head for 4 query heads, scaled rotations
+    ("qwen2", dict(output_bias=True, mlp_bias=True)),  # a bias on every linear layer
+    ("mistral", {}),  # a sliding window of 8 slots
+    ("llama-tied", {}),  # the head and embedding in one Q8 table
+])
+def test_fused_step_equals_the_eager_layers(family, overrides, dtype, cache_dtype):
+    model = fused_model(family, dtype, **overrides)
+    ids = torch.tensor([[5], [90], [17]])
+    positions = torch.tensor([[3], [20], [11]])  # rows at different lengths, one past the window
+    kv_length = 21
+    cache = random_cache(model, 4, 32, cache_dtype)  # more rows and slots than the step uses
+    mask = attention_mask_for(positions, kv_length, model.config.sliding_window)
+    for rows, step_mask in ((3, mask), (1, None), (1, mask[:1])):
+        (eager, eager_cache), (fused, fused_cache) = both_steps(
+            model, ids[:rows], positions[:rows], kv_length if rows > 1 else 4, cache, step_mask[..., :4]
+            if step_mask is not None and rows == 1 else step_mask)
+        assert fused.dtype == torch.float32 and fused.shape == eager.shape == (rows, model.config.vocab_size)
+        # Measured here: bf16 bit for bit, fp32 within 3e-7 of the largest logit (a fused multiply-add or two).
+        tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+        torch.testing.assert_close(fused, eager, atol=tolerance * float(eager.abs().max()), rtol=0)
+        for got, want in zip(fused_cache.keys + fused_cache.values, eager_cache.keys + eager_cache.values):
+            torch.testing.assert_close(got, want, **({} if got.dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)))
+        for got, old in zip(fused_cache.keys + fused_cache.values, cache.keys + cache.values):
+            written = (got != old).any(-1).any(1)  # (B, T): the slots the step wrote, in any KV head
+            for row in range(cache.batch_size):
+                assert written[row].nonzero().flatten().tolist() == ([int(positions[row])] if row < rows else [])
+
+
+def test_w4a8_default_model_decodes_fused_with_the_eager_tokens():
+    """The defaults' model (bf16, w4a8) decodes fused, and gives the eager layers' greedy tokens: one prompt, and
+    a padded batch of three (a mask over the cache)."""
+    skip_without_w4a8()
+    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="w4a8")
+    fused = model._fused_decode
+    assert fused is not None
+    prompts = ["Princess Peach is a character in the Super Mario video game series.", "The capital of France is",
+               "def fibonacci(n):"]
+    outputs = {}
+    for name, state in (("fused", fused), ("eager", None)):
+        model._fused_decode = state
+        outputs[name] = [model.generate(prompts[0], max_new_tokens=48, do_sample=False),
+                         model.generate(prompts, max_new_tokens=24, do_sample=False)]
+    assert outputs["fused"] == outputs["eager"]
+
+
+def test_only_models_the_kernel_holds_decode_fused():
+    skip_without_w4a8()
+    assert fused_model("llama-tied", torch.bfloat16).use_fused_decode()
+    for family, mode, overrides in (("gpt2", "w4a8", SIZES),  # LayerNorm, GELU, learned positions
+                                    ("llama-tied", "int4", SIZES),  # PyTorch's int4 kernel, not blocks
+                                    ("llama-tied", "w4a8", dict(hidden_size=64, intermediate_size=128)),  # D = 16
+                                    ("llama-tied", "none", SIZES)):
+        model = quantize_(tiny_model(family, **overrides), mode)
+        assert model._fused_decode is None and not model.use_fused_decode()
+
+
+def test_the_fused_step_refuses_what_it_cannot_compute():
+    model = fused_model("llama-gqa-untied", torch.float32)
+    weights, biases = model._fused_decode
+    cache = KVCache(model.config, 2, 16)
+    x = model.embed_tokens(torch.tensor([1, 2]))
+    config = model.config
+
+    def step(positions=(3, 4), kv_length=5, mask=None, keys=cache.keys, weights=weights):
+        return torch.ops.gpt4_kernels.decode_layers(
+            x, torch.tensor(positions), mask, keys, cache.values, kv_length, weights, biases,
+            model.rope_inv_freq.float(), config.num_attention_heads, config.norm_eps)
+
+    assert step().shape == x.shape
+    with pytest.raises(RuntimeError, match="position 5 is outside the 5 slots"):  # written past the cache's end
+        step(positions=(3, 5))
+    with pytest.raises(RuntimeError, match="position -1"):
+        step(positions=(-1, 4))
+    with pytest.raises(RuntimeError, match="at least 17"):
+        step(positions=(3, 16), kv_length=17)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        step(mask=torch.ones(2, 1, 1, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="6 weights"):
+        step(weights=weights[:-1])
+    with pytest.raises(RuntimeError, match="blocks of shape"):
+        step(weights=[weights[0], weights[2], *weights[2:]])  # o's blocks where qkv's belong
+    with pytest.raises(RuntimeError, match="one dtype"):
+        step(keys=[k.bfloat16() for k in cache.keys])
