@@ -20,6 +20,8 @@ from gpt4 import GPT4LMHeadModel
 from gpt4.generation import GenerationConfig, generate_tokens
 
 CATEGORIES = [  # first match wins; operator names as the profiler reports them
+    # w4a8 models' eager step: every layer in one call (its matmuls, attention, norms, rotations inside).
+    ("fused layers (gpt4_kernels::decode_layers)", ("decode_layers",)),
     ("weight matmuls", ("w4a8_matmul", "q8_matmul", "_weight_int4pack_mm", "_weight_int8pack_mm", "int4mm_packed_weight",
                         "aten::_int_mm", "qlinear_pointwise", "packed_int8_matmul",
                         "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),

@@ -348,14 +348,16 @@ class GPT4LMHeadModel(nn.Module):
         else:
             mask = attention_mask_for(positions, kv_length, window)
         if self._fused_decode is not None and not self.training:
-            return self._fused_step(input_ids, positions, mask, cache, kv_length)
+            return self._fused_step(input_ids[:, 0], positions[:, 0], mask, cache.keys, cache.values, kv_length)
         return self._decode_step(input_ids, positions, mask, cache, kv_length)
 
-    def _fused_step(self, input_ids, positions, mask, cache, kv_length) -> torch.Tensor:
+    def _fused_step(self, ids, positions, mask, keys, values, kv_length) -> torch.Tensor:
+        """Logits (B, V) in fp32 for ids, positions (B,) through gpt4_kernels.decode_layers (see use_fused_decode);
+        mask None or (B or 1, 1, 1, kv_length); keys, values: the cache's tensors, a row for each of the B."""
         weights, biases = self._fused_decode
         x = torch.ops.gpt4_kernels.decode_layers(
-            self.embed_tokens(input_ids[:, 0]), positions[:, 0], mask, cache.keys, cache.values, kv_length, weights,
-            biases, self.rope_inv_freq.float(), self.config.num_attention_heads, self.config.norm_eps)  # (B, H)
+            self.embed_tokens(ids), positions, mask, keys, values, kv_length, weights, biases,
+            self.rope_inv_freq.float(), self.config.num_attention_heads, self.config.norm_eps)  # (B, H)
         return self.lm_head(self.final_norm(x)).float()  # (B, V)
 
     def use_fused_decode(self) -> bool:
@@ -403,6 +405,12 @@ class GPT4LMHeadModel(nn.Module):
                 warnings.warn(f"torch.compile of the draft check failed, checking drafts eagerly from now on: "
                               f"{str(error).strip().splitlines()[0]}", RuntimeWarning, stacklevel=2)
                 compiled.max_draft = 0
+        if self._fused_decode is not None and not self.training:
+            # The draft's S tokens as S rows of one fused step that share the sequence's cache row (views with
+            # stride 0 over rows): each writes its own slot before any attends, and its mask row sees slots up to its own.
+            rows = input_ids.shape[1]
+            keys, values = ([t[:1].expand(rows, -1, -1, -1) for t in tensors] for tensors in (cache.keys, cache.values))
+            return self._fused_step(input_ids[0], positions[0], mask[0, 0, :, None, None], keys, values, kv_length)
         return self._verify_step(input_ids, positions, mask, cache)
 
     def _verify_step(self, input_ids, positions, mask, cache) -> torch.Tensor:
