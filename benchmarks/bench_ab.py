@@ -6,6 +6,10 @@ once, then they take turns, generation after generation, so drift reaches all al
 
     python benchmarks/bench_ab.py --quant int4 w4a8 [--compile default|max-autotune|aot] [--rows 1 8]
                                   [--tokens 48] [--rounds 8]
+    python benchmarks/bench_ab.py --quant w4a8 w4a8:layers w4a8:aot    # a decode mode per model
+
+A mode after the quantization overrides --compile for that model: default, max-autotune or aot (compile_decode), or
+"layers": eager decoding through the model's layers, without the fused step (use_fused_decode(False)).
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
     models = {}
-    for quant in args.quant:
-        models[quant] = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant=quant)
-        if args.compile:
-            models[quant].compile_decode(args.compile)
+    for spec in args.quant:
+        quant, _, mode = spec.partition(":")
+        mode = mode or args.compile
+        models[spec] = model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant=quant)
+        if mode == "layers":
+            model.use_fused_decode(enabled=False)
+        elif mode:
+            model.compile_decode(mode)
     prompt = models[args.quant[0]].tokenizer.encode(PROMPT)
     for rows in args.rows:
         ids = torch.tensor([prompt] * rows)

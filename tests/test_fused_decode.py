@@ -109,17 +109,16 @@ def test_w4a8_default_model_decodes_fused_with_the_eager_tokens():
     by the eager layers, whose bf16 prompt-chunk attention rounds differently, they did not here)."""
     skip_without_w4a8()
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="w4a8")
-    fused = model._fused_decode
-    assert fused is not None
+    assert model._fused_decode is not None
     prompts = ["Princess Peach is a character in the Super Mario video game series. Princess Peach is",
                "The capital of France is", "def fibonacci(n):"]
     outputs = {}
-    for name, state in (("fused", fused), ("eager", None)):
-        model._fused_decode = state
+    for name in ("fused", "eager"):
+        assert model.use_fused_decode(enabled=name == "fused") == (name == "fused")
         outputs[name] = [model.generate(prompts[0], max_new_tokens=48, do_sample=False),
                          model.generate(prompts, max_new_tokens=24, do_sample=False)]
     assert outputs["fused"] == outputs["eager"]
-    model._fused_decode = fused
+    model.use_fused_decode()
     assert model.generate(prompts[0], max_new_tokens=48, do_sample=False, prompt_lookup_num_tokens=3) == \
         outputs["fused"][0]
 
