@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    models = {}
+    models, labels = {}, {}
     for spec in args.quant:
         quant, _, mode = spec.partition(":")
         mode = mode or args.compile
+        labels[spec] = f"{quant} {mode or 'eager'}"
         models[spec] = model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant=quant)
         if mode == "layers":
             model.use_fused_decode(enabled=False)
@@ -56,8 +57,8 @@ def main() -> None:
         base = statistics.median(speeds[args.quant[0]])
         for quant, values in speeds.items():
             median = statistics.median(values)
-            print(f"{args.compile or 'eager'}, {rows} sequence(s), {quant}: median {median:.1f} tokens/s, best "
-                  f"{max(values):.1f} ({median / base:.2f}x {args.quant[0]})")
+            print(f"{rows} sequence(s), {labels[quant]}: median {median:.1f} tokens/s, best {max(values):.1f} "
+                  f"({median / base:.2f}x {labels[args.quant[0]]})")
 
 
 if __name__ == "__main__":

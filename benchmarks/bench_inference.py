@@ -10,10 +10,13 @@ fresh process (whose peak memory is not counted): the perplexity of the same rea
 --perplexity-tokens tokens, in windows of 512). Cold start is measured apart too, in
 `--cold-repeats` fresh processes per engine, the engines taking turns: seconds from the start of loading the model
 (its Python modules already imported) to the first token of the 16-token prompt, the load alone, and the first
-token counted from the worker's start (with `import torch` / `import llama_cpp`).
+token counted from the worker's start (with `import torch` / `import llama_cpp`). `--rounds N` runs the speed
+workers N times, the engines taking turns, and pools their timings (this VM's speed drifts by up to 2x within an
+hour: llama.cpp once decoded at 201 tokens/s where it had made 107-110 in the two runs before).
 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
+    python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:w4a8 --rounds 3   # in turns, pooled
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:compile   # torch.compile'd decode
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:max-autotune  # in max-autotune mode
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:aot  # compiled ahead of time
@@ -441,6 +444,8 @@ def main():
         "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:w8a8", "ours:bfloat16:int4:compile",
         "ours:bfloat16:int4:max-autotune", "ours:bfloat16:int8:max-autotune"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="speed runs per engine, the engines taking turns; their timings are pooled")
     parser.add_argument("--lookup", type=int, default=3,
                         help="draft tokens checked a step in the copy task's prompt lookup run (0: no such run)")
     parser.add_argument("--model", default="gpt4", help="a named GGUF model (see `gpt4 models`; default: gpt4)")
@@ -472,12 +477,23 @@ def main():
     os.environ["GPT4_BENCH_MODEL"] = args.model  # the workers inherit it
     os.environ["GPT4_BENCH_WORK"] = json.dumps(workload(args.perplexity_tokens))
     results = {}
-    for spec in args.engines:
-        print(f"running {spec} ...", file=sys.stderr, flush=True)
-        r = run_engine(spec, args.repeats, args.llama_python, lookup=args.lookup)
-        if r is None:
-            continue
-        results[spec] = {**r, "cold": []}
+    for round_index in range(args.rounds):  # in turns, as the cold starts below
+        for spec in args.engines if round_index == 0 else list(results):
+            print(f"running {spec} (round {round_index + 1} of {args.rounds}) ...", file=sys.stderr, flush=True)
+            r = run_engine(spec, args.repeats, args.llama_python, lookup=args.lookup)
+            if r is None:
+                if round_index:
+                    sys.exit(f"round {round_index + 1} of {spec} failed (above)")
+                continue
+            if spec not in results:
+                results[spec] = {**r, "cold": []}
+                continue
+            pooled = results[spec]
+            for key, value in r.items():  # the timings pooled; the peak the highest of any round
+                if key.endswith("_s") and isinstance(value, list):
+                    pooled[key] = pooled[key] + value
+            pooled["peak_rss_mb"] = max(pooled["peak_rss_mb"], r["peak_rss_mb"])
+    for spec in results:
         if args.perplexity_tokens >= PERPLEXITY_WINDOW:  # (fewer tokens: no whole window to score)
             print(f"perplexity of {spec} ...", file=sys.stderr, flush=True)
             quality = run_engine(spec, args.repeats, args.llama_python, perplexity=True)
