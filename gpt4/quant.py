@@ -399,28 +399,48 @@ class Q8Linear(BlocksLinear):
         """q (out, in // 32, 32) int8, possibly a view between a file's scales (GGUFFile.int8_groups); d
         (out, in // 32) float (float16 values: see fits)."""
         super().__init__()
+        assert q.shape == (*d.shape, 32) and q.dtype == torch.int8, (q.shape, d.shape)
+        self._pack(lambda start, stop: (q[start:stop], d[start:stop]), *d.shape, bias, dtype)
+
+    @classmethod
+    def from_groups(cls, read, rows: int, groups: int, bias: torch.Tensor | None, dtype=torch.bfloat16) -> "Q8Linear":
+        """The same from read(start, stop) -> (q, d) of rows start..stop-1, asked for QUANTIZE_ROWS rows at a time: a
+        file's vocabulary table (GGUFFile.int8_groups of a range of rows) is then never held whole in another form."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._pack(read, rows, groups, bias, dtype)
+        return layer
+
+    def _pack(self, read, n: int, groups: int, bias, dtype) -> None:
         from .kernels import load_w4a8
 
         load_w4a8()
-        n, groups = d.shape
-        assert n % 16 == 0 and q.shape == (n, groups, 32) and q.dtype == torch.int8, (q.shape, d.shape)
+        assert n % 16 == 0 and QUANTIZE_ROWS % 16 == 0, n
         # Block (b, g): rows 16 b.. 16 b + 15 of group g, 512 bytes in 8 chunks of 64 (chunk j: row r's values
         # 4j..4j+3 at 4r..4r+3) as q + 128, the unsigned bytes VNNI multiplies (q + 128 = q XOR 128 in two's
-        # complement); then the 16 rows' d in float16.
+        # complement); then the 16 rows' d in float16. Packed a slice of rows at a time (a file's q, between 2-byte
+        # scales, is copied out a slice at a time).
         blocks = torch.empty(n // 16, groups, 544, dtype=torch.uint8)
-        # A row's 4 bytes of a chunk move as one int32 (a file's q, between 2-byte scales, is copied out first).
-        words = _int32_words(q.view(torch.uint8)).view(n // 16, 16, groups, 8)  # (b, row, g, chunk)
         flip = -0x7F7F7F80  # 0x80808080 as an int32: 128 in each byte
-        torch.bitwise_xor(words.permute(0, 2, 3, 1), flip,
-                          out=blocks.view(torch.int32)[..., :128].view(n // 16, groups, 8, 16))
-        blocks[..., 512:].view(torch.float16).copy_(d.reshape(n // 16, 16, groups).transpose(1, 2))
+        for start in range(0, n, QUANTIZE_ROWS):
+            stop = min(start + QUANTIZE_ROWS, n)
+            q, d = read(start, stop)
+            rows, part = stop - start, blocks[start // 16:stop // 16]
+            assert q.shape == (rows, groups, 32) and q.dtype == torch.int8, (q.shape, rows, groups)
+            # A row's 4 bytes of a chunk move as one int32.
+            words = _int32_words(q.view(torch.uint8)).view(rows // 16, 16, groups, 8)  # (b, row, g, chunk)
+            torch.bitwise_xor(words.permute(0, 2, 3, 1), flip,
+                              out=part.view(torch.int32)[..., :128].view(rows // 16, groups, 8, 16))
+            part[..., 512:].view(torch.float16).copy_(d.reshape(rows // 16, 16, groups).transpose(1, 2))
         self._hold(blocks, bias, dtype)
 
     @staticmethod
-    def quantize(weight) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(weight, float16_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, d) as llama.cpp quantizes Q8_0, bit for bit: d = max |w| / 127 of each group, q = w * (1 / d) rounded
         half away from zero; d in float32, which Q8Linear stores in float16 (see fits). weight (out, in): a tensor
-        or a row reader (see Int8Linear), read a slice of rows at a time."""
+        or a row reader (see Int8Linear), read a slice of rows at a time. float16_scales: d rounded to float16
+        first and q computed against it (clamped to +-127), so that any d fits, tiny ones among float16's
+        subnormals included (weights of 1e-3 and less, e.g. in a K-quant file's down projections)."""
         out_features, in_features = weight.shape
         q = torch.empty(out_features, in_features // 32, 32, dtype=torch.int8)
         d = torch.empty(out_features, in_features // 32)
@@ -428,10 +448,14 @@ class Q8Linear(BlocksLinear):
             for start in range(0, out_features, QUANTIZE_ROWS):
                 groups = weight[start:start + QUANTIZE_ROWS].to(torch.float32).unflatten(1, (-1, 32))  # (rows, g, 32)
                 scales = groups.abs().amax(-1) / 127  # (rows, g)
+                if float16_scales:
+                    scales = scales.half().float()
                 scaled = groups * torch.where(scales == 0, 0, 1 / scales)[..., None]
                 magnitude = scaled.abs()
                 whole = magnitude.floor()
                 rounded = whole + (2 * (magnitude - whole)).floor_()  # half away from zero, as C's roundf
+                if float16_scales:
+                    rounded.clamp_(max=127)
                 q[start:start + QUANTIZE_ROWS] = rounded.copysign_(scaled)
                 d[start:start + QUANTIZE_ROWS] = scales  # (stored in float16 by Q8Linear)
         return q, d
@@ -510,7 +534,7 @@ def _kernel_layout_is_known() -> bool:
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None, embedding_rows=None,
-              embedding_groups=None, weights=None) -> nn.Module:
+              embedding_groups=None, weights=None, exact_int8=None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with quantized ones (see the module's docstring for the
     modes); returns the model.
 
@@ -521,9 +545,10 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     for a ~10% faster decode; in w4a8 mode it is Q8Linear, in groups of 32 as a Q8_0 file's (where the kernel
     holds it). The token embedding becomes an int8 lookup (Int8Embedding, or Q8Embedding in w4a8 mode), sharing a
     tied head's table; embedding_rows (a row reader, see Int8Linear) stands for an embedding loaded as a shape-only
-    placeholder, embedding_groups are its Q8_0 groups (q, d) as a file holds them (GGUFFile.int8_groups: w4a8
-    takes them as they are), and weights (anything with .get(module name)) gives the weights of linear layers
-    loaded so.
+    placeholder, embedding_groups reads its 8-bit groups as a file holds them, (start, stop) -> (q, d) of those
+    rows (GGUFFile.int8_groups: w4a8 takes them as they are), and weights (anything with .get(module name)) gives the weights of linear layers
+    loaded so. In w4a8 mode exact_int8 (likewise) gives 8-bit groups of 32 (q, d) for the layers a file holds in
+    other block formats, which become Q8Linear (Int8Linear where float16 cannot hold their d).
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
@@ -537,14 +562,20 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 continue
             full_name = f"{parent_name}.{name}" if parent_name else name
             exact = exact_int4.get(full_name) if mode in INT4_MODES else None
+            groups = exact_int8.get(full_name) if exact is None and exact_int8 is not None else None  # (q, d)
             weight = child.weight
-            if weight.is_meta and exact is None:  # a placeholder: read now
-                weight = weights.get(full_name) if weights is not None else None
-                assert weight is not None, f"{full_name} is a placeholder, and no weights were given for it"
-            q8 = _q8_groups(weight) if full_name == "lm_head" and exact is None and mode == "w4a8" else None
+            if groups is not None:  # a file's layer in 8-bit groups (w4a8)
+                q8 = groups if Q8Linear.fits(weight.shape, groups[1]) else None
+                if q8 is None:  # d that float16 cannot hold: Int8Linear, from the groups' weights
+                    weight = (groups[0].float() * groups[1][..., None]).flatten(1)
+            else:
+                if weight.is_meta and exact is None:  # a placeholder: read now
+                    weight = weights.get(full_name) if weights is not None else None
+                    assert weight is not None, f"{full_name} is a placeholder, and no weights were given for it"
+                q8 = _q8_groups(weight) if full_name == "lm_head" and exact is None and mode == "w4a8" else None
             if q8 is not None:
                 new = Q8Linear(*q8, child.bias)
-            elif mode in ("int8", "w8a8") or (full_name == "lm_head" and exact is None):
+            elif mode in ("int8", "w8a8") or groups is not None or (full_name == "lm_head" and exact is None):
                 new = Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
             elif exact is not None:  # a file's Q4 groups as they are
                 w4a8 = mode == "w4a8" and W4A8Linear.fits(*exact[1:])
@@ -579,9 +610,12 @@ def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows
     assert rows is not None, "the embedding is a placeholder, and no rows were given for it"
     heads_table = tied and not (mode in INT4_MODES and exact_int4.get("lm_head") is not None)
     bias = head.bias if heads_table else None
-    q8 = _q8_groups(rows, embedding_groups) if mode == "w4a8" else None
-    if q8 is not None:
+    table = None
+    if mode == "w4a8" and embedding_groups is not None and Q8Linear.fits(rows.shape):  # a file's own groups
+        table = Q8Linear.from_groups(embedding_groups, rows.shape[0], rows.shape[1] // 32, bias, dtype)
+    elif mode == "w4a8" and (q8 := _q8_groups(rows)) is not None:
         table = Q8Linear(*q8, bias, dtype)
+    if table is not None:
         if heads_table:
             model.lm_head = table
         model.embed_tokens = Q8Embedding(table, dtype)
@@ -593,12 +627,12 @@ def _quantize_embedding_(model: nn.Module, mode: str, exact_int4, embedding_rows
     model.embed_tokens = Int8Embedding(table, dtype)
 
 
-def _q8_groups(weight, groups=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Q8Linear's (q, d) for weight (out, in), a tensor or a row reader: a file's own Q8_0 groups if given, else
-    quantized now; None where the kernel cannot hold them (the caller keeps Int8Linear)."""
+def _q8_groups(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Q8Linear's (q, d) for weight (out, in), a tensor or a row reader, quantized as llama.cpp's Q8_0; None where
+    the kernel cannot hold them (the caller keeps Int8Linear)."""
     if not Q8Linear.fits(weight.shape):
         return None
-    q, d = groups if groups is not None else Q8Linear.quantize(weight)
+    q, d = Q8Linear.quantize(weight)
     return (q, d) if Q8Linear.fits(weight.shape, d) else None
 
 

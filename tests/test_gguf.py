@@ -5,6 +5,7 @@ import torch
 
 from gpt4 import GPT4LMHeadModel
 
+from .conftest import skip_without_w4a8
 from .gguf_builder import write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -229,19 +230,21 @@ def test_string_arrays_decode_as_each_string_alone_would(with_nul, tmp_path):
         file.close()
 
 
-def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_files_in_int8(tmp_path, monkeypatch):
+def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_files_in_8_bits(tmp_path, monkeypatch):
     import dataclasses
 
     from gpt4 import kernels
-    from gpt4.quant import Int4Linear, Int8Linear, W4A8Linear
+    from gpt4.quant import Int4Linear, Int8Linear, Q8Linear, W4A8Linear
     from gpt4.weights import choose_quant
     from gpt4.weights.gguf_file import GGUFFile
 
     ids = torch.tensor([[3, 70, 12, 250, 9]])
-    int4, int4_layer = ("w4a8", W4A8Linear) if kernels.w4a8_ready() else ("int4", Int4Linear)  # our kernel if it runs
+    ready = kernels.w4a8_ready()  # our kernel if it runs: 4-bit groups as they are, the other formats in 8-bit groups
+    int4, int4_layer = ("w4a8", W4A8Linear) if ready else ("int4", Int4Linear)
+    int8, int8_layer = ("w4a8", Q8Linear) if ready else ("int8", Int8Linear)
     for qtype, mode, layer in (("Q4_0", int4, int4_layer), ("Q4_1", int4, int4_layer),
-                               ("Q8_0", "int8", Int8Linear), ("Q4_K", "int8", Int8Linear),  # int4 would round
-                               ("Q6_K", "int8", Int8Linear),  # these a second time, to fewer bits
+                               ("Q8_0", int8, int8_layer), ("Q4_K", int8, int8_layer),  # int4 would round
+                               ("Q6_K", int8, int8_layer),  # these a second time, to fewer bits
                                ("F32", "none", torch.nn.Linear), ("F16", "none", torch.nn.Linear)):
         path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
         auto = GPT4LMHeadModel.from_pretrained(path, quant="auto")
@@ -251,9 +254,12 @@ def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_fi
 
     gguf = GGUFFile(tmp_path / "tiny-Q4_1.gguf")
     assert choose_quant(gguf, "cpu") == int4
+    down = gguf.tensors["blk.1.ffn_down.weight"]
+    gguf.tensors["blk.1.ffn_down.weight"] = dataclasses.replace(down, type_name="Q6_K")  # a Q4_K_M file's mix
+    assert choose_quant(gguf, "cpu") == int8
+    gguf.tensors["blk.1.ffn_down.weight"] = down
     monkeypatch.setattr(kernels, "w4a8_ready", lambda: False)  # no AVX-512 VNNI, no toolchain, a failed build
     assert choose_quant(gguf, "cpu") == "int4"
-    down = gguf.tensors["blk.1.ffn_down.weight"]
     for other, mode in (("Q6_K", "int8"), ("F16", "none")):  # one layer of another type decides
         gguf.tensors["blk.1.ffn_down.weight"] = dataclasses.replace(down, type_name=other)
         assert choose_quant(gguf, "cpu") == mode, other
@@ -307,3 +313,60 @@ def test_torch_block_decoders_equal_the_gguf_packages_bit_for_bit(qtype, width, 
         blocks[:, at:at + 2] = (rng.standard_normal(512) * 0.01).astype(np.float16).view(np.uint8).reshape(512, 2)
     reference = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType[qtype]).reshape(-1))
     assert torch.equal(_TORCH_DEQUANT[qtype](torch.from_numpy(blocks.reshape(-1))), reference)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q6_K", "Q4_K"])
+def test_w4a8_holds_other_block_formats_in_8_bit_groups_and_decodes_them_fused(qtype, tmp_path):
+    """w4a8 on a file whose layers are not 4-bit groups (a Q4_K_M file holds Q5_0, Q8_0, Q4_K and Q6_K): Q8_0's and
+    Q5_0's groups as they are, bit for bit; K-quants rounded once more, to 8 bits against float16 scales; every
+    layer in our kernel, so decode steps run fused, with the eager layers' tokens."""
+    skip_without_w4a8()
+    from gpt4.quant import Q8Embedding, Q8Linear
+    from gpt4.weights.gguf_file import GGUFFile
+
+    path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype, arch="qwen2")  # (no rope permutation)
+    model = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant="w4a8")
+    layers = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj,
+                                                    layer.mlp.down_proj)]
+    assert all(type(m) is Q8Linear for m in [*layers, model.lm_head]) and type(model.embed_tokens) is Q8Embedding
+    gguf = GGUFFile(path)
+    try:
+        for ours, theirs in ((model.layers[1].mlp.down_proj, "blk.1.ffn_down.weight"), (model.lm_head, "output.weight")):
+            weight = torch.ops.gpt4_kernels.q8_dequantize(ours.blocks, torch.float32).t()
+            file = gguf.tensor(theirs, torch.float32)
+            if qtype in ("Q8_0", "Q5_0"):
+                assert torch.equal(weight, file), theirs
+            else:  # within half a step of each group's 8-bit grid
+                step = file.unflatten(1, (-1, 32)).abs().amax(-1, keepdim=True) / 127
+                assert ((weight - file).unflatten(1, (-1, 32)).abs() <= step * 0.51 + 1e-7).all(), theirs
+        if qtype in ("Q8_0", "Q5_0"):
+            ids = torch.tensor([0, 5, 255])
+            assert torch.equal(model.embed_tokens(ids).float(), gguf.tensor("token_embd.weight", torch.float32)[ids]
+                               .bfloat16().float())
+    finally:
+        gguf.close()
+    assert model._fused_decode is not None
+    prompt = torch.tensor([[3, 70, 12, 250, 9]])
+    fused = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    model.use_fused_decode(False)
+    assert torch.equal(fused, model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_0", "Q4_K"])
+def test_8_bit_groups_hold_q8_0_q5_0_and_q4_0_blocks_exactly(qtype, tmp_path):
+    """GGUFFile.int8_groups: the file's groups of 32 as int8 q and d, w = d q bit for bit; None for the formats
+    they cannot hold (an offset, as Q4_1's, or sub-block scales, as the K-quants')."""
+    from gpt4.weights.gguf_file import GGUFFile
+
+    gguf = GGUFFile(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype))
+    try:
+        for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight"):
+            groups = gguf.int8_groups(name)
+            if qtype == "Q4_K":
+                assert groups is None
+                continue
+            q, d = groups
+            assert q.dtype == torch.int8 and q.shape == (*d.shape, 32)
+            assert torch.equal((q.float() * d[..., None]).flatten(1), gguf.tensor(name, torch.float32)), name
+    finally:
+        gguf.close()

@@ -352,6 +352,25 @@ def test_w4a8_makes_the_head_and_embedding_q8_tables_held_once_when_tied(family)
         assert isinstance(big.lm_head, Int8Linear) and isinstance(big.embed_tokens, Int8Embedding)
 
 
+def test_q8_quantization_against_float16_scales_holds_any_weights():
+    """Q8Linear.quantize(float16_scales=True), w4a8's rounding of K-quant layers: d rounded to float16 first and q
+    computed against it, so that tiny groups (d among float16's subnormals, which Q8_0's float32 d would not fit)
+    stay within half a step of their weights, |q| <= 127."""
+    from gpt4.quant import Q8Linear
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 64, generator=generator) * torch.logspace(-9, 0, 32)[:, None]  # rows from 1e-9 to 1
+    weight[0] = 0
+    q, d = Q8Linear.quantize(weight, float16_scales=True)
+    assert q.abs().max() <= 127 and Q8Linear.fits(weight.shape, d) and torch.equal(d, d.half().float())
+    back = (q.float() * d[..., None]).flatten(1)
+    step = weight.unflatten(1, (-1, 32)).abs().amax(-1) / 127  # the float32 step, which float16 rounds by at most
+    rounded = torch.maximum(step * 2.0 ** -11, torch.tensor(2.0 ** -25))  # 2^-11 of it, or half a subnormal's spacing
+    bound = 0.5 * d + 127 * rounded  # half a step of d, and what rounding d moved the group's largest weight
+    assert ((back - weight).unflatten(1, (-1, 32)).abs() <= bound[..., None]).all()
+    assert not Q8Linear.fits(weight.shape, Q8Linear.quantize(weight)[1])  # llama.cpp's float32 d: subnormals
+
+
 def test_w4a8_rounds_a_bf16_result_half_to_even():
     """Its bf16 output rounds as torch does: 257, halfway between bf16's 256 and 258, becomes 256."""
     skip_without_w4a8()

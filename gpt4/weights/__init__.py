@@ -18,7 +18,7 @@ import torch
 from ..config import GPT4Config
 from ..errors import ModelFileError, ModelNotFoundError
 from . import names
-from .gguf_file import INT4_TYPES, GGUFFile, permute_for_rope
+from .gguf_file import INT4_TYPES, INT8_TYPES, GGUFFile, permute_for_rope
 
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
@@ -158,7 +158,9 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
                 placeholders = {"token_embd.weight"}
             if quant in INT4_MODES:
                 placeholders |= _linear_tensors(gguf, INT4_TYPES)
-            elif quant != "none":
+            if quant == "w4a8":  # and its layers in other block formats as 8-bit groups of 32 (see _w4a8_groups)
+                placeholders |= _linear_tensors(gguf, _block_types(gguf))
+            elif quant not in INT4_MODES and quant != "none":
                 placeholders |= _linear_tensors(gguf)
             state = _gguf_state(gguf, config, dtype, placeholders=placeholders)
             has_vocab = gguf.get("tokenizer.ggml.model") is not None
@@ -174,13 +176,22 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if quant != "none":
             from ..quant import quantize_
 
-            layers = None  # the placeholder layers' tensors, read from the file a block at a time
+            layers = int8_layers = None  # the placeholder layers' tensors, read from the file a block at a time
             if gguf is not None:
-                read = gguf.int4_groups if quant in INT4_MODES else (lambda name: gguf.tensor(name, dtype))
-                layers = _GGUFBlockTensors(gguf, config, read, placeholders - {"token_embd.weight"})
+                linear = placeholders - {"token_embd.weight"}
+                if quant in INT4_MODES:
+                    four_bit = linear & _linear_tensors(gguf, INT4_TYPES)
+                    layers = _GGUFBlockTensors(gguf, config, gguf.int4_groups, four_bit)
+                    if quant == "w4a8":
+                        int8_layers = _GGUFBlockTensors(gguf, config, lambda name: _w4a8_groups(gguf, name),
+                                                        linear - four_bit)
+                else:
+                    layers = _GGUFBlockTensors(gguf, config, lambda name: gguf.tensor(name, dtype), linear)
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
-            groups = gguf.int8_groups("token_embd.weight") if from_file and quant == "w4a8" else None  # Q8_0's
-            quantize_(model, quant, exact_int4=layers if quant in INT4_MODES else None,
+            groups = None  # a Q8_0, Q5_0 or Q4_0 embedding's groups, exactly, read a slice of rows at a time
+            if from_file and quant == "w4a8" and gguf.tensors["token_embd.weight"].type_name in INT8_TYPES:
+                groups = functools.partial(gguf.int8_groups, "token_embd.weight")
+            quantize_(model, quant, exact_int4=layers if quant in INT4_MODES else None, exact_int8=int8_layers,
                       weights=None if quant in INT4_MODES else layers,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None,
                       embedding_groups=groups)
@@ -291,6 +302,7 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config, dtype=torch.float32,
 
 
 # The linear layers int4 can take straight from a file's 4-bit groups (fused names, as the model has them).
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 _LINEAR_WEIGHTS = ("qkv_proj.weight", "o_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")
 
 
@@ -351,8 +363,9 @@ def choose_quant(gguf: GGUFFile, device) -> str:
     - every linear layer Q4_0 / Q4_1: the file's own 4-bit groups (the weights llama.cpp runs, nothing rounded
       twice), "w4a8" where its kernel runs (AVX-512 VNNI and a C++ toolchain: gpt4.kernels.w4a8_ready), "int4"
       elsewhere;
-    - every linear layer in another block format of at most 8 bits (Q8_0, Q5_0, K-quants, ...): "int8", one more
-      rounding, to 8 bits a row, of weights already rounded to fewer;
+    - every linear layer in a block format of at most 8 bits (Q8_0, Q5_0, K-quants, ...): "w4a8" where its kernel
+      runs, its Q4_0 / Q4_1 layers in 4 bits and the others in 8-bit groups of 32 (Q8_0 and Q5_0 exactly, the
+      others rounded to 8 bits once more); "int8" elsewhere, one more rounding, to 8 bits a row;
     - otherwise (F32 / F16 / BF16 layers) "none", the file's precision, as on other CPUs: without vector kernels
       ("default" capability, e.g. other architectures) PyTorch's int4 kernel decodes 5x slower than "none".
 
@@ -370,8 +383,26 @@ def choose_quant(gguf: GGUFFile, device) -> str:
         from ..kernels import w4a8_ready
 
         return "w4a8" if w4a8_ready() else "int4"
-    floats = ("F32", "F16", "BF16", "F64")
-    return "none" if any(gguf.tensors[name].type_name in floats for name in block_layers) else "int8"
+    if any(gguf.tensors[name].type_name in FLOAT_TYPES for name in block_layers):
+        return "none"
+    from ..kernels import w4a8_ready
+
+    return "w4a8" if w4a8_ready() else "int8"
+
+
+def _block_types(gguf: GGUFFile) -> set[str]:
+    """The file's tensor types that are block formats (every one but the plain floats)."""
+    return {info.type_name for info in gguf.tensors.values()} - set(FLOAT_TYPES)
+
+
+def _w4a8_groups(gguf: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w4a8's 8-bit groups of 32 (q, d) for a matrix the file holds in a block format other than Q4_0 / Q4_1: Q8_0's
+    and Q5_0's exactly, others (K-quants, Q5_1) quantized as llama.cpp quantizes Q8_0 from their values (a rounding
+    to 8 bits of weights rounded to 4-6 before), against scales rounded to float16 first."""
+    from ..quant import Q8Linear
+
+    groups = gguf.int8_groups(name)
+    return groups if groups is not None else Q8Linear.quantize(gguf.tensor(name, torch.float32), float16_scales=True)
 
 
 def choose_dtype(device) -> torch.dtype:

@@ -24,6 +24,7 @@ from ..quant import unpack_block_nibbles
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 # The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups).
 INT4_TYPES = ("Q4_0", "Q4_1")
+INT8_TYPES = ("Q8_0", "Q5_0", "Q4_0")  # the block formats whose groups of 32 are int8 q times a d each, exactly
 
 
 class GGUFFile:
@@ -143,16 +144,28 @@ class GGUFFile:
         nibbles = blocks[:, width - 16:].unflatten(0, (rows, -1))  # (out, in / 32, 16)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
-    def int8_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A Q8_0 matrix as its groups of 32, exactly: (q, d), None for other types. q (out, in / 32, 32) int8 is a
-        view into the blocks as read; d (out, in / 32) the groups' float16 scales as float32; w = d * q."""
+    def int8_groups(self, name: str, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A Q8_0, Q5_0 or Q4_0 matrix as int8 groups of 32, exactly: (q, d), None for other types. q (out, in / 32,
+        32) int8 (Q8_0's: a view into the blocks as read; Q5_0's 5-bit values minus 16, Q4_0's nibbles minus 8); d
+        (out, in / 32) the groups' float16 scales as float32; w = d * q. start, stop: only those rows (read alone)."""
         info = self.tensors[name]
-        if info.type_name != "Q8_0":
+        if info.type_name not in INT8_TYPES:
             return None
-        blocks = torch.from_numpy(self._read(info.offset, info.n_bytes)).view(-1, 34)  # fp16 d, then 32 int8
-        rows = info.shape[0]
+        stop = info.shape[0] if stop is None else stop
+        row_bytes = info.n_bytes // info.shape[0]
+        rows = stop - start
+        raw = torch.from_numpy(self._read(info.offset + start * row_bytes, rows * row_bytes))
+        if info.type_name == "Q8_0":
+            blocks = raw.view(-1, 34)  # fp16 d, then 32 int8
+            q = blocks[:, 2:].view(torch.int8)
+        elif info.type_name == "Q4_0":
+            blocks = raw.view(-1, 18)  # fp16 d, 16 bytes of nibbles: w = d * (q - 8)
+            q = unpack_block_nibbles(blocks[:, 2:]).view(torch.int8) - 8
+        else:
+            blocks = raw.view(-1, 22)  # fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles: w = d * (q - 16)
+            q = (_five_bit(blocks[:, 6:], blocks[:, 2:6]).view(torch.int8) - 16)
         d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(rows, -1)
-        return blocks[:, 2:].view(torch.int8).unflatten(0, (rows, -1)), d
+        return q.unflatten(0, (rows, -1)), d
 
     def config(self) -> GPT4Config:
         arch = self.architecture
