@@ -409,7 +409,7 @@ class GPT4LMHeadModel(nn.Module):
                 compiled.max_draft = 0
         if self._fused_decode is not None and not self.training:
             # The draft's S tokens as S rows of one fused step that share the sequence's cache row (views with
-            # stride 0 over rows): each writes its own slot before any attends, and its mask row sees slots up to its own.
+            # stride 0 over rows): each writes its own slot before any attends; its mask row sees slots up to its own.
             rows = input_ids.shape[1]
             keys, values = ([t[:1].expand(rows, -1, -1, -1) for t in tensors] for tensors in (cache.keys, cache.values))
             return self._fused_step(input_ids[0], positions[0], mask[0, 0, :, None, None], keys, values, kv_length)

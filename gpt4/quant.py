@@ -545,10 +545,10 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     for a ~10% faster decode; in w4a8 mode it is Q8Linear, in groups of 32 as a Q8_0 file's (where the kernel
     holds it). The token embedding becomes an int8 lookup (Int8Embedding, or Q8Embedding in w4a8 mode), sharing a
     tied head's table; embedding_rows (a row reader, see Int8Linear) stands for an embedding loaded as a shape-only
-    placeholder, embedding_groups reads its 8-bit groups as a file holds them, (start, stop) -> (q, d) of those
-    rows (GGUFFile.int8_groups: w4a8 takes them as they are), and weights (anything with .get(module name)) gives the weights of linear layers
-    loaded so. In w4a8 mode exact_int8 (likewise) gives 8-bit groups of 32 (q, d) for the layers a file holds in
-    other block formats, which become Q8Linear (Int8Linear where float16 cannot hold their d).
+    placeholder, embedding_groups reads its 8-bit groups as a file holds them, (start, stop) -> (q, d) of those rows
+    (GGUFFile.int8_groups: w4a8 takes them as they are), and weights (anything with .get(module name)) gives the weights
+    of linear layers loaded so. In w4a8 mode exact_int8 (likewise) gives 8-bit groups of 32 (q, d) for the layers a file
+    holds in other block formats, which become Q8Linear (Int8Linear where float16 cannot hold their d).
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")

@@ -331,7 +331,8 @@ def test_w4a8_holds_other_block_formats_in_8_bit_groups_and_decodes_them_fused(q
     assert all(type(m) is Q8Linear for m in [*layers, model.lm_head]) and type(model.embed_tokens) is Q8Embedding
     gguf = GGUFFile(path)
     try:
-        for ours, theirs in ((model.layers[1].mlp.down_proj, "blk.1.ffn_down.weight"), (model.lm_head, "output.weight")):
+        for ours, theirs in ((model.layers[1].mlp.down_proj, "blk.1.ffn_down.weight"),
+                             (model.lm_head, "output.weight")):
             weight = torch.ops.gpt4_kernels.q8_dequantize(ours.blocks, torch.float32).t()
             file = gguf.tensor(theirs, torch.float32)
             if qtype in ("Q8_0", "Q5_0"):

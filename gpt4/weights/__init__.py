@@ -301,8 +301,8 @@ def _gguf_state(gguf: GGUFFile, config: GPT4Config, dtype=torch.float32,
     return names.fuse(state)
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # the GGUF types that are not block formats
 # The linear layers int4 can take straight from a file's 4-bit groups (fused names, as the model has them).
-FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 _LINEAR_WEIGHTS = ("qkv_proj.weight", "o_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")
 
 
@@ -364,8 +364,8 @@ def choose_quant(gguf: GGUFFile, device) -> str:
       twice), "w4a8" where its kernel runs (AVX-512 VNNI and a C++ toolchain: gpt4.kernels.w4a8_ready), "int4"
       elsewhere;
     - every linear layer in a block format of at most 8 bits (Q8_0, Q5_0, K-quants, ...): "w4a8" where its kernel
-      runs, its Q4_0 / Q4_1 layers in 4 bits and the others in 8-bit groups of 32 (Q8_0 and Q5_0 exactly, the
-      others rounded to 8 bits once more); "int8" elsewhere, one more rounding, to 8 bits a row;
+      runs, its Q4_0 / Q4_1 layers in 4 bits and the others in 8-bit groups of 32 (Q8_0, Q5_0 and Q4_0 exactly,
+      the others rounded to 8 bits once more); "int8" elsewhere, one more rounding, to 8 bits a row;
     - otherwise (F32 / F16 / BF16 layers) "none", the file's precision, as on other CPUs: without vector kernels
       ("default" capability, e.g. other architectures) PyTorch's int4 kernel decodes 5x slower than "none".
 
@@ -398,9 +398,10 @@ def _block_types(gguf: GGUFFile) -> set[str]:
 
 
 def _w4a8_groups(gguf: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """w4a8's 8-bit groups of 32 (q, d) for a matrix the file holds in a block format other than Q4_0 / Q4_1: Q8_0's
-    and Q5_0's exactly, others (K-quants, Q5_1) quantized as llama.cpp quantizes Q8_0 from their values (a rounding
-    to 8 bits of weights rounded to 4-6 before), against scales rounded to float16 first."""
+    """w4a8's 8-bit groups of 32 (q, d) for a matrix of a layer that the file does not hold wholly in Q4_0 / Q4_1 (its
+    q, k and v, or gate and up, are one layer here): Q8_0's, Q5_0's and Q4_0's exactly, others (K-quants, Q5_1) quantized as llama.cpp
+    quantizes Q8_0 from their values (a rounding to 8 bits of weights rounded to 4-6 before), against scales rounded to
+    float16 first."""
     from ..quant import Q8Linear
 
     groups = gguf.int8_groups(name)

@@ -144,7 +144,8 @@ class GGUFFile:
         nibbles = blocks[:, width - 16:].unflatten(0, (rows, -1))  # (out, in / 32, 16)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
-    def int8_groups(self, name: str, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def int8_groups(self, name: str, start: int = 0,
+                    stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A Q8_0, Q5_0 or Q4_0 matrix as int8 groups of 32, exactly: (q, d), None for other types. q (out, in / 32,
         32) int8 (Q8_0's: a view into the blocks as read; Q5_0's 5-bit values minus 16, Q4_0's nibbles minus 8); d
         (out, in / 32) the groups' float16 scales as float32; w = d * q. start, stop: only those rows (read alone)."""
@@ -163,7 +164,7 @@ class GGUFFile:
             q = unpack_block_nibbles(blocks[:, 2:]).view(torch.int8) - 8
         else:
             blocks = raw.view(-1, 22)  # fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles: w = d * (q - 16)
-            q = (_five_bit(blocks[:, 6:], blocks[:, 2:6]).view(torch.int8) - 16)
+            q = _five_bit(blocks[:, 6:], blocks[:, 2:6]).view(torch.int8) - 16
         d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(rows, -1)
         return q.unflatten(0, (rows, -1)), d
 
