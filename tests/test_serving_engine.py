@@ -57,9 +57,25 @@ def reference(model, prompt, max_tokens):
     return [t for t in ids if t not in model.generation_config.eos_ids]
 
 
+@pytest.fixture(scope="module")
+def w4a8_default_model():
+    """The defaults' model where our kernels run: bf16, w4a8, decode steps fused."""
+    from gpt4 import GPT4LMHeadModel
+
+    from .conftest import skip_without_w4a8
+
+    skip_without_w4a8()
+    model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="w4a8")
+    assert model._fused_decode is not None
+    return model
+
+
 @pytest.mark.slow
-def test_batched_equals_sequential_with_joins_and_leaves(default_model):
-    """Requests of different lengths join a running batch at different steps; greedy tokens equal one-at-a-time."""
+@pytest.mark.parametrize("model_name", ["default_model", "w4a8_default_model"])
+def test_batched_equals_sequential_with_joins_and_leaves(model_name, request):
+    """Requests of different lengths join a running batch at different steps; greedy tokens equal one-at-a-time
+    (also through the fused decode step, whose rows sit at different positions of a larger cache)."""
+    default_model = request.getfixturevalue(model_name)
     tok = default_model.tokenizer
     texts = ["The capital of France is", "def add(a, b):", "Hi", "Water boils at a temperature of",
              "A long time ago in a galaxy far, far away, there", "1, 2, 3, 4,"]
