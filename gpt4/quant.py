@@ -364,8 +364,7 @@ class W4A8Linear(BlocksLinear):
         # 256 bytes of nibbles in 4 chunks of 64 (chunk c: row r's bytes 4c..4c+3 at 4r..4r+3), then d and m of the
         # 16 rows in float16.
         blocks = torch.empty(n // 16, groups, 320, dtype=torch.uint8)
-        words = _int32_words(nibbles.reshape(n, groups, 16)).view(n // 16, 16, groups, 4)  # (b, row, g, chunk)
-        blocks.view(torch.int32)[..., :64].view(n // 16, groups, 4, 16).copy_(words.permute(0, 2, 3, 1))
+        _pack_nibbles(blocks, nibbles)
         for start, values in ((256, d), (288, m)):
             blocks[..., start:start + 32].view(torch.float16).copy_(values.view(n // 16, 16, groups).transpose(1, 2))
         self._hold(blocks, bias, dtype)
@@ -383,6 +382,45 @@ class W4A8Linear(BlocksLinear):
         blocks of 16, and d and m that float16 holds to its precision (a Q4 file's exactly)."""
         d = scales.float()
         return scales.shape[0] % 16 == 0 and _float16_holds(d) and _float16_holds(zeros.float() - 8 * d)
+
+
+def _pack_nibbles(blocks: torch.Tensor, nibbles: torch.Tensor) -> None:
+    """Bytes 0..255 of each block (b, g): output rows 16 b.. 16 b + 15 of group g, their 16 bytes of nibbles (GGUF's
+    Q4 / Q5 layout: byte j holds element j low, element 16 + j high) in 4 chunks of 64, chunk c holding row r's bytes
+    4c..4c+3 at 4r..4r+3. nibbles (out, in // 32, 16), possibly a view between a file's scales."""
+    n, groups = nibbles.shape[:2]
+    words = _int32_words(nibbles.reshape(n, groups, 16)).view(n // 16, 16, groups, 4)  # (b, row, g, chunk)
+    blocks.view(torch.int32)[..., :64].view(n // 16, groups, 4, 16).copy_(words.permute(0, 2, 3, 1))
+
+
+class Q5Linear(BlocksLinear):
+    """5-bit weights in groups of 32, w = d * (q - 16) (q in 0..31, d float16: GGUF's Q5_0 blocks, in which Q4_K_M
+    files hold most of their layers), multiplied by activations quantized to int8 in the same groups, as llama.cpp
+    runs them: 0.69 bytes a weight where Q8Linear's groups take 1.06."""
+
+    kind = "q5"
+
+    def __init__(self, nibbles: torch.Tensor, fifth: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None,
+                 dtype=torch.bfloat16):
+        """GGUFFile.int5_groups: nibbles (out, in // 32, 16) bytes of the low 4 bits (see _pack_nibbles); fifth
+        (out, in // 32, 4) bytes, bit k of their little-endian word the fifth bit of element k; d (out, in // 32)
+        float (float16 values)."""
+        super().__init__()
+        from .kernels import load_w4a8
+
+        load_w4a8()
+        n, groups = d.shape
+        assert n % 16 == 0 and nibbles.shape == (n, groups, 16) and fifth.shape == (n, groups, 4), (nibbles.shape,)
+        # Block (b, g): the nibbles as w4a8's; then 8 masks of 64 bits, mask j's bit 4r + i the fifth bit of row r's
+        # element 4j + i (the kernel adds 16 to those bytes of its unpacked q[j]); then the 16 rows' d in float16.
+        blocks = torch.empty(n // 16, groups, 352, dtype=torch.uint8)
+        _pack_nibbles(blocks, nibbles)
+        shifts = torch.arange(8, dtype=torch.uint8)
+        bits = ((fifth[..., None] >> shifts) & 1).view(n // 16, 16, groups, 8, 4)  # (b, row, g, j, i)
+        masks = bits.permute(0, 2, 3, 1, 4).reshape(n // 16, groups, 8, 8, 8)  # (b, g, j, mask byte, bit)
+        blocks[..., 256:320] = (masks << shifts).sum(-1, dtype=torch.uint8).view(n // 16, groups, 64)
+        blocks[..., 320:].view(torch.float16).copy_(d.reshape(n // 16, 16, groups).transpose(1, 2))
+        self._hold(blocks, bias, dtype)
 
 
 class Q8Linear(BlocksLinear):
@@ -534,7 +572,7 @@ def _kernel_layout_is_known() -> bool:
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None, embedding_rows=None,
-              embedding_groups=None, weights=None, exact_int8=None) -> nn.Module:
+              embedding_groups=None, weights=None, exact_int8=None, exact_int5=None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with quantized ones (see the module's docstring for the
     modes); returns the model.
 
@@ -548,7 +586,8 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     placeholder, embedding_groups reads its 8-bit groups as a file holds them, (start, stop) -> (q, d) of those rows
     (GGUFFile.int8_groups: w4a8 takes them as they are), and weights (anything with .get(module name)) gives the weights
     of linear layers loaded so. In w4a8 mode exact_int8 (likewise) gives 8-bit groups of 32 (q, d) for the layers a file
-    holds in other block formats, which become Q8Linear (Int8Linear where float16 cannot hold their d).
+    holds in other block formats, which become Q8Linear (Int8Linear where float16 cannot hold their d), and
+    exact_int5 a Q5_0 file's groups (GGUFFile.int5_groups), which become Q5Linear.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
@@ -562,8 +601,12 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 continue
             full_name = f"{parent_name}.{name}" if parent_name else name
             exact = exact_int4.get(full_name) if mode in INT4_MODES else None
+            five = exact_int5.get(full_name) if exact is None and exact_int5 is not None else None
             groups = exact_int8.get(full_name) if exact is None and exact_int8 is not None else None  # (q, d)
             weight = child.weight
+            if five is not None:  # a file's Q5_0 groups as they are (w4a8)
+                setattr(parent, name, Q5Linear(*five, child.bias))
+                continue
             if groups is not None:  # a file's layer in 8-bit groups (w4a8)
                 q8 = groups if Q8Linear.fits(weight.shape, groups[1]) else None
                 if q8 is None:  # d that float16 cannot hold: Int8Linear, from the groups' weights

@@ -317,23 +317,24 @@ def test_torch_block_decoders_equal_the_gguf_packages_bit_for_bit(qtype, width, 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q6_K", "Q4_K"])
 def test_w4a8_holds_other_block_formats_in_8_bit_groups_and_decodes_them_fused(qtype, tmp_path):
-    """w4a8 on a file whose layers are not 4-bit groups (a Q4_K_M file holds Q5_0, Q8_0, Q4_K and Q6_K): Q8_0's and
-    Q5_0's groups as they are, bit for bit; K-quants rounded once more, to 8 bits against float16 scales; every
-    layer in our kernel, so decode steps run fused, with the eager layers' tokens."""
+    """w4a8 on a file whose layers are not 4-bit groups (a Q4_K_M file holds Q5_0, Q8_0, Q4_K and Q6_K): Q5_0's groups
+    as they are (Q5Linear) and Q8_0's (Q8Linear), bit for bit; K-quants rounded once more, to 8 bits against float16
+    scales; every layer in our kernels, so decode steps run fused, with the eager layers' tokens."""
     skip_without_w4a8()
-    from gpt4.quant import Q8Embedding, Q8Linear
+    from gpt4.quant import Q5Linear, Q8Embedding, Q8Linear
     from gpt4.weights.gguf_file import GGUFFile
 
     path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype, arch="qwen2")  # (no rope permutation)
     model = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant="w4a8")
     layers = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj,
                                                     layer.mlp.down_proj)]
-    assert all(type(m) is Q8Linear for m in [*layers, model.lm_head]) and type(model.embed_tokens) is Q8Embedding
+    kind = Q5Linear if qtype == "Q5_0" else Q8Linear  # Q5_0 in its own 5-bit groups
+    assert all(type(m) is kind for m in [*layers, model.lm_head]) and type(model.embed_tokens) is Q8Embedding
     gguf = GGUFFile(path)
     try:
         for ours, theirs in ((model.layers[1].mlp.down_proj, "blk.1.ffn_down.weight"),
                              (model.lm_head, "output.weight")):
-            weight = torch.ops.gpt4_kernels.q8_dequantize(ours.blocks, torch.float32).t()
+            weight = getattr(torch.ops.gpt4_kernels, f"{ours.kind}_dequantize")(ours.blocks, torch.float32).t()
             file = gguf.tensor(theirs, torch.float32)
             if qtype in ("Q8_0", "Q5_0"):
                 assert torch.equal(weight, file), theirs

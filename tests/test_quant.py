@@ -352,6 +352,34 @@ def test_w4a8_makes_the_head_and_embedding_q8_tables_held_once_when_tied(family)
         assert isinstance(big.lm_head, Int8Linear) and isinstance(big.embed_tokens, Int8Embedding)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 9, 20, 200])
+def test_q5_linear_multiplies_q5_0_groups_by_int8_activations_in_groups_of_32(rows):
+    """Q5Linear: GGUF's Q5_0 groups (low nibbles, fifth bits, d) in our kernel's blocks, dequantized bit for bit
+    (w = d (q - 16)), multiplied by activations quantized to int8 in groups of 32; prefill's dequantized matmul."""
+    skip_without_w4a8()
+    from gpt4.quant import Q5Linear
+
+    generator = torch.Generator().manual_seed(0)
+    n, groups = 48, 3
+    q = torch.randint(0, 32, (n, groups, 32), generator=generator, dtype=torch.uint8)
+    nibbles = (q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)  # byte j: element j low, element 16 + j high
+    fifth = ((q >> 4).view(n, groups, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    d = (torch.rand(n, groups, generator=generator) * 0.02 + 0.001).half().float()
+    b = torch.randn(n, generator=generator)
+    layer = Q5Linear(nibbles, fifth, d, b)
+    weight = ((q.float() - 16) * d[..., None]).reshape(n, groups * 32)
+    assert torch.equal(torch.ops.gpt4_kernels.q5_dequantize(layer.blocks, torch.float32).t(), weight)
+    x = torch.randn(rows, groups * 32, generator=generator) * torch.linspace(0.1, 10, groups * 32)
+    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
+        exact = F.linear(x, weight, b.bfloat16().float())
+        assert (layer(x) - exact).norm() / exact.norm() < 0.01
+        return
+    xq, scale = _activations_in_groups_of_32(x)
+    want = F.linear((xq * scale).reshape(rows, -1), weight, b.bfloat16().float())
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(layer(x[:1]), layer(x)[:1])
+
+
 def test_q8_quantization_against_float16_scales_holds_any_weights():
     """Q8Linear.quantize(float16_scales=True), w4a8's rounding of K-quant layers: d rounded to float16 first and q
     computed against it, so that tiny groups (d among float16's subnormals, which Q8_0's float32 d would not fit)

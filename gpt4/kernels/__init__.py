@@ -93,7 +93,7 @@ def load_w4a8() -> None:
                             "--quant int4.") from e
         built.touch()
 
-    for kind in ("w4a8", "q8"):
+    for kind in ("w4a8", "q5", "q8"):
         torch.library.register_fake(f"gpt4_kernels::{kind}_matmul")(_matmul_shape)
         torch.library.register_fake(f"gpt4_kernels::{kind}_dequantize")(_dequantize_shape)
     torch.library.register_fake("gpt4_kernels::q8_rows")(_rows_shape)

@@ -1,7 +1,8 @@
 // w4a8: 4-bit weights (groups of 32 along the input, w = d * q + m, q in 0..15) times activations quantized to
 // int8 in the same groups of 32, multiplied in integers with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products an
 // instruction), as llama.cpp multiplies its Q4 blocks by Q8 activations. Registered as gpt4_kernels::w4a8_matmul.
-// q8: the same for 8-bit weights (w = d * q, q in -128..127, GGUF's Q8_0 groups: an LM head), gpt4_kernels::q8_matmul.
+// q8: the same for 8-bit weights (w = d * q, q in -128..127, GGUF's Q8_0 groups: an LM head), gpt4_kernels::q8_matmul;
+// q5 for GGUF's Q5_0 groups (w = d * (q - 16), q in 0..31), gpt4_kernels::q5_matmul.
 // decode_attention: one decode step's attention over the KV cache (AVX-512F), which w4a8 models use with them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -52,6 +53,23 @@ struct Q4Block {  // 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
     }
     dv = half16(w + 256);
     mv = half16(w + 288);
+  }
+};
+
+struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks of fifth bits, 16 fp16 d
+  static constexpr int64_t BYTES = 352;
+  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
+    const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(w + 64 * c);
+      q[c] = _mm512_and_si512(v, low);
+      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    // Mask j, bit 4r + i: row r's input 4j + i has 16 added (q[j]'s byte 4r + i).
+    const __mmask64* fifth = reinterpret_cast<const __mmask64*>(w + 256);
+    for (int j = 0; j < 8; ++j) q[j] = _mm512_mask_add_epi8(q[j], fifth[j], q[j], sixteen);
+    dv = half16(w + 320);
+    mv = _mm512_mul_ps(dv, _mm512_set1_ps(-16.f));  // w = d * (u - 16)
   }
 };
 
@@ -180,6 +198,13 @@ at::Tensor w4a8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return blocks_matmul<Q4Block>(x, blocks, "w4a8_matmul");
 }
 
+// The same with blocks (N/16, K/32, 352), GGUF's Q5_0 groups: bytes 0..255 as w4a8's (the low 4 bits), bytes 256..319
+// 8 masks of 64 bits, mask j's bit 4r + i the fifth bit of row r's input 32g + 4j + i; bytes 320..351 d of the 16
+// rows (float16). w = d * (q - 16), q in 0..31.
+at::Tensor q5_matmul(const at::Tensor& x, const at::Tensor& blocks) {
+  return blocks_matmul<Q5Block>(x, blocks, "q5_matmul");
+}
+
 // The same with blocks (N/16, K/32, 544): bytes 0..511, 8 chunks of 64; chunk j holds 4 bytes per row r (bytes
 // 4r..4r+3), q[r, 32g + 4j + i] + 128, i = 0..3; bytes 512..543: d of the 16 rows (float16). w = d * q.
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
@@ -224,6 +249,10 @@ at::Tensor blocks_dequantize(const at::Tensor& blocks, at::ScalarType dtype, con
 // chunks, multiplied in bf16 (AMX) rather than in integers.
 at::Tensor w4a8_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
   return blocks_dequantize<Q4Block>(blocks, dtype, "w4a8_dequantize");
+}
+
+at::Tensor q5_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
+  return blocks_dequantize<Q5Block>(blocks, dtype, "q5_dequantize");
 }
 
 at::Tensor q8_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
@@ -454,6 +483,8 @@ void blocks_linear(const T* x, int64_t rows, const at::Tensor& blocks, const std
   const int64_t K = blocks.size(1) * 32, N = blocks.size(0) * 16;
   if (blocks.size(2) == Q4Block::BYTES) {
     matmul<Q4Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
+  } else if (blocks.size(2) == Q5Block::BYTES) {
+    matmul<Q5Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   } else {
     matmul<Q8Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   }
@@ -575,10 +606,11 @@ void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, co
 void check_layer(const at::Tensor& blocks, const std::optional<at::Tensor>& bias, int64_t N, int64_t K,
                  at::ScalarType dtype, int64_t layer) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
-                  (blocks.size(2) == Q4Block::BYTES || blocks.size(2) == Q8Block::BYTES) &&
+                  (blocks.size(2) == Q4Block::BYTES || blocks.size(2) == Q5Block::BYTES ||
+                   blocks.size(2) == Q8Block::BYTES) &&
                   blocks.size(0) * 16 == N && blocks.size(1) * 32 == K,
               "decode_layers: layer ", layer, " has blocks of shape ", blocks.sizes(), " where (", N / 16, ", ",
-              K / 32, ", ", Q4Block::BYTES, " or ", Q8Block::BYTES, ") uint8 were expected");
+              K / 32, ", ", Q4Block::BYTES, ", ", Q5Block::BYTES, " or ", Q8Block::BYTES, ") uint8 were expected");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == N),
               "decode_layers: layer ", layer, " has a bias that is not ", N, " values of x's dtype");
 }
@@ -673,6 +705,8 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const
 TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def("w4a8_matmul(Tensor x, Tensor blocks) -> Tensor");
   lib.def("w4a8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
+  lib.def("q5_matmul(Tensor x, Tensor blocks) -> Tensor");
+  lib.def("q5_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_matmul(Tensor x, Tensor blocks) -> Tensor");
   lib.def("q8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_rows(Tensor blocks, Tensor ids, ScalarType dtype) -> Tensor");
@@ -685,6 +719,8 @@ TORCH_LIBRARY(gpt4_kernels, lib) {
 TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("w4a8_matmul", &w4a8_matmul);
   lib.impl("w4a8_dequantize", &w4a8_dequantize);
+  lib.impl("q5_matmul", &q5_matmul);
+  lib.impl("q5_dequantize", &q5_dequantize);
   lib.impl("q8_matmul", &q8_matmul);
   lib.impl("q8_dequantize", &q8_dequantize);
   lib.impl("q8_rows", &q8_rows);

@@ -176,15 +176,17 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if quant != "none":
             from ..quant import quantize_
 
-            layers = int8_layers = None  # the placeholder layers' tensors, read from the file a block at a time
+            layers = int8_layers = int5_layers = None  # placeholder layers' tensors, read a transformer block at a time
             if gguf is not None:
                 linear = placeholders - {"token_embd.weight"}
                 if quant in INT4_MODES:
                     four_bit = linear & _linear_tensors(gguf, INT4_TYPES)
                     layers = _GGUFBlockTensors(gguf, config, gguf.int4_groups, four_bit)
-                    if quant == "w4a8":
+                    if quant == "w4a8":  # Q5_0 layers in their own groups, other formats in 8-bit groups
+                        five_bit = linear & _linear_tensors(gguf, ("Q5_0",))
+                        int5_layers = _GGUFBlockTensors(gguf, config, gguf.int5_groups, five_bit)
                         int8_layers = _GGUFBlockTensors(gguf, config, lambda name: _w4a8_groups(gguf, name),
-                                                        linear - four_bit)
+                                                        linear - four_bit - five_bit)
                 else:
                     layers = _GGUFBlockTensors(gguf, config, lambda name: gguf.tensor(name, dtype), linear)
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
@@ -192,6 +194,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             if from_file and quant == "w4a8" and gguf.tensors["token_embd.weight"].type_name in INT8_TYPES:
                 groups = functools.partial(gguf.int8_groups, "token_embd.weight")
             quantize_(model, quant, exact_int4=layers if quant in INT4_MODES else None, exact_int8=int8_layers,
+                      exact_int5=int5_layers,
                       weights=None if quant in INT4_MODES else layers,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None,
                       embedding_groups=groups)

@@ -144,6 +144,19 @@ class GGUFFile:
         nibbles = blocks[:, width - 16:].unflatten(0, (rows, -1))  # (out, in / 32, 16)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
+    def int5_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q5_0 matrix's groups of 32 as they are: (nibbles, fifth, d), None for other types. nibbles (out, in / 32,
+        16) the groups' low 4 bits as Q4 blocks store them and fifth (out, in / 32, 4) their fifth bits (bit k of the
+        little-endian word: element k), views into the blocks as read; d (out, in / 32) the float16 scales as float32;
+        w = d * (q - 16), q = nibble + 16 * fifth bit."""
+        info = self.tensors[name]
+        if info.type_name != "Q5_0":
+            return None
+        blocks = torch.from_numpy(self._read(info.offset, info.n_bytes)).view(-1, 22)  # d, fifth bits, nibbles
+        rows = info.shape[0]
+        d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(rows, -1)
+        return blocks[:, 6:].unflatten(0, (rows, -1)), blocks[:, 2:6].unflatten(0, (rows, -1)), d
+
     def int8_groups(self, name: str, start: int = 0,
                     stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A Q8_0, Q5_0 or Q4_0 matrix as int8 groups of 32, exactly: (q, d), None for other types. q (out, in / 32,
