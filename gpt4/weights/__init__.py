@@ -401,10 +401,10 @@ def _block_types(gguf: GGUFFile) -> set[str]:
 
 
 def _w4a8_groups(gguf: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """w4a8's 8-bit groups of 32 (q, d) for a matrix of a layer that the file does not hold wholly in Q4_0 / Q4_1 (its
-    q, k and v, or gate and up, are one layer here): Q8_0's, Q5_0's and Q4_0's exactly, others (K-quants, Q5_1) quantized as llama.cpp
-    quantizes Q8_0 from their values (a rounding to 8 bits of weights rounded to 4-6 before), against scales rounded to
-    float16 first."""
+    """w4a8's 8-bit groups of 32 (q, d) for a matrix of a layer that the file does not hold wholly in Q4_0 / Q4_1 or
+    wholly in Q5_0 (its q, k and v, or gate and up, are one layer here): Q8_0's, Q5_0's and Q4_0's exactly, others
+    (K-quants, Q5_1) quantized as llama.cpp quantizes Q8_0 from their values (a rounding to 8 bits of weights rounded
+    to 4-6 before), against scales rounded to float16 first."""
     from ..quant import Q8Linear
 
     groups = gguf.int8_groups(name)
