@@ -235,7 +235,7 @@ class GPT4LMHeadModel(nn.Module):
         self.quant = "none"  # the linear layers' quantization mode, set by gpt4.quant.quantize_
         self.source = None  # the file or folder from_pretrained read the weights from (keys compiled steps)
         self._compiled_decode = None  # set by compile_decode()
-        self._fused_decode = None  # (weights, biases) of gpt4_kernels.decode_layers, set by use_fused_decode()
+        self._fused_decode = None  # (weights, biases, inv_freq) of gpt4_kernels.decode_layers: use_fused_decode()
         self.generation_config = None
         self.apply(self._init_weights)
 
@@ -354,10 +354,10 @@ class GPT4LMHeadModel(nn.Module):
     def _fused_step(self, ids, positions, mask, keys, values, kv_length) -> torch.Tensor:
         """Logits (B, V) in fp32 for ids, positions (B,) through gpt4_kernels.decode_layers (see use_fused_decode);
         mask None or (B or 1, 1, 1, kv_length); keys, values: the cache's tensors, a row for each of the B."""
-        weights, biases = self._fused_decode
+        weights, biases, inv_freq = self._fused_decode
         x = torch.ops.gpt4_kernels.decode_layers(
-            self.embed_tokens(ids), positions, mask, keys, values, kv_length, weights, biases,
-            self.rope_inv_freq.float(), self.config.num_attention_heads, self.config.norm_eps)  # (B, H)
+            self.embed_tokens(ids), positions, mask, keys, values, kv_length, weights, biases, inv_freq,
+            self.config.num_attention_heads, self.config.norm_eps)  # (B, H)
         return self.lm_head(self.final_norm(x)).float()  # (B, V)
 
     def use_fused_decode(self, enabled: bool = True) -> bool:
@@ -382,8 +382,10 @@ class GPT4LMHeadModel(nn.Module):
             weights = [t for layer in self.layers for t in (
                 layer.attn_norm.weight, layer.attn.qkv_proj.blocks, layer.attn.o_proj.blocks, layer.mlp_norm.weight,
                 layer.mlp.up_proj.blocks, layer.mlp.down_proj.blocks)]
-            # (Biases in the model's dtype: an fp32 model's w4a8 layers keep theirs in bf16, exactly widened in eager.)
-            self._fused_decode = (weights, [None if m.bias is None else m.bias.to(self.dtype) for m in linears])
+            # (Biases in the model's dtype: an fp32 model's w4a8 layers keep theirs in bf16, exactly widened in eager;
+            # the rotation speeds in fp32, which a bf16 model's buffer is widened to in eager.)
+            biases = [None if m.bias is None else m.bias.to(self.dtype) for m in linears]
+            self._fused_decode = (weights, biases, self.rope_inv_freq.float())
         return self._fused_decode is not None
 
     def _decode_step(self, input_ids, positions, mask, cache, kv_length=None) -> torch.Tensor:

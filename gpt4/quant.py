@@ -296,6 +296,9 @@ class BlocksLinear(nn.Module):
     kind: str  # the kernel's operators: gpt4_kernels.{kind}_matmul and {kind}_dequantize
 
     def _hold(self, blocks: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        from .kernels import load_w4a8
+
+        load_w4a8()  # (GPT4Error where the kernel cannot run here)
         self.register_buffer("blocks", blocks)  # (out / 16, in / 32, bytes of a block)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features, self.dtype = 32 * blocks.shape[1], 16 * blocks.shape[0], dtype
@@ -350,9 +353,6 @@ class W4A8Linear(BlocksLinear):
         (byte j: element j low, 16 + j high), possibly a view between the file's scales; scales, zeros
         (out, in // 32), w = (q - 8) * scale + zero."""
         super().__init__()
-        from .kernels import load_w4a8
-
-        load_w4a8()
         n, groups = scales.shape
         # (values float16 holds: quantize_ asks fits first, ~0.1 ms a layer not spent twice at load)
         assert n % 16 == 0 and nibbles[0].numel() == 16 * groups, (nibbles.shape, scales.shape)
@@ -365,8 +365,8 @@ class W4A8Linear(BlocksLinear):
         # 16 rows in float16.
         blocks = torch.empty(n // 16, groups, 320, dtype=torch.uint8)
         _pack_nibbles(blocks, nibbles)
-        for start, values in ((256, d), (288, m)):
-            blocks[..., start:start + 32].view(torch.float16).copy_(values.view(n // 16, 16, groups).transpose(1, 2))
+        _pack_halves(blocks, 256, d)
+        _pack_halves(blocks, 288, m)
         self._hold(blocks, bias, dtype)
 
     @classmethod
@@ -393,6 +393,12 @@ def _pack_nibbles(blocks: torch.Tensor, nibbles: torch.Tensor) -> None:
     blocks.view(torch.int32)[..., :64].view(n // 16, groups, 4, 16).copy_(words.permute(0, 2, 3, 1))
 
 
+def _pack_halves(blocks: torch.Tensor, start: int, values: torch.Tensor) -> None:
+    """Bytes start..start+31 of each block (b, g): the 16 rows' values (out, in // 32) of group g in float16."""
+    rows, groups = values.shape
+    blocks[..., start:start + 32].view(torch.float16).copy_(values.reshape(rows // 16, 16, groups).transpose(1, 2))
+
+
 class Q5Linear(BlocksLinear):
     """5-bit weights in groups of 32, w = d * (q - 16) (q in 0..31, d float16: GGUF's Q5_0 blocks, in which Q4_K_M
     files hold most of their layers), multiplied by activations quantized to int8 in the same groups, as llama.cpp
@@ -406,9 +412,6 @@ class Q5Linear(BlocksLinear):
         (out, in // 32, 4) bytes, bit k of their little-endian word the fifth bit of element k; d (out, in // 32)
         float (float16 values)."""
         super().__init__()
-        from .kernels import load_w4a8
-
-        load_w4a8()
         n, groups = d.shape
         assert n % 16 == 0 and nibbles.shape == (n, groups, 16) and fifth.shape == (n, groups, 4), (nibbles.shape,)
         # Block (b, g): the nibbles as w4a8's; then 8 masks of 64 bits, mask j's bit 4r + i the fifth bit of row r's
@@ -419,7 +422,7 @@ class Q5Linear(BlocksLinear):
         bits = ((fifth[..., None] >> shifts) & 1).view(n // 16, 16, groups, 8, 4)  # (b, row, g, j, i)
         masks = bits.permute(0, 2, 3, 1, 4).reshape(n // 16, groups, 8, 8, 8)  # (b, g, j, mask byte, bit)
         blocks[..., 256:320] = (masks << shifts).sum(-1, dtype=torch.uint8).view(n // 16, groups, 64)
-        blocks[..., 320:].view(torch.float16).copy_(d.reshape(n // 16, 16, groups).transpose(1, 2))
+        _pack_halves(blocks, 320, d)
         self._hold(blocks, bias, dtype)
 
 
@@ -450,9 +453,6 @@ class Q8Linear(BlocksLinear):
         return layer
 
     def _pack(self, read, n: int, groups: int, bias, dtype) -> None:
-        from .kernels import load_w4a8
-
-        load_w4a8()
         assert n % 16 == 0 and QUANTIZE_ROWS % 16 == 0, n
         # Block (b, g): rows 16 b.. 16 b + 15 of group g, 512 bytes in 8 chunks of 64 (chunk j: row r's values
         # 4j..4j+3 at 4r..4r+3) as q + 128, the unsigned bytes VNNI multiplies (q + 128 = q XOR 128 in two's
@@ -469,7 +469,7 @@ class Q8Linear(BlocksLinear):
             words = _int32_words(q.view(torch.uint8)).view(rows // 16, 16, groups, 8)  # (b, row, g, chunk)
             torch.bitwise_xor(words.permute(0, 2, 3, 1), flip,
                               out=part.view(torch.int32)[..., :128].view(rows // 16, groups, 8, 16))
-            part[..., 512:].view(torch.float16).copy_(d.reshape(rows // 16, 16, groups).transpose(1, 2))
+            _pack_halves(part, 512, d)
         self._hold(blocks, bias, dtype)
 
     @staticmethod

@@ -136,7 +136,7 @@ def test_only_models_the_kernel_holds_decode_fused():
 
 def test_the_fused_step_refuses_what_it_cannot_compute():
     model = fused_model("llama-gqa-untied", torch.float32)
-    weights, biases = model._fused_decode
+    weights, biases, inv_freq = model._fused_decode
     cache = KVCache(model.config, 2, 16)
     x = model.embed_tokens(torch.tensor([1, 2]))
     config = model.config
@@ -144,7 +144,7 @@ def test_the_fused_step_refuses_what_it_cannot_compute():
     def step(positions=(3, 4), kv_length=5, mask=None, keys=cache.keys, weights=weights):
         return torch.ops.gpt4_kernels.decode_layers(
             x, torch.tensor(positions), mask, keys, cache.values, kv_length, weights, biases,
-            model.rope_inv_freq.float(), config.num_attention_heads, config.norm_eps)
+            inv_freq, config.num_attention_heads, config.norm_eps)
 
     assert step().shape == x.shape
     with pytest.raises(RuntimeError, match="position 5 is outside the 5 slots"):  # written past the cache's end
