@@ -26,8 +26,8 @@ QUANT_HELP = ("int8 weights (with VNNI: integer matmuls, activations in two int8
               "block formats in 8-bit groups, times activations quantized to int8 in groups of 32, as llama.cpp "
               "multiplies them, by kernels of ours, each decode step's layers in one call: needs AVX-512 VNNI, g++ "
               "and ninja; on the default model over twice int4's decoding speed), or auto: on an AVX2 / AVX-512 "
-              "CPU, where the file's linear layers are block-quantized (Q4_0 / Q4_1: its own 4-bit weights, as "
-              "llama.cpp runs them; Q8_0, Q5_0, K-quants) w4a8 where our kernel runs, else int4 (4-bit files) or "
+              "CPU, where the file's linear layers are block-quantized (Q4_0 / Q4_1 / Q4_K: its own 4-bit weights, "
+              "as llama.cpp runs them; Q8_0, Q5_0, other K-quants) w4a8 where our kernel runs, else int4 (4-bit files) or "
               "int8; none for float weights")
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4", "w8a8", "w4a8")
-INT4_MODES = ("int4", "w4a8")  # 4-bit weights: from a file's Q4_0 / Q4_1 groups as they are
+INT4_MODES = ("int4", "w4a8")  # 4-bit weights: from a file's Q4_0 / Q4_1 / Q4_K groups as they are
 # Int8Linear's activation_bits in each mode (in int4 mode, for the LM head when it is int8); see Int8Linear.
 ACTIVATION_BITS = {"int8": 16, "int4": None, "w8a8": 8, "w4a8": None}
 # From this many input rows (a prefill chunk) dequantizing the matrix to bf16 and one bf16 matmul beats the
@@ -32,6 +32,7 @@ ACTIVATION_BITS = {"int8": 16, "int4": None, "w8a8": 8, "w4a8": None}
 # int4; at 128 rows int4 breaks even). Decoding (a row per sequence) keeps the kernels: fewer bytes read.
 DEQUANTIZE_ROWS = 128
 QUANTIZE_ROWS = 512  # rows quantized at once: the fp32 temporaries (1.2 MB for the default model) stay in cache
+QUANTIZE_VALUES = 1 << 18  # at most so many values of a wider matrix (Qwen2.5's 4864-wide down projections: 53 rows)
 
 
 @functools.cache
@@ -216,7 +217,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_block_nibbles(cls, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            bias: torch.Tensor | None, dtype=torch.bfloat16) -> "Int4Linear":
-        """From groups of 32 as GGUF's Q4_0 / Q4_1 blocks store them: nibbles (out, in // 2) uint8, byte j of a
+        """From groups of 32 as GGUF's Q4_0 blocks store them: nibbles (out, in // 2) uint8, byte j of a
         group's 16 holding element j (low nibble) and element 16 + j (high), or the same as (out, in // 32, 16),
         which may be a view into the file's blocks (GGUFFile.int4_groups); scales, zeros (out, in // 32).
 
@@ -482,9 +483,10 @@ class Q8Linear(BlocksLinear):
         out_features, in_features = weight.shape
         q = torch.empty(out_features, in_features // 32, 32, dtype=torch.int8)
         d = torch.empty(out_features, in_features // 32)
+        step = max(1, min(QUANTIZE_ROWS, QUANTIZE_VALUES // in_features))  # (a wide matrix in fewer rows at once)
         with torch.no_grad():
-            for start in range(0, out_features, QUANTIZE_ROWS):
-                groups = weight[start:start + QUANTIZE_ROWS].to(torch.float32).unflatten(1, (-1, 32))  # (rows, g, 32)
+            for start in range(0, out_features, step):
+                groups = weight[start:start + step].to(torch.float32).unflatten(1, (-1, 32))  # (rows, g, 32)
                 scales = groups.abs().amax(-1) / 127  # (rows, g)
                 if float16_scales:
                     scales = scales.half().float()
@@ -494,8 +496,8 @@ class Q8Linear(BlocksLinear):
                 rounded = whole + (2 * (magnitude - whole)).floor_()  # half away from zero, as C's roundf
                 if float16_scales:
                     rounded.clamp_(max=127)
-                q[start:start + QUANTIZE_ROWS] = rounded.copysign_(scaled)
-                d[start:start + QUANTIZE_ROWS] = scales  # (stored in float16 by Q8Linear)
+                q[start:start + step] = rounded.copysign_(scaled)
+                d[start:start + step] = scales  # (stored in float16 by Q8Linear)
         return q, d
 
     @staticmethod
@@ -515,6 +517,25 @@ class Q8Embedding(nn.Module):
 
     def forward(self, ids):
         return torch.ops.gpt4_kernels.q8_rows(self.blocks, ids, self.dtype)  # (..., hidden)
+
+
+class BlockEmbedding(nn.Module):
+    """Token embedding looked up in a file's own block rows (e.g. GGUF's Q5_0), decoded for the ids asked for.
+
+    For an untied table, which only lookups read: held as the file holds it, where an int8 copy would round it again
+    and take more bytes (Qwen2.5-Coder-0.5B's 152k x 896 Q5_0 table: 94 MB instead of 145 in 8-bit groups).
+    """
+
+    def __init__(self, rows: torch.Tensor, width: int, decode, dtype: torch.dtype):
+        """rows (vocab, bytes a row) uint8; decode(raw) turns whole rows' bytes (flat) into their values (flat,
+        float32), `width` a row."""
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.width, self.decode, self.dtype = width, decode, dtype
+
+    def forward(self, ids):
+        raw = F.embedding(ids.reshape(-1), self.rows)  # (n, bytes a row)
+        return self.decode(raw.reshape(-1)).to(self.dtype).view(*ids.shape, self.width)  # (..., width)
 
 
 def _pack_kernel_layout(q: torch.Tensor) -> torch.Tensor:
@@ -694,5 +715,5 @@ def linear_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["Int8Linear", "Int8Embedding", "Int4Linear", "W4A8Linear", "Q8Linear", "Q8Embedding", "quantize_",
-           "QUANT_MODES", "linear_bytes"]
+__all__ = ["Int8Linear", "Int8Embedding", "Int4Linear", "W4A8Linear", "Q8Linear", "Q8Embedding", "BlockEmbedding",
+           "quantize_", "QUANT_MODES", "linear_bytes"]

@@ -151,7 +151,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             config = gguf.config()
             quant = choose_quant(gguf, device) if quant == "auto" else quant
             # Weights the quantized model takes straight from the file are shape-only placeholders here (the
-            # whole model in full precision is never made: less memory and a faster load): int4 from Q4_0/Q4_1
+            # whole model in full precision is never made: less memory and a faster load): int4 from Q4_0/Q4_1/Q4_K
             # layers, whose 4-bit groups are used as they are; int8 and w8a8 every linear layer, read and
             # quantized a transformer block at a time; and the token embedding, made int8 a slice of rows at a time.
             if quant != "none" and "token_embd.weight" in gguf.tensors:
@@ -165,6 +165,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             state = _gguf_state(gguf, config, dtype, placeholders=placeholders)
             has_vocab = gguf.get("tokenizer.ggml.model") is not None
             tokenizer = Tokenizer.from_gguf(gguf) if load_tokenizer and has_vocab else None
+            gguf.drop_vocabulary()  # (the tokenizer holds what it needs)
         else:
             quant = "none" if quant == "auto" else quant
             config = _hf_config(path)
@@ -174,7 +175,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         model = build_model(config, state, dtype=dtype, device=device, source=str(path))
         del state  # the model holds the weights now: each is freed as its layer is quantized
         if quant != "none":
-            from ..quant import quantize_
+            from ..quant import BlockEmbedding, quantize_
 
             layers = int8_layers = int5_layers = None  # placeholder layers' tensors, read a transformer block at a time
             if gguf is not None:
@@ -190,6 +191,12 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
                 else:
                     layers = _GGUFBlockTensors(gguf, config, lambda name: gguf.tensor(name, dtype), linear)
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
+            untied = model.lm_head.weight is not model.embed_tokens.weight
+            rows = gguf.block_rows("token_embd.weight") if from_file and quant == "w4a8" and untied else None
+            if rows is not None:  # a table only lookups read: as the file holds it (exact, no more bytes than int8)
+                table, decode = rows
+                model.embed_tokens = BlockEmbedding(table, config.hidden_size, decode, dtype)
+                from_file = False
             groups = None  # a Q8_0, Q5_0 or Q4_0 embedding's groups, exactly, read a slice of rows at a time
             if from_file and quant == "w4a8" and gguf.tensors["token_embd.weight"].type_name in INT8_TYPES:
                 groups = functools.partial(gguf.int8_groups, "token_embd.weight")
@@ -319,7 +326,7 @@ class _GGUFBlockTensors:
     load's placeholders), permuted and fused like the weights, read one transformer block at a time (only one
     block's tensors exist at once). `read` returns a tensor or a tuple of tensors (each permuted and fused alike).
 
-    With GGUFFile.int4_groups (nibbles, scale, zero): Q4_0 / Q4_1 blocks are affine int4 groups of 32 already, and
+    With GGUFFile.int4_groups (nibbles, scale, zero): Q4_0 / Q4_1 / Q4_K blocks are affine int4 groups of 32, and
     the int4 layers take them as they are instead of re-quantizing a dequantized copy (a second rounding). With
     GGUFFile.tensor: the full-precision weights, for int8 layers quantized as they are read.
     """
@@ -363,11 +370,11 @@ class _GGUFBlockTensors:
 
 def choose_quant(gguf: GGUFFile, device) -> str:
     """quant="auto", on a CPU whose PyTorch has AVX2 / AVX-512 kernels, by the types of the file's block layers:
-    - every linear layer Q4_0 / Q4_1: the file's own 4-bit groups (the weights llama.cpp runs, nothing rounded
-      twice), "w4a8" where its kernel runs (AVX-512 VNNI and a C++ toolchain: gpt4.kernels.w4a8_ready), "int4"
+    - every linear layer Q4_0 / Q4_1 / Q4_K: the file's own 4-bit groups (the weights llama.cpp runs; only Q4_K's
+      sub-block scales rounded, to float16), "w4a8" where its kernel runs (AVX-512 VNNI and a C++ toolchain: gpt4.kernels.w4a8_ready), "int4"
       elsewhere;
     - every linear layer in a block format of at most 8 bits (Q8_0, Q5_0, K-quants, ...): "w4a8" where its kernel
-      runs, its Q4_0 / Q4_1 layers in 4 bits, Q5_0 layers in 5, and the others in 8-bit groups of 32 (Q8_0 and
+      runs, its Q4_0 / Q4_1 / Q4_K layers in 4 bits, Q5_0 layers in 5, and the others in 8-bit groups of 32 (Q8_0 and
       Q4_0 exactly, the others rounded to 8 bits once more); "int8" elsewhere, one more rounding, to 8 bits a row;
     - otherwise (F32 / F16 / BF16 layers) "none", the file's precision, as on other CPUs: without vector kernels
       ("default" capability, e.g. other architectures) PyTorch's int4 kernel decodes 5x slower than "none".
@@ -401,14 +408,16 @@ def _block_types(gguf: GGUFFile) -> set[str]:
 
 
 def _w4a8_groups(gguf: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """w4a8's 8-bit groups of 32 (q, d) for a matrix of a layer that the file does not hold wholly in Q4_0 / Q4_1 or
-    wholly in Q5_0 (its q, k and v, or gate and up, are one layer here): Q8_0's, Q5_0's and Q4_0's exactly, others
-    (K-quants, Q5_1) quantized as llama.cpp quantizes Q8_0 from their values (a rounding to 8 bits of weights rounded
-    to 4-6 before), against scales rounded to float16 first."""
+    """w4a8's 8-bit groups of 32 (q, d) for a matrix of a layer that the file does not hold wholly in 4-bit groups
+    (INT4_TYPES) or wholly in Q5_0 (its q, k and v, or gate and up, are one layer here): Q8_0's, Q5_0's and Q4_0's
+    exactly, others (Q6_K, Q5_K, Q5_1, ...) quantized as llama.cpp quantizes Q8_0 from their values (a rounding to 8
+    bits of weights rounded to 5-6 before), against scales rounded to float16 first."""
     from ..quant import Q8Linear
 
     groups = gguf.int8_groups(name)
-    return groups if groups is not None else Q8Linear.quantize(gguf.tensor(name, torch.float32), float16_scales=True)
+    if groups is not None:
+        return groups
+    return Q8Linear.quantize(gguf.row_reader(name, torch.float32), float16_scales=True)  # a slice of rows at a time
 
 
 def choose_dtype(device) -> torch.dtype:

@@ -22,8 +22,8 @@ from ..errors import ModelFileError
 from ..quant import unpack_block_nibbles
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
-# The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups).
-INT4_TYPES = ("Q4_0", "Q4_1")
+# The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups): Q4_K's are its sub-blocks.
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_TYPES = ("Q8_0", "Q5_0", "Q4_0")  # the block formats whose groups of 32 are int8 q times a d each, exactly
 
 
@@ -43,6 +43,13 @@ class GGUFFile:
         self.tensors, self.metadata = {}, {}
         self.data.close()
         self.file.close()
+
+    def drop_vocabulary(self) -> None:
+        """Forget the tokenizer's arrays (tokens, merges, types, scores): Qwen2.5's 300k strings are ~50 MB that a
+        load frees once its tokenizer is built, before the weights are read."""
+        for key in [k for k, v in self.metadata.items() if k.startswith("tokenizer.ggml.")
+                    and isinstance(v, (list, np.ndarray))]:
+            del self.metadata[key]
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -103,12 +110,6 @@ class GGUFFile:
 
     def _dequantize(self, name: str, info: "TensorInfo", raw: np.ndarray) -> torch.Tensor:
         """Whole rows of `info`'s type, as bytes -> fp32 values (flat)."""
-        if info.type_name == "F32":
-            return torch.from_numpy(raw.view(np.float32))
-        if info.type_name == "F16":
-            return torch.from_numpy(raw.view(np.float16)).float()
-        if info.type_name == "BF16":
-            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
         if info.type_name in _TORCH_DEQUANT:
             return _TORCH_DEQUANT[info.type_name](torch.from_numpy(raw))
         from gguf import GGMLQuantizationType, quants  # the other block formats: the gguf package's numpy decoders
@@ -121,17 +122,34 @@ class GGUFFile:
                                  "package cannot dequantize; use a file with a common quant type "
                                  "(F16, Q8_0, Q4_K_M, ...).") from e
 
-    def int4_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A Q4_0 / Q4_1 matrix as affine int4 groups of 32, exactly: (nibbles, scale, zero), None for other types.
+    def block_rows(self, name: str):
+        """A matrix's rows as the file holds them, (rows, bytes a row) uint8, and the function that decodes whole rows
+        (their bytes, flat) to float32 values (flat); None for a type only the gguf package decodes."""
+        info = self.tensors[name]
+        if info.type_name not in _TORCH_DEQUANT or len(info.shape) != 2:
+            return None
+        return torch.from_numpy(self._read(info.offset, info.n_bytes)).view(info.shape[0], -1), \
+            _TORCH_DEQUANT[info.type_name]
 
-        nibbles (out, in / 32, 16) are each group's 16 bytes, a view into the blocks as read (not copied out from
-        between the scales: the int4 layers are packed from them; only fusing or permuting rows copies them);
-        gpt4.quant.unpack_block_nibbles of nibbles.reshape(out, -1) gives q (out, in) in 0..15. scale and zero
-        (out, in / 32), with w = (q - 8) * scale + zero."""
+    def int4_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_0 / Q4_1 / Q4_K matrix as affine int4 groups of 32: (nibbles, scale, zero), None for other types.
+
+        nibbles (out, in / 32, 16) are each group's 16 bytes as Q4_0 stores them (low nibbles the group's first 16
+        values, high nibbles the others): Q4_0's and Q4_1's a view into the blocks as read (not copied out from
+        between the scales: the int4 layers are packed from them; only fusing or permuting rows copies them), Q4_K's
+        sub-blocks of 32 repacked so. gpt4.quant.unpack_block_nibbles of nibbles.reshape(out, -1) gives q (out, in) in
+        0..15. scale and zero (out, in / 32) float32, with w = (q - 8) * scale + zero: exactly the file's values (a
+        Q4_K sub-block's scale d * sc and offset -dmin * m are products of a float16 and a 6-bit integer)."""
         info = self.tensors[name]
         if info.type_name not in INT4_TYPES:
             return None
         raw = torch.from_numpy(self._read(info.offset, info.n_bytes))
+        rows = info.shape[0]
+        if info.type_name == "Q4_K":
+            q, scale, offset = _q4_k_sub_blocks(raw)  # (N, 8, 32), (N, 8), (N, 8): w = scale * q + offset
+            nibbles = (q[..., :16] | (q[..., 16:] << 4)).reshape(rows, -1, 16)
+            zero = torch.add(offset, scale, alpha=8)
+            return nibbles, scale.reshape(rows, -1), zero.reshape(rows, -1)
         width = 18 if info.type_name == "Q4_0" else 20
         blocks = raw.view(-1, width)
         halves = raw.view(torch.float16).view(-1, width // 2)  # each block as fp16 values: d (, m), then nibbles
@@ -140,7 +158,6 @@ class GGUFFile:
             zero = torch.zeros_like(d)
         else:  # w = d * q + m = (q - 8) * d + (m + 8 d)
             zero = torch.add(halves[:, 1].float(), d, alpha=8)
-        rows = info.shape[0]
         nibbles = blocks[:, width - 16:].unflatten(0, (rows, -1))  # (out, in / 32, 16)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
@@ -273,6 +290,18 @@ def _fp16(field: torch.Tensor) -> torch.Tensor:
     return field.contiguous().view(torch.float16).float()
 
 
+def _decode_f32(raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(torch.float32)
+
+
+def _decode_f16(raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(torch.float16).float()
+
+
+def _decode_bf16(raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(torch.bfloat16).float()
+
+
 def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
     blocks = raw.view(-1, 34)  # fp16 scale d, then 32 int8 values: w = d * q
     return (_fp16(blocks[:, :2]) * blocks[:, 2:].contiguous().view(torch.int8).float()).flatten()
@@ -307,18 +336,24 @@ def _dequant_q5_1(raw: torch.Tensor) -> torch.Tensor:
     return (_fp16(blocks[:, :2]) * q + _fp16(blocks[:, 2:4])).flatten()
 
 
-def _dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
-    """Super-blocks of 256: d, dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles; each 32 bytes
-    of nibbles hold two sub-blocks of 32 (low nibbles, then high): w = d * scale * q - dmin * min."""
+def _q4_k_sub_blocks(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K's super-blocks of 256 (d, dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles; each 32
+    bytes of nibbles hold two sub-blocks of 32, low nibbles then high) as N x 8 sub-blocks: q (N, 8, 32) uint8 in
+    0..15, and float32 (N, 8) scale d * scale and offset -dmin * min, w = scale * q + offset."""
     blocks = raw.view(-1, 144)
     packed = blocks[:, 4:16].view(-1, 3, 4)  # rows: low 6 bits of scales 0-3 (top 2: of scales 4-7), of mins 0-3,
     low, mid, top = packed[:, 0], packed[:, 1], packed[:, 2]  # and the low 4 bits of scales / mins 4-7
     scales = torch.cat((low & 63, (top & 15) | ((low >> 2) & 48)), dim=1).float()  # (N, 8)
     mins = torch.cat((mid & 63, (top >> 4) | ((mid >> 2) & 48)), dim=1).float()
     nibbles = blocks[:, 16:].view(-1, 4, 1, 32)
-    q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(-1, 8, 32).float()  # (N, sub-block, 32)
-    d, dmin = _fp16(blocks[:, :2]) * scales, _fp16(blocks[:, 2:4]) * mins  # (N, 8)
-    return (d[..., None] * q - dmin[..., None]).flatten()
+    q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(-1, 8, 32)  # (N, sub-block, 32)
+    return q, _fp16(blocks[:, :2]) * scales, -(_fp16(blocks[:, 2:4]) * mins)
+
+
+def _dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
+    """w = d * scale * q - dmin * min over Q4_K's sub-blocks of 32 (see _q4_k_sub_blocks)."""
+    q, scale, offset = _q4_k_sub_blocks(raw)
+    return (scale[..., None] * q.float() + offset[..., None]).flatten()
 
 
 def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
@@ -336,8 +371,9 @@ def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
 
 
 _DEQUANT_CHUNK = 1 << 21  # values dequantized at once (8 MB in fp32)
-_TORCH_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q5_0": _dequant_q5_0,
-                  "Q5_1": _dequant_q5_1, "Q4_K": _dequant_q4_k, "Q6_K": _dequant_q6_k}
+_TORCH_DEQUANT = {"F32": _decode_f32, "F16": _decode_f16, "BF16": _decode_bf16, "Q8_0": _dequant_q8_0,
+                  "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q5_0": _dequant_q5_0, "Q5_1": _dequant_q5_1,
+                  "Q4_K": _dequant_q4_k, "Q6_K": _dequant_q6_k}
 
 
 # GGUF metadata value types: numpy dtypes of the scalars (8 is a string, 9 an array).
