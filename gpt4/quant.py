@@ -419,10 +419,15 @@ class Q5Linear(BlocksLinear):
         # element 4j + i (the kernel adds 16 to those bytes of its unpacked q[j]); then the 16 rows' d in float16.
         blocks = torch.empty(n // 16, groups, 352, dtype=torch.uint8)
         _pack_nibbles(blocks, nibbles)
-        shifts = torch.arange(8, dtype=torch.uint8)
-        bits = ((fifth[..., None] >> shifts) & 1).view(n // 16, 16, groups, 8, 4)  # (b, row, g, j, i)
-        masks = bits.permute(0, 2, 3, 1, 4).reshape(n // 16, groups, 8, 8, 8)  # (b, g, j, mask byte, bit)
-        blocks[..., 256:320] = (masks << shifts).sum(-1, dtype=torch.uint8).view(n // 16, groups, 64)
+        # Mask j's byte k holds rows 2k and 2k + 1: nibble j (elements 4j..4j+3) of each row's 32 fifth bits, low
+        # and high. Each row's word spread to 8 bytes, byte j its nibble j (bits moved apart in three steps).
+        words = _int32_words(fifth).view(n // 2, 2, groups).long() & 0xFFFFFFFF  # (row pair, row, g)
+        words = (words | (words << 16)) & 0x0000FFFF0000FFFF
+        words = (words | (words << 8)) & 0x00FF00FF00FF00FF
+        words = (words | (words << 4)) & 0x0F0F0F0F0F0F0F0F
+        pairs = words[:, 0] | (words[:, 1] << 4)  # (row pair, g): byte j, mask j's byte for this pair
+        masks = pairs.view(n // 16, 8, groups, 1).view(torch.uint8)  # (b, k, g, j)
+        blocks[..., 256:320].view(n // 16, groups, 8, 8).copy_(masks.permute(0, 2, 3, 1))  # (b, g, j, k)
         _pack_halves(blocks, 320, d)
         self._hold(blocks, bias, dtype)
 
