@@ -401,23 +401,28 @@ def _pack_halves(blocks: torch.Tensor, start: int, values: torch.Tensor) -> None
 
 
 class Q5Linear(BlocksLinear):
-    """5-bit weights in groups of 32, w = d * (q - 16) (q in 0..31, d float16: GGUF's Q5_0 blocks, in which Q4_K_M
-    files hold most of their layers), multiplied by activations quantized to int8 in the same groups, as llama.cpp
-    runs them: 0.69 bytes a weight where Q8Linear's groups take 1.06."""
+    """5-bit weights in groups of 32, w = d * q + m (q in 0..31), multiplied by activations quantized to int8 in the
+    same groups, as llama.cpp runs them: GGUF's Q5_0 blocks (m = -16 d; Q4_K_M files hold most of their layers so)
+    in 0.69 bytes a weight where Q8Linear's groups take 1.06, Q5_K's sub-blocks of 32 (d and m of each, float16) in
+    0.75."""
 
     kind = "q5"
 
-    def __init__(self, nibbles: torch.Tensor, fifth: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None,
-                 dtype=torch.bfloat16):
+    def __init__(self, nibbles: torch.Tensor, fifth: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                 bias: torch.Tensor | None, dtype=torch.bfloat16):
         """GGUFFile.int5_groups: nibbles (out, in // 32, 16) bytes of the low 4 bits (see _pack_nibbles); fifth
-        (out, in // 32, 4) bytes, bit k of their little-endian word the fifth bit of element k; d (out, in // 32)
-        float (float16 values)."""
+        (out, in // 32, 4) bytes, bit k of their little-endian word the fifth bit of element k; d, m (out, in // 32)
+        float. Where every m is -16 d, Q5_0's blocks (kind q5, float16 d); else each group's m too (kind q5k)."""
         super().__init__()
         n, groups = d.shape
         assert n % 16 == 0 and nibbles.shape == (n, groups, 16) and fifth.shape == (n, groups, 4), (nibbles.shape,)
+        offsets = not torch.equal(m, -16 * d)
+        if offsets:
+            self.kind = "q5k"
         # Block (b, g): the nibbles as w4a8's; then 8 masks of 64 bits, mask j's bit 4r + i the fifth bit of row r's
-        # element 4j + i (the kernel adds 16 to those bytes of its unpacked q[j]); then the 16 rows' d in float16.
-        blocks = torch.empty(n // 16, groups, 352, dtype=torch.uint8)
+        # element 4j + i (the kernel adds 16 to those bytes of its unpacked q[j]); then the 16 rows' d in float16
+        # (and their m).
+        blocks = torch.empty(n // 16, groups, 384 if offsets else 352, dtype=torch.uint8)
         _pack_nibbles(blocks, nibbles)
         # Mask j's byte k holds rows 2k and 2k + 1: nibble j (elements 4j..4j+3) of each row's 32 fifth bits, low
         # and high. Each row's word spread to 8 bytes, byte j its nibble j (bits moved apart in three steps).
@@ -429,7 +434,23 @@ class Q5Linear(BlocksLinear):
         masks = pairs.view(n // 16, 8, groups, 1).view(torch.uint8)  # (b, k, g, j)
         blocks[..., 256:320].view(n // 16, groups, 8, 8).copy_(masks.permute(0, 2, 3, 1))  # (b, g, j, k)
         _pack_halves(blocks, 320, d)
+        if offsets:
+            _pack_halves(blocks, 352, m)
         self._hold(blocks, bias, dtype)
+
+    @staticmethod
+    def fits(d: torch.Tensor, m: torch.Tensor) -> bool:
+        """Whether float16 holds these d and m (out, in // 32) to its precision (a Q5_0 file's d exactly)."""
+        return d.shape[0] % 16 == 0 and _float16_holds(d) and _float16_holds(m)
+
+    @staticmethod
+    def weights(nibbles: torch.Tensor, fifth: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The groups' weights (out, in) in float32, w = d * q + m."""
+        n, groups = d.shape
+        low = unpack_block_nibbles(nibbles.reshape(n, -1)).view(n, groups, 32)
+        high = (fifth.reshape(n, groups, 4, 1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (out, g, byte, bit)
+        q = low + 16 * high.view(n, groups, 32)
+        return (q.float() * d[..., None] + m[..., None]).flatten(1)
 
 
 class Q8Linear(BlocksLinear):
@@ -613,7 +634,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     (GGUFFile.int8_groups: w4a8 takes them as they are), and weights (anything with .get(module name)) gives the weights
     of linear layers loaded so. In w4a8 mode exact_int8 (likewise) gives 8-bit groups of 32 (q, d) for the layers a file
     holds in other block formats, which become Q8Linear (Int8Linear where float16 cannot hold their d), and
-    exact_int5 a Q5_0 file's groups (GGUFFile.int5_groups), which become Q5Linear.
+    exact_int5 a file's Q5_0 / Q5_K groups (GGUFFile.int5_groups), which become Q5Linear (likewise).
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
@@ -629,11 +650,13 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
             exact = exact_int4.get(full_name) if mode in INT4_MODES else None
             five = exact_int5.get(full_name) if exact is None and exact_int5 is not None else None
             groups = exact_int8.get(full_name) if exact is None and exact_int8 is not None else None  # (q, d)
-            weight = child.weight
-            if five is not None:  # a file's Q5_0 groups as they are (w4a8)
+            weight, q8 = child.weight, None
+            if five is not None and Q5Linear.fits(*five[2:]):  # a file's Q5_0 / Q5_K groups as they are (w4a8)
                 setattr(parent, name, Q5Linear(*five, child.bias))
                 continue
-            if groups is not None:  # a file's layer in 8-bit groups (w4a8)
+            if five is not None:  # d or m that float16 cannot hold: Int8Linear, from the groups' weights
+                weight = Q5Linear.weights(*five)
+            elif groups is not None:  # a file's layer in 8-bit groups (w4a8)
                 q8 = groups if Q8Linear.fits(weight.shape, groups[1]) else None
                 if q8 is None:  # d that float16 cannot hold: Int8Linear, from the groups' weights
                     weight = (groups[0].float() * groups[1][..., None]).flatten(1)
@@ -644,7 +667,8 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 q8 = _q8_groups(weight) if full_name == "lm_head" and exact is None and mode == "w4a8" else None
             if q8 is not None:
                 new = Q8Linear(*q8, child.bias)
-            elif mode in ("int8", "w8a8") or groups is not None or (full_name == "lm_head" and exact is None):
+            elif mode in ("int8", "w8a8") or groups is not None or five is not None or \
+                    (full_name == "lm_head" and exact is None):
                 new = Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
             elif exact is not None:  # a file's Q4 groups as they are
                 w4a8 = mode == "w4a8" and W4A8Linear.fits(*exact[1:])

@@ -306,7 +306,7 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(tmp_path
 
 @pytest.mark.parametrize("qtype,width,scale_fields", [
     ("Q8_0", 34, [0]), ("Q4_0", 18, [0]), ("Q4_1", 20, [0, 2]), ("Q5_0", 22, [0]), ("Q5_1", 24, [0, 2]),
-    ("Q4_K", 144, [0, 2]), ("Q6_K", 210, [208])])
+    ("Q4_K", 144, [0, 2]), ("Q5_K", 176, [0, 2]), ("Q6_K", 210, [208])])
 def test_torch_block_decoders_equal_the_gguf_packages_bit_for_bit(qtype, width, scale_fields):
     import numpy as np
     from gguf import GGMLQuantizationType, quants
@@ -321,12 +321,12 @@ def test_torch_block_decoders_equal_the_gguf_packages_bit_for_bit(qtype, width, 
     assert torch.equal(_TORCH_DEQUANT[qtype](torch.from_numpy(blocks.reshape(-1))), reference)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q6_K", "Q5_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q6_K", "Q3_K"])
 def test_w4a8_holds_other_block_formats_in_8_bit_groups_and_decodes_them_fused(qtype, tmp_path):
     """w4a8 on a file whose layers are not 4-bit groups (a Q4_K_M file holds Q5_0, Q8_0, Q6_K besides Q4_K): Q5_0's
     groups as they are (Q5Linear) and Q8_0's (Q8Linear), bit for bit; K-quants rounded once more, to 8 bits against
     float16 scales; every layer in our kernels, so decode steps run fused, with the eager layers' tokens. An untied
-    embedding stays in the file's blocks where our decoders read them (BlockEmbedding: Q5_K's are not among them)."""
+    embedding stays in the file's blocks where our decoders read them (BlockEmbedding: Q3_K's are not among them)."""
     skip_without_w4a8()
     from gpt4.quant import BlockEmbedding, Q5Linear, Q8Embedding, Q8Linear
     from gpt4.weights.gguf_file import GGUFFile
@@ -337,7 +337,7 @@ def test_w4a8_holds_other_block_formats_in_8_bit_groups_and_decodes_them_fused(q
                                                     layer.mlp.down_proj)]
     kind = Q5Linear if qtype == "Q5_0" else Q8Linear  # Q5_0 in its own 5-bit groups
     assert all(type(m) is kind for m in [*layers, model.lm_head])
-    assert type(model.embed_tokens) is (Q8Embedding if qtype == "Q5_K" else BlockEmbedding)
+    assert type(model.embed_tokens) is (Q8Embedding if qtype == "Q3_K" else BlockEmbedding)
     gguf = GGUFFile(path)
     try:
         for ours, theirs in ((model.layers[1].mlp.down_proj, "blk.1.ffn_down.weight"),
@@ -349,7 +349,7 @@ def test_w4a8_holds_other_block_formats_in_8_bit_groups_and_decodes_them_fused(q
             else:  # within half a step of each group's 8-bit grid
                 step = file.unflatten(1, (-1, 32)).abs().amax(-1, keepdim=True) / 127
                 assert ((weight - file).unflatten(1, (-1, 32)).abs() <= step * 0.51 + 1e-7).all(), theirs
-        if qtype != "Q5_K":  # the file's values, rounded once to bf16
+        if qtype != "Q3_K":  # the file's values, rounded once to bf16
             ids = torch.tensor([[0, 5], [255, 5]])
             assert torch.equal(model.embed_tokens(ids), gguf.tensor("token_embd.weight", torch.float32)[ids].bfloat16())
     finally:
@@ -376,34 +376,67 @@ def test_a_load_drops_the_vocabulary_arrays_once_the_tokenizer_has_them(tmp_path
         gguf.close()
 
 
-def test_w4a8_holds_q4_k_layers_in_4_bit_groups_with_float16_scales(tmp_path):
-    """Q4_K's sub-blocks of 32 (scale d * sc, offset -dmin * m) are w4a8's 4-bit groups: the file's nibbles as they
-    are, each group's scale and offset rounded once, to float16 (not the weights to 8 bits, as before: 0.63 bytes a
-    weight instead of 1.06, and closer to the file)."""
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_K", "Q4_K"])
+def test_5_bit_groups_hold_q5_0_and_q5_k_blocks_as_the_file_does(qtype, tmp_path):
+    """GGUFFile.int5_groups: (nibbles, fifth, d, m), w = d (nibble + 16 fifth bit) + m, the gguf package's values;
+    None for other formats."""
+    from gguf import GGMLQuantizationType, quants
+
+    from gpt4.quant import unpack_block_nibbles
+    from gpt4.weights.gguf_file import GGUFFile
+
+    gguf = GGUFFile(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype))
+    try:
+        for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight"):
+            groups = gguf.int5_groups(name)
+            if qtype == "Q4_K":
+                assert groups is None
+                continue
+            nibbles, fifth, d, m = groups
+            rows, count = d.shape
+            high = (fifth[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (rows, g, byte, bit)
+            q = unpack_block_nibbles(nibbles.reshape(rows, -1)).view(rows, count, 32) + 16 * high.flatten(2)
+            info = gguf.tensors[name]
+            raw = gguf._read(info.offset, info.n_bytes).reshape(rows, -1)
+            reference = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qtype]))
+            torch.testing.assert_close((q * d[..., None] + m[..., None]).flatten(1), reference, atol=0, rtol=1e-6)
+            if qtype == "Q5_0":
+                assert torch.equal(m, -16 * d)
+    finally:
+        gguf.close()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+def test_w4a8_holds_k_quant_layers_in_their_own_bits_with_float16_scales(qtype, tmp_path):
+    """Q4_K's and Q5_K's sub-blocks of 32 (scale d * sc, offset -dmin * m) are w4a8's 4-bit and 5-bit groups: the
+    file's values q as they are, each group's scale and offset rounded once, to float16 (not the weights to 8 bits,
+    as before: 0.63 and 0.75 bytes a weight instead of 1.06, and closer to the file)."""
     skip_without_w4a8()
     from gguf import GGMLQuantizationType, quants
 
-    from gpt4.quant import W4A8Linear
-    from gpt4.weights.gguf_file import GGUFFile, _q4_k_sub_blocks
+    from gpt4.quant import Q5Linear, W4A8Linear
+    from gpt4.weights.gguf_file import GGUFFile, _k_scales
 
-    path = write_tiny_gguf(tmp_path / "tiny-Q4_K.gguf", qtype="Q4_K", arch="qwen2")  # (no rope permutation)
+    path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype, arch="qwen2")  # (no rope permutation)
     model = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant="auto")
     assert model.quant == "w4a8"
     layers = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj,
                                                     layer.mlp.down_proj)]
-    assert all(type(m) is W4A8Linear for m in layers)
+    kind, top = (W4A8Linear, 15) if qtype == "Q4_K" else (Q5Linear, 31)
+    assert all(type(m) is kind for m in layers)
     gguf = GGUFFile(path)
     try:
         info = gguf.tensors["blk.1.ffn_down.weight"]
         raw = gguf._read(info.offset, info.n_bytes).reshape(info.shape[0], -1)
-        file = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K))  # the gguf package's decoder
-        _, scale, offset = _q4_k_sub_blocks(torch.from_numpy(raw))  # (blocks, 8): a row's groups in order
+        file = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qtype]))  # the gguf package's decoder
+        blocks = torch.from_numpy(raw).view(-1, info.row_bytes * 256 // info.shape[1])  # (super-blocks, bytes)
+        scale, offset = (t.reshape(file.shape[0], -1) for t in _k_scales(blocks))  # (out, in / 32)
     finally:
         gguf.close()
-    weight = torch.ops.gpt4_kernels.w4a8_dequantize(model.layers[1].mlp.down_proj.blocks, torch.float32).t()
+    down = model.layers[1].mlp.down_proj
+    weight = getattr(torch.ops.gpt4_kernels, f"{down.kind}_dequantize")(down.blocks, torch.float32).t()
     assert not torch.equal(weight, file)  # (scales rounded)
-    scale, offset = scale.reshape(file.shape[0], -1), offset.reshape(file.shape[0], -1)  # (out, in / 32)
-    bound = 2.0 ** -11 * (15 * scale.abs() + offset.abs()) + 1e-6  # float16's half unit in the last place, per group
+    bound = 2.0 ** -11 * (top * scale.abs() + offset.abs()) + 1e-6  # float16's half unit in the last place, per group
     assert ((weight - file).unflatten(1, (-1, 32)).abs() <= bound[..., None]).all()
     assert model._fused_decode is not None
     prompt = torch.tensor([[3, 70, 12, 250, 9]])

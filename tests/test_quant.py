@@ -352,10 +352,11 @@ def test_w4a8_makes_the_head_and_embedding_q8_tables_held_once_when_tied(family)
         assert isinstance(big.lm_head, Int8Linear) and isinstance(big.embed_tokens, Int8Embedding)
 
 
+@pytest.mark.parametrize("offsets", [False, True])  # GGUF's Q5_0 (m = -16 d) and Q5_K (each group's own m)
 @pytest.mark.parametrize("rows", [1, 5, 9, 20, 200])
-def test_q5_linear_multiplies_q5_0_groups_by_int8_activations_in_groups_of_32(rows):
-    """Q5Linear: GGUF's Q5_0 groups (low nibbles, fifth bits, d) in our kernel's blocks, dequantized bit for bit
-    (w = d (q - 16)), multiplied by activations quantized to int8 in groups of 32; prefill's dequantized matmul."""
+def test_q5_linear_multiplies_5_bit_groups_by_int8_activations_in_groups_of_32(rows, offsets):
+    """Q5Linear: 5-bit groups (low nibbles, fifth bits, d, m) in our kernel's blocks, dequantized bit for bit
+    (w = d q + m), multiplied by activations quantized to int8 in groups of 32; prefill's dequantized matmul."""
     skip_without_w4a8()
     from gpt4.quant import Q5Linear
 
@@ -365,10 +366,13 @@ def test_q5_linear_multiplies_q5_0_groups_by_int8_activations_in_groups_of_32(ro
     nibbles = (q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)  # byte j: element j low, element 16 + j high
     fifth = ((q >> 4).view(n, groups, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
     d = (torch.rand(n, groups, generator=generator) * 0.02 + 0.001).half().float()
+    m = -(torch.rand(n, groups, generator=generator) * 0.2).half().float() if offsets else -16 * d
     b = torch.randn(n, generator=generator)
-    layer = Q5Linear(nibbles, fifth, d, b)
-    weight = ((q.float() - 16) * d[..., None]).reshape(n, groups * 32)
-    assert torch.equal(torch.ops.gpt4_kernels.q5_dequantize(layer.blocks, torch.float32).t(), weight)
+    layer = Q5Linear(nibbles, fifth, d, m, b)
+    assert (layer.kind, layer.blocks.shape[-1]) == (("q5k", 384) if offsets else ("q5", 352))
+    weight = (q.float() * d[..., None] + m[..., None]).reshape(n, groups * 32)
+    dequantize = getattr(torch.ops.gpt4_kernels, f"{layer.kind}_dequantize")
+    assert torch.equal(dequantize(layer.blocks, torch.float32).t(), weight)
     x = torch.randn(rows, groups * 32, generator=generator) * torch.linspace(0.1, 10, groups * 32)
     if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
         exact = F.linear(x, weight, b.bfloat16().float())

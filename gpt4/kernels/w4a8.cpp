@@ -2,7 +2,8 @@
 // int8 in the same groups of 32, multiplied in integers with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products an
 // instruction), as llama.cpp multiplies its Q4 blocks by Q8 activations. Registered as gpt4_kernels::w4a8_matmul.
 // q8: the same for 8-bit weights (w = d * q, q in -128..127, GGUF's Q8_0 groups: an LM head), gpt4_kernels::q8_matmul;
-// q5 for GGUF's Q5_0 groups (w = d * (q - 16), q in 0..31), gpt4_kernels::q5_matmul.
+// q5 for GGUF's Q5_0 groups (w = d * (q - 16), q in 0..31), gpt4_kernels::q5_matmul; q5k for Q5_K's sub-blocks of 32
+// (w = d * q + m), gpt4_kernels::q5k_matmul.
 // decode_attention: one decode step's attention over the KV cache (AVX-512F), which w4a8 models use with them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -70,6 +71,14 @@ struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks
     for (int j = 0; j < 8; ++j) q[j] = _mm512_mask_add_epi8(q[j], fifth[j], q[j], sixteen);
     dv = half16(w + 320);
     mv = _mm512_mul_ps(dv, _mm512_set1_ps(-16.f));  // w = d * (u - 16)
+  }
+};
+
+struct Q5MBlock {  // GGUF's Q5_K sub-blocks: Q5Block's bytes, then 16 fp16 m: w = d * q + m
+  static constexpr int64_t BYTES = 384;
+  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
+    Q5Block::unpack(w, q, dv, mv);
+    mv = half16(w + 352);
   }
 };
 
@@ -205,6 +214,12 @@ at::Tensor q5_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return blocks_matmul<Q5Block>(x, blocks, "q5_matmul");
 }
 
+// The same with blocks (N/16, K/32, 384): bytes 0..351 as q5's, then m of the 16 rows (float16). w = d * q + m, q in
+// 0..31 (GGUF's Q5_K: d = its d times a sub-block's scale, m = -dmin times its min).
+at::Tensor q5k_matmul(const at::Tensor& x, const at::Tensor& blocks) {
+  return blocks_matmul<Q5MBlock>(x, blocks, "q5k_matmul");
+}
+
 // The same with blocks (N/16, K/32, 544): bytes 0..511, 8 chunks of 64; chunk j holds 4 bytes per row r (bytes
 // 4r..4r+3), q[r, 32g + 4j + i] + 128, i = 0..3; bytes 512..543: d of the 16 rows (float16). w = d * q.
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
@@ -253,6 +268,10 @@ at::Tensor w4a8_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
 
 at::Tensor q5_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
   return blocks_dequantize<Q5Block>(blocks, dtype, "q5_dequantize");
+}
+
+at::Tensor q5k_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
+  return blocks_dequantize<Q5MBlock>(blocks, dtype, "q5k_dequantize");
 }
 
 at::Tensor q8_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
@@ -472,7 +491,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// decode_layers: one decode step through every layer of a model in blocks (w4a8's 4-bit layers, Q8 ones) of the
+// decode_layers: one decode step through every layer of a model in blocks (w4a8's 4-bit layers, Q5, Q8 ones) of the
 // Llama family (RMSNorm, RoPE, SwiGLU), in one call. The eager step runs the same kernels but spends most of its time
 // in Python and operator dispatch around ~20 operators a layer. Each operation here rounds its result to the model's
 // dtype T where an eager operator does (the residual stream, the norms, the rotation, SiLU), and the matmuls and the
@@ -485,6 +504,8 @@ void blocks_linear(const T* x, int64_t rows, const at::Tensor& blocks, const std
     matmul<Q4Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   } else if (blocks.size(2) == Q5Block::BYTES) {
     matmul<Q5Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
+  } else if (blocks.size(2) == Q5MBlock::BYTES) {
+    matmul<Q5MBlock>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   } else {
     matmul<Q8Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   }
@@ -607,10 +628,11 @@ void check_layer(const at::Tensor& blocks, const std::optional<at::Tensor>& bias
                  at::ScalarType dtype, int64_t layer) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
                   (blocks.size(2) == Q4Block::BYTES || blocks.size(2) == Q5Block::BYTES ||
-                   blocks.size(2) == Q8Block::BYTES) &&
+                   blocks.size(2) == Q5MBlock::BYTES || blocks.size(2) == Q8Block::BYTES) &&
                   blocks.size(0) * 16 == N && blocks.size(1) * 32 == K,
               "decode_layers: layer ", layer, " has blocks of shape ", blocks.sizes(), " where (", N / 16, ", ",
-              K / 32, ", ", Q4Block::BYTES, ", ", Q5Block::BYTES, " or ", Q8Block::BYTES, ") uint8 were expected");
+              K / 32, ", ", Q4Block::BYTES, ", ", Q5Block::BYTES, ", ", Q5MBlock::BYTES, " or ", Q8Block::BYTES,
+              ") uint8 were expected");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == N),
               "decode_layers: layer ", layer, " has a bias that is not ", N, " values of x's dtype");
 }
@@ -707,6 +729,8 @@ TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def("w4a8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q5_matmul(Tensor x, Tensor blocks) -> Tensor");
   lib.def("q5_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
+  lib.def("q5k_matmul(Tensor x, Tensor blocks) -> Tensor");
+  lib.def("q5k_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_matmul(Tensor x, Tensor blocks) -> Tensor");
   lib.def("q8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_rows(Tensor blocks, Tensor ids, ScalarType dtype) -> Tensor");
@@ -721,6 +745,8 @@ TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("w4a8_dequantize", &w4a8_dequantize);
   lib.impl("q5_matmul", &q5_matmul);
   lib.impl("q5_dequantize", &q5_dequantize);
+  lib.impl("q5k_matmul", &q5k_matmul);
+  lib.impl("q5k_dequantize", &q5k_dequantize);
   lib.impl("q8_matmul", &q8_matmul);
   lib.impl("q8_dequantize", &q8_dequantize);
   lib.impl("q8_rows", &q8_rows);

@@ -24,6 +24,7 @@ from ..quant import unpack_block_nibbles
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 # The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups): Q4_K's are its sub-blocks.
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT5_TYPES = ("Q5_0", "Q5_K")  # ... that are 5-bit groups of 32 (see GGUFFile.int5_groups)
 INT8_TYPES = ("Q8_0", "Q5_0", "Q4_0")  # the block formats whose groups of 32 are int8 q times a d each, exactly
 
 
@@ -161,18 +162,24 @@ class GGUFFile:
         nibbles = blocks[:, width - 16:].unflatten(0, (rows, -1))  # (out, in / 32, 16)
         return nibbles, d.reshape(rows, -1), zero.reshape(rows, -1)
 
-    def int5_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A Q5_0 matrix's groups of 32 as they are: (nibbles, fifth, d), None for other types. nibbles (out, in / 32,
-        16) the groups' low 4 bits as Q4 blocks store them and fifth (out, in / 32, 4) their fifth bits (bit k of the
-        little-endian word: element k), views into the blocks as read; d (out, in / 32) the float16 scales as float32;
-        w = d * (q - 16), q = nibble + 16 * fifth bit."""
+    def int5_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q5_0 / Q5_K matrix's groups of 32: (nibbles, fifth, d, m), None for other types. nibbles (out, in / 32,
+        16) the groups' low 4 bits as Q4_0 stores them (Q5_0's a view into the blocks as read) and fifth (out, in / 32,
+        4) their fifth bits (bit k of the little-endian word: element k); d, m (out, in / 32) float32; w = d * q + m,
+        q = nibble + 16 * fifth bit, exactly the file's values: Q5_0's m = -16 d; a Q5_K sub-block's d * sc and
+        -dmin * min."""
         info = self.tensors[name]
-        if info.type_name != "Q5_0":
+        if info.type_name not in INT5_TYPES:
             return None
-        blocks = torch.from_numpy(self._read(info.offset, info.n_bytes)).view(-1, 22)  # d, fifth bits, nibbles
+        raw = torch.from_numpy(self._read(info.offset, info.n_bytes))
         rows = info.shape[0]
+        if info.type_name == "Q5_K":
+            q, fifth, scale, offset = _q5_k_sub_blocks(raw)  # (N, 8, 32), (N, 8, 4), (N, 8), (N, 8)
+            nibbles = (q[..., :16] | (q[..., 16:] << 4)).reshape(rows, -1, 16)
+            return nibbles, fifth.reshape(rows, -1, 4), scale.reshape(rows, -1), offset.reshape(rows, -1)
+        blocks = raw.view(-1, 22)  # d, fifth bits, nibbles
         d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(rows, -1)
-        return blocks[:, 6:].unflatten(0, (rows, -1)), blocks[:, 2:6].unflatten(0, (rows, -1)), d
+        return blocks[:, 6:].unflatten(0, (rows, -1)), blocks[:, 2:6].unflatten(0, (rows, -1)), d, -16 * d
 
     def int8_groups(self, name: str, start: int = 0,
                     stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -336,24 +343,51 @@ def _dequant_q5_1(raw: torch.Tensor) -> torch.Tensor:
     return (_fp16(blocks[:, :2]) * q + _fp16(blocks[:, 2:4])).flatten()
 
 
-def _q4_k_sub_blocks(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_K's super-blocks of 256 (d, dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles; each 32
-    bytes of nibbles hold two sub-blocks of 32, low nibbles then high) as N x 8 sub-blocks: q (N, 8, 32) uint8 in
-    0..15, and float32 (N, 8) scale d * scale and offset -dmin * min, w = scale * q + offset."""
-    blocks = raw.view(-1, 144)
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's and Q5_K's super-blocks (N, bytes) start with d, dmin and 12 bytes of eight 6-bit (scale, min) pairs:
+    float32 (N, 8) scale d * scale and offset -dmin * min of their sub-blocks of 32."""
     packed = blocks[:, 4:16].view(-1, 3, 4)  # rows: low 6 bits of scales 0-3 (top 2: of scales 4-7), of mins 0-3,
     low, mid, top = packed[:, 0], packed[:, 1], packed[:, 2]  # and the low 4 bits of scales / mins 4-7
     scales = torch.cat((low & 63, (top & 15) | ((low >> 2) & 48)), dim=1).float()  # (N, 8)
     mins = torch.cat((mid & 63, (top >> 4) | ((mid >> 2) & 48)), dim=1).float()
-    nibbles = blocks[:, 16:].view(-1, 4, 1, 32)
-    q = torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(-1, 8, 32)  # (N, sub-block, 32)
-    return q, _fp16(blocks[:, :2]) * scales, -(_fp16(blocks[:, 2:4]) * mins)
+    return _fp16(blocks[:, :2]) * scales, -(_fp16(blocks[:, 2:4]) * mins)
+
+
+def _low_nibbles_k(qs: torch.Tensor) -> torch.Tensor:
+    """(N, 128) bytes, each 32 of them two sub-blocks of 32 (low nibbles, then high) -> (N, 8, 32) values 0..15."""
+    nibbles = qs.reshape(-1, 4, 1, 32)
+    return torch.cat((nibbles & 15, nibbles >> 4), dim=2).view(-1, 8, 32)
+
+
+def _q4_k_sub_blocks(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K's super-blocks of 256 (d, dmin, the scales, 128 bytes of nibbles) as N x 8 sub-blocks: q (N, 8, 32) uint8
+    in 0..15, and float32 (N, 8) scale and offset, w = scale * q + offset."""
+    blocks = raw.view(-1, 144)
+    return _low_nibbles_k(blocks[:, 16:]), *_k_scales(blocks)
+
+
+def _q5_k_sub_blocks(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q5_K's super-blocks of 256 (d, dmin, the scales, 32 bytes of fifth bits, 128 bytes of low nibbles as Q4_K's)
+    as N x 8 sub-blocks: the low 4 bits q (N, 8, 32) uint8, the fifth bits (N, 8, 4) bytes (bit k of the little-endian
+    word: element k), and float32 (N, 8) scale and offset: w = scale * (q + 16 * fifth bit) + offset. Byte l of the
+    fifth bits holds element l of sub-block s at bit s."""
+    blocks = raw.view(-1, 176)
+    high = (blocks[:, None, 16:48] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1  # (N, s, l)
+    fifth = (high.view(-1, 8, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)  # (N, s, 4)
+    return _low_nibbles_k(blocks[:, 48:]), fifth, *_k_scales(blocks)
 
 
 def _dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
     """w = d * scale * q - dmin * min over Q4_K's sub-blocks of 32 (see _q4_k_sub_blocks)."""
     q, scale, offset = _q4_k_sub_blocks(raw)
     return (scale[..., None] * q.float() + offset[..., None]).flatten()
+
+
+def _dequant_q5_k(raw: torch.Tensor) -> torch.Tensor:
+    """w = d * scale * q - dmin * min over Q5_K's sub-blocks of 32, q in 0..31 (see _q5_k_sub_blocks)."""
+    q, fifth, scale, offset = _q5_k_sub_blocks(raw)
+    high = (fifth[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (N, 8, 4, 8): element 8 byte + bit
+    return (scale[..., None] * (q + 16 * high.flatten(2)).float() + offset[..., None]).flatten()
 
 
 def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
@@ -373,7 +407,7 @@ def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
 _DEQUANT_CHUNK = 1 << 21  # values dequantized at once (8 MB in fp32)
 _TORCH_DEQUANT = {"F32": _decode_f32, "F16": _decode_f16, "BF16": _decode_bf16, "Q8_0": _dequant_q8_0,
                   "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q5_0": _dequant_q5_0, "Q5_1": _dequant_q5_1,
-                  "Q4_K": _dequant_q4_k, "Q6_K": _dequant_q6_k}
+                  "Q4_K": _dequant_q4_k, "Q5_K": _dequant_q5_k, "Q6_K": _dequant_q6_k}
 
 
 # GGUF metadata value types: numpy dtypes of the scalars (8 is a string, 9 an array).
