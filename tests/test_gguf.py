@@ -406,6 +406,34 @@ def test_5_bit_groups_hold_q5_0_and_q5_k_blocks_as_the_file_does(qtype, tmp_path
         gguf.close()
 
 
+def test_5_bit_groups_whose_scales_float16_cannot_hold_become_int8_layers(tmp_path, monkeypatch):
+    skip_without_w4a8()
+    from gpt4.quant import Int8Linear, Q5Linear
+    from gpt4.weights.gguf_file import GGUFFile
+
+    path = write_tiny_gguf(tmp_path / "tiny-Q5_K.gguf", qtype="Q5_K", arch="qwen2")
+    real = GGUFFile.int5_groups
+
+    def huge(self, name):  # one layer's d and m beyond float16's range
+        groups = real(self, name)
+        if name != "blk.1.ffn_down.weight":
+            return groups
+        nibbles, fifth, d, m = groups
+        return nibbles, fifth, d * 1e5, m * 1e5
+
+    monkeypatch.setattr(GGUFFile, "int5_groups", huge)
+    model = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant="w4a8")
+    down = model.layers[1].mlp.down_proj
+    assert type(down) is Int8Linear and type(model.layers[0].mlp.down_proj) is Q5Linear
+    gguf = GGUFFile(path)
+    try:
+        want = Q5Linear.weights(*gguf.int5_groups("blk.1.ffn_down.weight"))  # the groups' own weights
+    finally:
+        gguf.close()
+    step = want.abs().amax(1, keepdim=True) / 127  # int8's step, a row: half of it, and the bf16 weights and scales
+    assert ((down.dequantized().float() - want).abs() <= step).all()
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
 def test_w4a8_holds_k_quant_layers_in_their_own_bits_with_float16_scales(qtype, tmp_path):
     """Q4_K's and Q5_K's sub-blocks of 32 (scale d * sc, offset -dmin * m) are w4a8's 4-bit and 5-bit groups: the
