@@ -86,3 +86,39 @@ def test_hub_ids_load_through_huggingface_hub(monkeypatch, tmp_path):
     assert calls[0][0] == "someone/tiny-qwen" and "*.safetensors" in calls[0][2]
     from_gguf = GPT4LMHeadModel.from_pretrained("someone/tiny-gguf", gguf_file="tiny.gguf")
     assert from_gguf.config.hidden_size == 256 and calls[1][2] == ["tiny.gguf"]
+
+
+def test_loading_on_the_cpu_has_glibc_reuse_freed_memory_unless_the_user_tuned_malloc(monkeypatch, tmp_path):
+    """A prompt's large temporaries come from glibc's heap (up to 32 MB, 64 MB kept free at its top) rather than
+    fresh mappings, set once per process when a model is loaded on the CPU; a user's own malloc tunables win."""
+    from gpt4 import GPT4LMHeadModel, weights
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(weights, "_libc", lambda: FakeLibc())
+    for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    weights.reuse_freed_memory.cache_clear()
+    try:
+        assert weights.reuse_freed_memory()
+        assert calls == [(-3, 32 << 20), (-1, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        weights.reuse_freed_memory()
+        assert len(calls) == 2  # once per process
+        for name, value in (("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072"), ("MALLOC_TRIM_THRESHOLD_", "0")):
+            weights.reuse_freed_memory.cache_clear()
+            monkeypatch.setenv(name, value)
+            assert not weights.reuse_freed_memory() and len(calls) == 2, name
+            monkeypatch.delenv(name)
+        weights.reuse_freed_memory.cache_clear()
+        monkeypatch.setattr(weights, "_libc", lambda: object())  # no mallopt: not glibc
+        assert not weights.reuse_freed_memory()
+        weights.reuse_freed_memory.cache_clear()
+        GPT4LMHeadModel.from_pretrained(write_tiny_gguf(tmp_path / "tiny.gguf"))  # a CPU load asks for it
+        assert weights.reuse_freed_memory.cache_info().currsize == 1
+    finally:
+        weights.reuse_freed_memory.cache_clear()

@@ -135,6 +135,8 @@ def load_model(name_or_path, dtype=None, torch_dtype=None, device: str | torch.d
         raise ValueError(f"Unknown compile mode {compile!r}; pass True or one of {COMPILE_MODES}.")
     dtype = _parse_dtype(dtype if dtype is not None else torch_dtype, device)
     kind, path = resolve(name_or_path, gguf_file, revision)
+    if torch.device(device).type == "cpu":
+        reuse_freed_memory()
     with _garbage_collection_paused():
         return _load(kind, path, dtype, device, load_tokenizer, quant, compile)
 
@@ -457,6 +459,29 @@ def return_freed_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Have glibc serve allocations of up to 32 MB from its heap and keep up to 64 MB freed at its top, once per
+    process (returns whether it did): a prompt's matmuls then reuse the pages of the previous layer's dequantized
+    weights and activations instead of mapping fresh ones. By default glibc maps each large block anew, faulted in
+    and zeroed page by page, until a free raises its threshold, and hands freed memory back above a threshold twice
+    that: the default model's 512-token prefill made ~900 MB of such allocations and took 200-210 ms, bimodally 168;
+    with these settings 138-143 ms (2.4k -> 3.7k tokens/s through the benchmark's work), its peak memory the same
+    (405-416 MB: the prefill's working set sets it either way). Where the user set glibc's malloc tunables
+    (GLIBC_TUNABLES, MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_), or the C library is not glibc, nothing is
+    changed. return_freed_memory still hands everything freed back (after a load; the server when idle)."""
+    chosen = "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
+        name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    libc = _libc()
+    if chosen or libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
 @functools.cache
