@@ -447,10 +447,8 @@ class Q5Linear(BlocksLinear):
     def weights(nibbles: torch.Tensor, fifth: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """The groups' weights (out, in) in float32, w = d * q + m."""
         n, groups = d.shape
-        low = unpack_block_nibbles(nibbles.reshape(n, -1)).view(n, groups, 32)
-        high = (fifth.reshape(n, groups, 4, 1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (out, g, byte, bit)
-        q = low + 16 * high.view(n, groups, 32)
-        return (q.float() * d[..., None] + m[..., None]).flatten(1)
+        q = unpack_block_nibbles(nibbles.reshape(n, -1)) + 16 * unpack_bits(fifth.reshape(n, -1))  # (out, in)
+        return (q.float().view(n, groups, 32) * d[..., None] + m[..., None]).flatten(1)
 
 
 class Q8Linear(BlocksLinear):
@@ -587,6 +585,11 @@ def _pack_kernel_layout_from_blocks(nibbles: torch.Tensor) -> torch.Tensor:
     torch.bitwise_or(first & 15, second << 4, out=packed[:, :, 0].permute(0, 3, 1, 2))
     torch.bitwise_or(first >> 4, second & 0xF0, out=packed[:, :, 1].permute(0, 3, 1, 2))
     return packed.view(out_features, half_in)
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """(..., n) bytes -> (..., 8 n) values 0 / 1, element 8 j + k bit k of byte j (GGUF's fifth bits of a group)."""
+    return ((packed[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)
 
 
 def unpack_block_nibbles(nibbles: torch.Tensor) -> torch.Tensor:

@@ -382,7 +382,7 @@ def test_5_bit_groups_hold_q5_0_and_q5_k_blocks_as_the_file_does(qtype, tmp_path
     None for other formats."""
     from gguf import GGMLQuantizationType, quants
 
-    from gpt4.quant import unpack_block_nibbles
+    from gpt4.quant import unpack_bits, unpack_block_nibbles
     from gpt4.weights.gguf_file import GGUFFile
 
     gguf = GGUFFile(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype))
@@ -394,8 +394,8 @@ def test_5_bit_groups_hold_q5_0_and_q5_k_blocks_as_the_file_does(qtype, tmp_path
                 continue
             nibbles, fifth, d, m = groups
             rows, count = d.shape
-            high = (fifth[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (rows, g, byte, bit)
-            q = unpack_block_nibbles(nibbles.reshape(rows, -1)).view(rows, count, 32) + 16 * high.flatten(2)
+            q = unpack_block_nibbles(nibbles.reshape(rows, -1)) + 16 * unpack_bits(fifth.reshape(rows, -1))
+            q = q.view(rows, count, 32)
             info = gguf.tensors[name]
             raw = gguf._read(info.offset, info.n_bytes).reshape(rows, -1)
             reference = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qtype]))

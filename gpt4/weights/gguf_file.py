@@ -19,7 +19,7 @@ import torch
 
 from ..config import GPT4Config
 from ..errors import ModelFileError
-from ..quant import unpack_block_nibbles
+from ..quant import unpack_bits, unpack_block_nibbles
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 # The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups): Q4_K's are its sub-blocks.
@@ -386,8 +386,7 @@ def _dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
 def _dequant_q5_k(raw: torch.Tensor) -> torch.Tensor:
     """w = d * scale * q - dmin * min over Q5_K's sub-blocks of 32, q in 0..31 (see _q5_k_sub_blocks)."""
     q, fifth, scale, offset = _q5_k_sub_blocks(raw)
-    high = (fifth[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (N, 8, 4, 8): element 8 byte + bit
-    return (scale[..., None] * (q + 16 * high.flatten(2)).float() + offset[..., None]).flatten()
+    return (scale[..., None] * (q + 16 * unpack_bits(fifth)).float() + offset[..., None]).flatten()
 
 
 def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
