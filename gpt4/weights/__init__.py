@@ -194,7 +194,8 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
                     layers = _GGUFBlockTensors(gguf, config, lambda name: gguf.tensor(name, dtype), linear)
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
             untied = model.lm_head.weight is not model.embed_tokens.weight
-            rows = gguf.block_rows("token_embd.weight") if from_file and quant == "w4a8" and untied else None
+            blocks = from_file and gguf.tensors["token_embd.weight"].type_name not in FLOAT_TYPES
+            rows = gguf.block_rows("token_embd.weight") if blocks and untied else None
             if rows is not None:  # a table only lookups read: as the file holds it (exact, no more bytes than int8)
                 table, decode = rows
                 model.embed_tokens = BlockEmbedding(table, config.hidden_size, decode, dtype)
