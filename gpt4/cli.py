@@ -22,7 +22,7 @@ COMMAND_MODULES: list[str] = ["gpt4.serving.commands", "gpt4.training.commands",
 
 QUANT_HELP = ("int8 weights (with VNNI: integer matmuls, activations in two int8 halves, bf16's accuracy; fast for "
               "batches), int4 weights (bf16 activations, PyTorch's kernel), w8a8 (8-bit activations: fastest for "
-              "batches and prompts, +3-4%% perplexity), w4a8 (a file's 4-bit groups, its 5-bit ones, and its other "
+              "batches and prompts, +3-4%% perplexity), w4a8 (a file's 4-bit groups, its 5- and 6-bit ones, its other "
               "block formats in 8-bit groups, times activations quantized to int8 in groups of 32, as llama.cpp "
               "multiplies them, by kernels of ours, each decode step's layers in one call: needs AVX-512 VNNI, g++ "
               "and ninja; on the default model over twice int4's decoding speed), or auto: on an AVX2 / AVX-512 "

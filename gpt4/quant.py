@@ -400,6 +400,22 @@ def _pack_halves(blocks: torch.Tensor, start: int, values: torch.Tensor) -> None
     blocks[..., start:start + 32].view(torch.float16).copy_(values.reshape(rows // 16, 16, groups).transpose(1, 2))
 
 
+def _pack_bit_masks(blocks: torch.Tensor, start: int, bits: torch.Tensor) -> None:
+    """Bytes start..start+63 of each block (b, g): 8 masks of 64 bits, mask j's bit 4r + i the bit of row r's element
+    4j + i of group g (the kernel adds a power of two to those bytes of its unpacked q[j]). bits (out, in // 32, 4)
+    bytes, bit k of their little-endian word element k's."""
+    n, groups = bits.shape[:2]
+    # Mask j's byte k holds rows 2k and 2k + 1: nibble j (elements 4j..4j+3) of each row's 32 bits, low and high. Each
+    # row's word spread to 8 bytes, byte j its nibble j (bits moved apart in three steps).
+    words = _int32_words(bits).view(n // 2, 2, groups).long() & 0xFFFFFFFF  # (row pair, row, g)
+    words = (words | (words << 16)) & 0x0000FFFF0000FFFF
+    words = (words | (words << 8)) & 0x00FF00FF00FF00FF
+    words = (words | (words << 4)) & 0x0F0F0F0F0F0F0F0F
+    pairs = words[:, 0] | (words[:, 1] << 4)  # (row pair, g): byte j, mask j's byte for this pair
+    masks = pairs.view(n // 16, 8, groups, 1).view(torch.uint8)  # (b, k, g, j)
+    blocks[..., start:start + 64].view(n // 16, groups, 8, 8).copy_(masks.permute(0, 2, 3, 1))  # (b, g, j, k)
+
+
 class Q5Linear(BlocksLinear):
     """5-bit weights in groups of 32, w = d * q + m (q in 0..31), multiplied by activations quantized to int8 in the
     same groups, as llama.cpp runs them: GGUF's Q5_0 blocks (m = -16 d; Q4_K_M files hold most of their layers so)
@@ -424,15 +440,7 @@ class Q5Linear(BlocksLinear):
         # (and their m).
         blocks = torch.empty(n // 16, groups, 384 if offsets else 352, dtype=torch.uint8)
         _pack_nibbles(blocks, nibbles)
-        # Mask j's byte k holds rows 2k and 2k + 1: nibble j (elements 4j..4j+3) of each row's 32 fifth bits, low
-        # and high. Each row's word spread to 8 bytes, byte j its nibble j (bits moved apart in three steps).
-        words = _int32_words(fifth).view(n // 2, 2, groups).long() & 0xFFFFFFFF  # (row pair, row, g)
-        words = (words | (words << 16)) & 0x0000FFFF0000FFFF
-        words = (words | (words << 8)) & 0x00FF00FF00FF00FF
-        words = (words | (words << 4)) & 0x0F0F0F0F0F0F0F0F
-        pairs = words[:, 0] | (words[:, 1] << 4)  # (row pair, g): byte j, mask j's byte for this pair
-        masks = pairs.view(n // 16, 8, groups, 1).view(torch.uint8)  # (b, k, g, j)
-        blocks[..., 256:320].view(n // 16, groups, 8, 8).copy_(masks.permute(0, 2, 3, 1))  # (b, g, j, k)
+        _pack_bit_masks(blocks, 256, fifth)
         _pack_halves(blocks, 320, d)
         if offsets:
             _pack_halves(blocks, 352, m)
@@ -449,6 +457,45 @@ class Q5Linear(BlocksLinear):
         n, groups = d.shape
         q = unpack_block_nibbles(nibbles.reshape(n, -1)) + 16 * unpack_bits(fifth.reshape(n, -1))  # (out, in)
         return (q.float().view(n, groups, 32) * d[..., None] + m[..., None]).flatten(1)
+
+
+class Q6Linear(BlocksLinear):
+    """6-bit weights in groups of 32, w = d * (q - 32) (q in 0..63) with a d for each half of a group: GGUF's Q6_K
+    (sub-blocks of 16, d * an int8 scale each), in 0.875 bytes a weight where Q8Linear's groups take 1.06 (and round
+    the weights once more). Q4_K_M files hold some v and down projections so, Q6_K files every layer."""
+
+    kind = "q6"
+
+    def __init__(self, nibbles: torch.Tensor, fifth: torch.Tensor, sixth: torch.Tensor, d: torch.Tensor,
+                 bias: torch.Tensor | None, dtype=torch.bfloat16):
+        """GGUFFile.int6_groups: nibbles (out, in // 32, 16) bytes of the low 4 bits (see _pack_nibbles); fifth and
+        sixth (out, in // 32, 4) bytes of the fifth and sixth bits (bit k of their little-endian word: element k's);
+        d (out, in // 32, 2) float, the d of elements 0..15 and of 16..31."""
+        super().__init__()
+        n, groups = d.shape[:2]
+        assert n % 16 == 0 and nibbles.shape == (n, groups, 16) and d.shape == (n, groups, 2), (nibbles.shape,)
+        # Block (b, g): the nibbles as w4a8's, the fifth bits' masks as Q5Linear's, the sixth bits' likewise; then the
+        # 16 rows' d of the group's first half in float16, and of its second.
+        blocks = torch.empty(n // 16, groups, 448, dtype=torch.uint8)
+        _pack_nibbles(blocks, nibbles)
+        _pack_bit_masks(blocks, 256, fifth)
+        _pack_bit_masks(blocks, 320, sixth)
+        _pack_halves(blocks, 384, d[..., 0])
+        _pack_halves(blocks, 416, d[..., 1])
+        self._hold(blocks, bias, dtype)
+
+    @staticmethod
+    def fits(d: torch.Tensor) -> bool:
+        """Whether float16 holds these d (out, in // 32, 2) to its precision."""
+        return d.shape[0] % 16 == 0 and _float16_holds(d)
+
+    @staticmethod
+    def weights(nibbles: torch.Tensor, fifth: torch.Tensor, sixth: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The groups' weights (out, in) in float32."""
+        n, groups = d.shape[:2]
+        q = (unpack_block_nibbles(nibbles.reshape(n, -1)) + 16 * unpack_bits(fifth.reshape(n, -1))
+             + 32 * unpack_bits(sixth.reshape(n, -1)))  # (out, in) in 0..63
+        return ((q.float() - 32).view(n, groups, 2, 16) * d[..., None]).flatten(1)
 
 
 class Q8Linear(BlocksLinear):
@@ -587,6 +634,13 @@ def _pack_kernel_layout_from_blocks(nibbles: torch.Tensor) -> torch.Tensor:
     return packed.view(out_features, half_in)
 
 
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., 8 n) values 0 / 1 -> (..., n) bytes, element 8 j + k bit k of byte j (unpack_bits' inverse). Each 8 bytes
+    as one int64: times 0x0102040810204080, byte k's bit lands on bit 56 + k, and no two products overlap."""
+    words = bits.to(torch.uint8).contiguous().view(torch.int64)  # (..., n)
+    return ((words * 0x0102040810204080) >> 56).to(torch.uint8)
+
+
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     """(..., n) bytes -> (..., 8 n) values 0 / 1, element 8 j + k bit k of byte j (GGUF's fifth bits of a group)."""
     return ((packed[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)
@@ -622,7 +676,7 @@ def _kernel_layout_is_known() -> bool:
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None, embedding_rows=None,
-              embedding_groups=None, weights=None, exact_int8=None, exact_int5=None) -> nn.Module:
+              embedding_groups=None, weights=None, exact_int8=None, exact_int5=None, exact_int6=None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with quantized ones (see the module's docstring for the
     modes); returns the model.
 
@@ -637,8 +691,8 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
     (GGUFFile.int8_groups: w4a8 takes them as they are), and weights (anything with .get(module name)) gives the weights
     of linear layers loaded so. In w4a8 mode exact_int8 (likewise) gives 8-bit groups of 32 (q, d) for the layers a file
     holds in other block formats, which become Q8Linear (Int8Linear where float16 cannot hold their d), and
-    exact_int5 a file's Q5_0 / Q5_K groups (GGUFFile.int5_groups), which become Q5Linear (likewise).
-    """
+    exact_int5 a file's Q5_0 / Q5_K groups (GGUFFile.int5_groups), which become Q5Linear (likewise), and exact_int6
+    its Q6_K groups (GGUFFile.int6_groups), which become Q6Linear (likewise)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {mode!r}; choose one of {QUANT_MODES}.")
     if mode == "none":
@@ -652,13 +706,17 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
             full_name = f"{parent_name}.{name}" if parent_name else name
             exact = exact_int4.get(full_name) if mode in INT4_MODES else None
             five = exact_int5.get(full_name) if exact is None and exact_int5 is not None else None
+            six = exact_int6.get(full_name) if exact is None and exact_int6 is not None else None
             groups = exact_int8.get(full_name) if exact is None and exact_int8 is not None else None  # (q, d)
             weight, q8 = child.weight, None
             if five is not None and Q5Linear.fits(*five[2:]):  # a file's Q5_0 / Q5_K groups as they are (w4a8)
                 setattr(parent, name, Q5Linear(*five, child.bias))
                 continue
-            if five is not None:  # d or m that float16 cannot hold: Int8Linear, from the groups' weights
-                weight = Q5Linear.weights(*five)
+            if six is not None and Q6Linear.fits(six[3]):  # a file's Q6_K groups as they are (w4a8)
+                setattr(parent, name, Q6Linear(*six, child.bias))
+                continue
+            if five is not None or six is not None:  # d or m that float16 cannot hold: Int8Linear, from the weights
+                weight = Q5Linear.weights(*five) if five is not None else Q6Linear.weights(*six)
             elif groups is not None:  # a file's layer in 8-bit groups (w4a8)
                 q8 = groups if Q8Linear.fits(weight.shape, groups[1]) else None
                 if q8 is None:  # d that float16 cannot hold: Int8Linear, from the groups' weights
@@ -670,7 +728,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 q8 = _q8_groups(weight) if full_name == "lm_head" and exact is None and mode == "w4a8" else None
             if q8 is not None:
                 new = Q8Linear(*q8, child.bias)
-            elif mode in ("int8", "w8a8") or groups is not None or five is not None or \
+            elif mode in ("int8", "w8a8") or groups is not None or five is not None or six is not None or \
                     (full_name == "lm_head" and exact is None):
                 new = Int8Linear(weight, child.bias, activation_bits=ACTIVATION_BITS[mode])
             elif exact is not None:  # a file's Q4 groups as they are
@@ -747,5 +805,5 @@ def linear_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["Int8Linear", "Int8Embedding", "Int4Linear", "W4A8Linear", "Q8Linear", "Q8Embedding", "BlockEmbedding",
-           "quantize_", "QUANT_MODES", "linear_bytes"]
+__all__ = ["Int8Linear", "Int8Embedding", "Int4Linear", "W4A8Linear", "Q5Linear", "Q6Linear", "Q8Linear", "Q8Embedding",
+           "BlockEmbedding", "quantize_", "QUANT_MODES", "linear_bytes"]

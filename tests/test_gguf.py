@@ -246,7 +246,7 @@ def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_fi
     import dataclasses
 
     from gpt4 import kernels
-    from gpt4.quant import Int4Linear, Int8Linear, Q8Linear, W4A8Linear
+    from gpt4.quant import Int4Linear, Int8Linear, Q6Linear, Q8Linear, W4A8Linear
     from gpt4.weights import choose_quant
     from gpt4.weights.gguf_file import GGUFFile
 
@@ -256,8 +256,8 @@ def test_auto_quant_keeps_4_bit_files_in_their_own_groups_and_other_quantized_fi
     int8, int8_layer = ("w4a8", Q8Linear) if ready else ("int8", Int8Linear)
     for qtype, mode, layer in (("Q4_0", int4, int4_layer), ("Q4_1", int4, int4_layer),
                                ("Q4_K", int4, int4_layer),  # (its sub-blocks of 32 are 4-bit groups)
-                               ("Q8_0", int8, int8_layer), ("Q6_K", int8, int8_layer),  # int4 would round these
-                               # a second time, to fewer bits
+                               ("Q8_0", int8, int8_layer),  # int4 would round these a second time, to fewer bits
+                               ("Q6_K", int8, Q6Linear if ready else Int8Linear),  # (w4a8: its 6-bit groups)
                                ("F32", "none", torch.nn.Linear), ("F16", "none", torch.nn.Linear)):
         path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
         auto = GPT4LMHeadModel.from_pretrained(path, quant="auto")
@@ -328,12 +328,12 @@ def test_torch_block_decoders_equal_the_gguf_packages_bit_for_bit(qtype, width, 
     assert torch.equal(_TORCH_DEQUANT[qtype](torch.from_numpy(blocks.reshape(-1))), reference)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q6_K", "Q3_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q3_K"])
 def test_w4a8_holds_other_block_formats_in_8_bit_groups_and_decodes_them_fused(qtype, tmp_path):
     """w4a8 on a file whose layers are not 4-bit groups (a Q4_K_M file holds Q5_0, Q8_0, Q6_K besides Q4_K): Q5_0's
-    groups as they are (Q5Linear) and Q8_0's (Q8Linear), bit for bit; K-quants rounded once more, to 8 bits against
-    float16 scales; every layer in our kernels, so decode steps run fused, with the eager layers' tokens. An untied
-    embedding stays in the file's blocks where our decoders read them (BlockEmbedding: Q3_K's are not among them)."""
+    groups as they are (Q5Linear) and Q8_0's (Q8Linear), bit for bit; other formats (Q3_K) rounded once more, to 8
+    bits against float16 scales; every layer in our kernels, so decode steps run fused, with the eager layers' tokens.
+    An untied embedding stays in the file's blocks where our decoders read them (BlockEmbedding: not Q3_K's)."""
     skip_without_w4a8()
     from gpt4.quant import BlockEmbedding, Q5Linear, Q8Embedding, Q8Linear
     from gpt4.weights.gguf_file import GGUFFile
@@ -413,32 +413,69 @@ def test_5_bit_groups_hold_q5_0_and_q5_k_blocks_as_the_file_does(qtype, tmp_path
         gguf.close()
 
 
-def test_5_bit_groups_whose_scales_float16_cannot_hold_become_int8_layers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("qtype", ["Q5_K", "Q6_K"])
+def test_5_and_6_bit_groups_whose_scales_float16_cannot_hold_become_int8_layers(qtype, tmp_path, monkeypatch):
     skip_without_w4a8()
-    from gpt4.quant import Int8Linear, Q5Linear
+    from gpt4.quant import Int8Linear, Q5Linear, Q6Linear
     from gpt4.weights.gguf_file import GGUFFile
 
-    path = write_tiny_gguf(tmp_path / "tiny-Q5_K.gguf", qtype="Q5_K", arch="qwen2")
-    real = GGUFFile.int5_groups
+    path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype, arch="qwen2")
+    reader, kind = ("int5_groups", Q5Linear) if qtype == "Q5_K" else ("int6_groups", Q6Linear)
+    real = getattr(GGUFFile, reader)
 
-    def huge(self, name):  # one layer's d and m beyond float16's range
+    def huge(self, name):  # one layer's scales (d, and Q5_K's m) beyond float16's range
         groups = real(self, name)
         if name != "blk.1.ffn_down.weight":
             return groups
-        nibbles, fifth, d, m = groups
-        return nibbles, fifth, d * 1e5, m * 1e5
+        return (*groups[:-2], *(t * 1e5 for t in groups[-2:])) if qtype == "Q5_K" else (*groups[:-1], groups[-1] * 1e5)
 
-    monkeypatch.setattr(GGUFFile, "int5_groups", huge)
+    monkeypatch.setattr(GGUFFile, reader, huge)
     model = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant="w4a8")
     down = model.layers[1].mlp.down_proj
-    assert type(down) is Int8Linear and type(model.layers[0].mlp.down_proj) is Q5Linear
+    assert type(down) is Int8Linear and type(model.layers[0].mlp.down_proj) is kind
     gguf = GGUFFile(path)
     try:
-        want = Q5Linear.weights(*gguf.int5_groups("blk.1.ffn_down.weight"))  # the groups' own weights
+        want = kind.weights(*getattr(gguf, reader)("blk.1.ffn_down.weight"))  # the groups' own weights
     finally:
         gguf.close()
     step = want.abs().amax(1, keepdim=True) / 127  # int8's step, a row: half of it, and the bf16 weights and scales
     assert ((down.dequantized().float() - want).abs() <= step).all()
+
+
+def test_w4a8_holds_q6_k_layers_in_6_bit_groups_with_a_float16_d_a_half(tmp_path):
+    """GGUFFile.int6_groups: Q6_K's sub-blocks of 16 two to a group of 32, (nibbles, fifth, sixth, d), the gguf
+    package's values; w4a8 holds them as Q6Linear (0.875 bytes a weight, each d rounded once, to float16) and decodes
+    them fused, with the eager layers' tokens."""
+    skip_without_w4a8()
+    from gguf import GGMLQuantizationType, quants
+
+    from gpt4.quant import Q6Linear
+    from gpt4.weights.gguf_file import GGUFFile
+
+    path = write_tiny_gguf(tmp_path / "tiny-Q6_K.gguf", qtype="Q6_K", arch="qwen2")  # (no rope permutation)
+    gguf = GGUFFile(path)
+    try:
+        assert gguf.int6_groups("blk.0.attn_q.weight") is not None and gguf.int5_groups("blk.0.attn_q.weight") is None
+        info = gguf.tensors["blk.1.ffn_down.weight"]
+        raw = gguf._read(info.offset, info.n_bytes).reshape(info.shape[0], -1)
+        file = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q6_K))  # the gguf package's decoder
+        groups = gguf.int6_groups("blk.1.ffn_down.weight")
+    finally:
+        gguf.close()
+    assert torch.equal(Q6Linear.weights(*groups), file)
+    model = GPT4LMHeadModel.from_pretrained(path, dtype="bfloat16", quant="auto")
+    assert model.quant == "w4a8"
+    layers = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj,
+                                                    layer.mlp.down_proj)]
+    assert all(type(m) is Q6Linear for m in [*layers, model.lm_head])
+    weight = torch.ops.gpt4_kernels.q6_dequantize(model.layers[1].mlp.down_proj.blocks, torch.float32).t()
+    bound = 2.0 ** -11 * 32 * groups[3].abs() + 1e-7  # float16's half unit in the last place of d, |q - 32| <= 32
+    assert ((weight - file).view(*bound.shape, 16).abs() <= bound[..., None]).all()
+    assert model._fused_decode is not None
+    prompt = torch.tensor([[3, 70, 12, 250, 9]])
+    fused = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    model.use_fused_decode(False)
+    assert torch.equal(fused, model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])

@@ -5,10 +5,10 @@ as llama.cpp multiplies its Q4 blocks by Q8 activations (`--quant w4a8`, auto's 
 gpt4.quant.W4A8Linear), and the same blocks dequantized for prompt chunks. On the default model a decode step's 4-bit
 matmuls take 1.3-2.1x less time than with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows
 (benchmarks/bench_int4_vnni_kernel.py; docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0 groups
-(gpt4.quant.Q8Linear, run 18) and a file's 5-bit Q5_0 / Q5_K groups (gpt4.quant.Q5Linear, runs 19-20), and a decode
-step's attention (gpt4.model.Attention.use_decode_kernel), which w4a8 models use too. decode_layers runs a whole decode
-step's layers of such a model in one call, these kernels back to back with the norms, rotations and activations between
-them (gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19).
+(gpt4.quant.Q8Linear, run 18) and a file's 5-bit and 6-bit groups (gpt4.quant.Q5Linear, Q6Linear; runs 19-20), and
+a decode step's attention (gpt4.model.Attention.use_decode_kernel), which w4a8 models use too. decode_layers runs a
+whole decode step's layers of such a model in one call, these kernels back to back with the norms, rotations and
+activations between them (gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def load_w4a8() -> None:
                             "--quant int4.") from e
         built.touch()
 
-    for kind in ("w4a8", "q5", "q5k", "q8"):
+    for kind in ("w4a8", "q5", "q5k", "q6", "q8"):
         torch.library.register_fake(f"gpt4_kernels::{kind}_matmul")(_matmul_shape)
         torch.library.register_fake(f"gpt4_kernels::{kind}_dequantize")(_dequantize_shape)
     torch.library.register_fake("gpt4_kernels::q8_rows")(_rows_shape)

@@ -3,7 +3,7 @@
 // instruction), as llama.cpp multiplies its Q4 blocks by Q8 activations. Registered as gpt4_kernels::w4a8_matmul.
 // q8: the same for 8-bit weights (w = d * q, q in -128..127, GGUF's Q8_0 groups: an LM head), gpt4_kernels::q8_matmul;
 // q5 for GGUF's Q5_0 groups (w = d * (q - 16), q in 0..31), gpt4_kernels::q5_matmul; q5k for Q5_K's sub-blocks of 32
-// (w = d * q + m), gpt4_kernels::q5k_matmul.
+// (w = d * q + m), gpt4_kernels::q5k_matmul; q6 for Q6_K's, gpt4_kernels::q6_matmul.
 // decode_attention: one decode step's attention over the KV cache (AVX-512F), which w4a8 models use with them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -45,6 +45,7 @@ inline __m512 half16(const uint8_t* v) {  // 16 float16 values
 // group as unsigned bytes u, and w = d * u + m for each row.
 struct Q4Block {  // 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
   static constexpr int64_t BYTES = 320;
+  static constexpr bool HALVES = false;  // (one d and m a group; see Q6Block)
   static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int c = 0; c < 4; ++c) {
@@ -59,6 +60,7 @@ struct Q4Block {  // 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
 
 struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks of fifth bits, 16 fp16 d
   static constexpr int64_t BYTES = 352;
+  static constexpr bool HALVES = false;
   static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
     const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
     for (int c = 0; c < 4; ++c) {
@@ -76,14 +78,40 @@ struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks
 
 struct Q5MBlock {  // GGUF's Q5_K sub-blocks: Q5Block's bytes, then 16 fp16 m: w = d * q + m
   static constexpr int64_t BYTES = 384;
+  static constexpr bool HALVES = false;
   static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
     Q5Block::unpack(w, q, dv, mv);
     mv = half16(w + 352);
   }
 };
 
+// GGUF's Q6_K in groups of 32, each two of its sub-blocks of 16: 256 bytes of low nibbles as Q4Block's, 8 masks of the
+// fifth bits and 8 of the sixth (the kernel adds 16 and 32 under them), then the 16 rows' d for inputs 0..15 of the
+// group and their d for inputs 16..31 (fp16): w = d * (q - 32), q in 0..63. unpack gives the two d as dv and mv.
+struct Q6Block {
+  static constexpr int64_t BYTES = 448;
+  static constexpr bool HALVES = true;
+  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
+    const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), thirty_two = _mm512_set1_epi8(32);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(w + 64 * c);
+      q[c] = _mm512_and_si512(v, low);
+      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __mmask64* fifth = reinterpret_cast<const __mmask64*>(w + 256);
+    const __mmask64* sixth = reinterpret_cast<const __mmask64*>(w + 320);
+    for (int j = 0; j < 8; ++j) {
+      q[j] = _mm512_mask_add_epi8(q[j], fifth[j], q[j], sixteen);
+      q[j] = _mm512_mask_add_epi8(q[j], sixth[j], q[j], thirty_two);
+    }
+    dv = half16(w + 384);
+    mv = half16(w + 416);
+  }
+};
+
 struct Q8Block {  // 512 bytes u = q + 128, 16 fp16 d: w = d * (u - 128)
   static constexpr int64_t BYTES = 544;
+  static constexpr bool HALVES = false;
   static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
     for (int j = 0; j < 8; ++j) q[j] = _mm512_loadu_si512(w + 64 * j);
     dv = half16(w + 512);
@@ -140,11 +168,20 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
   // The quantized activations, reused from call to call: a decode step makes 120 of these calls.
   thread_local std::vector<int8_t> xq_buffer;
   thread_local std::vector<float> scale_buffer;
+  thread_local std::vector<int32_t> half_sums;  // (HALVES blocks) each group's two sums of 16 q
   xq_buffer.resize(rows_total * K);
   scale_buffer.resize(2 * rows_total * G);
   int8_t* XQ = xq_buffer.data();
   float *S = scale_buffer.data(), *SS = S + rows_total * G;
   quantize_groups(x, rows_total * G, XQ, S, SS);
+  if constexpr (Block::HALVES) {
+    half_sums.resize(2 * rows_total * G);
+    for (int64_t h = 0; h < 2 * rows_total * G; ++h) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(XQ + 16 * h));
+      half_sums[h] = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(v));
+    }
+  }
+  const int32_t* HS = half_sums.data();
   at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
     constexpr int TILE = 8;  // token rows sharing one unpacking of the weights
     for (int64_t b = begin; b < end; ++b) {
@@ -158,11 +195,20 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
           Block::unpack(blocks + (b * G + g) * Block::BYTES, q, dv, mv);
           for (int64_t t = 0; t < rows; ++t) {
             const int32_t* xg = reinterpret_cast<const int32_t*>(XQ + (t0 + t) * K + g * 32);
-            __m512i dot = _mm512_setzero_si512();
-            for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, q[j], _mm512_set1_epi32(xg[j]));
             const int64_t i = (t0 + t) * G + g;
-            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dv), _mm512_set1_ps(S[i]), acc[t]);
-            acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(SS[i]), acc[t]);
+            if constexpr (Block::HALVES) {  // each half's own d: d * sum (q - 32) x = d * (dot - 32 sum x), exactly
+              __m512i lo = _mm512_set1_epi32(-32 * HS[2 * i]), hi = _mm512_set1_epi32(-32 * HS[2 * i + 1]);
+              for (int j = 0; j < 4; ++j) lo = _mm512_dpbusd_epi32(lo, q[j], _mm512_set1_epi32(xg[j]));
+              for (int j = 4; j < 8; ++j) hi = _mm512_dpbusd_epi32(hi, q[j], _mm512_set1_epi32(xg[j]));
+              const __m512 s = _mm512_set1_ps(S[i]);
+              acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), dv), s, acc[t]);
+              acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), mv), s, acc[t]);
+            } else {
+              __m512i dot = _mm512_setzero_si512();
+              for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, q[j], _mm512_set1_epi32(xg[j]));
+              acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dv), _mm512_set1_ps(S[i]), acc[t]);
+              acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(SS[i]), acc[t]);
+            }
           }
         }
         for (int64_t t = 0; t < rows; ++t) store16(y + (t0 + t) * N + b * 16, acc[t]);
@@ -222,6 +268,11 @@ at::Tensor q5k_matmul(const at::Tensor& x, const at::Tensor& blocks) {
 
 // The same with blocks (N/16, K/32, 544): bytes 0..511, 8 chunks of 64; chunk j holds 4 bytes per row r (bytes
 // 4r..4r+3), q[r, 32g + 4j + i] + 128, i = 0..3; bytes 512..543: d of the 16 rows (float16). w = d * q.
+// The same with blocks (N/16, K/32, 448), GGUF's Q6_K (see Q6Block). w = d * (q - 32), q in 0..63, each half group's d.
+at::Tensor q6_matmul(const at::Tensor& x, const at::Tensor& blocks) {
+  return blocks_matmul<Q6Block>(x, blocks, "q6_matmul");
+}
+
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return blocks_matmul<Q8Block>(x, blocks, "q8_matmul");
 }
@@ -237,9 +288,14 @@ void dequantize(const uint8_t* blocks, int64_t N, int64_t K, T* w_t) {
       __m512 dv, mv;
       Block::unpack(blocks + bg * Block::BYTES, q, dv, mv);
       for (int j = 0; j < 8; ++j) {
+        __m512 scale = dv, offset = mv;
+        if constexpr (Block::HALVES) {  // w = d * (q - 32), d of the group's half
+          scale = j < 4 ? dv : mv;
+          offset = _mm512_mul_ps(scale, _mm512_set1_ps(-32.f));
+        }
         for (int i = 0; i < 4; ++i) {  // input 32 g + 4 j + i: the 16 rows' values, one per lane
           const __m512i u = _mm512_and_si512(_mm512_srli_epi32(q[j], 8 * i), byte);
-          store16(w_t + (32 * g + 4 * j + i) * N + 16 * b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), dv, mv));
+          store16(w_t + (32 * g + 4 * j + i) * N + 16 * b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), scale, offset));
         }
       }
     }
@@ -272,6 +328,10 @@ at::Tensor q5_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
 
 at::Tensor q5k_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
   return blocks_dequantize<Q5MBlock>(blocks, dtype, "q5k_dequantize");
+}
+
+at::Tensor q6_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
+  return blocks_dequantize<Q6Block>(blocks, dtype, "q6_dequantize");
 }
 
 at::Tensor q8_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
@@ -506,6 +566,8 @@ void blocks_linear(const T* x, int64_t rows, const at::Tensor& blocks, const std
     matmul<Q5Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   } else if (blocks.size(2) == Q5MBlock::BYTES) {
     matmul<Q5MBlock>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
+  } else if (blocks.size(2) == Q6Block::BYTES) {
+    matmul<Q6Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   } else {
     matmul<Q8Block>(x, rows, K, blocks.data_ptr<uint8_t>(), N, y);
   }
@@ -628,11 +690,12 @@ void check_layer(const at::Tensor& blocks, const std::optional<at::Tensor>& bias
                  at::ScalarType dtype, int64_t layer) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
                   (blocks.size(2) == Q4Block::BYTES || blocks.size(2) == Q5Block::BYTES ||
-                   blocks.size(2) == Q5MBlock::BYTES || blocks.size(2) == Q8Block::BYTES) &&
+                   blocks.size(2) == Q5MBlock::BYTES || blocks.size(2) == Q6Block::BYTES ||
+                   blocks.size(2) == Q8Block::BYTES) &&
                   blocks.size(0) * 16 == N && blocks.size(1) * 32 == K,
               "decode_layers: layer ", layer, " has blocks of shape ", blocks.sizes(), " where (", N / 16, ", ",
-              K / 32, ", ", Q4Block::BYTES, ", ", Q5Block::BYTES, ", ", Q5MBlock::BYTES, " or ", Q8Block::BYTES,
-              ") uint8 were expected");
+              K / 32, ", ", Q4Block::BYTES, ", ", Q5Block::BYTES, ", ", Q5MBlock::BYTES, ", ", Q6Block::BYTES, " or ",
+              Q8Block::BYTES, ") uint8 were expected");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == N),
               "decode_layers: layer ", layer, " has a bias that is not ", N, " values of x's dtype");
 }
@@ -731,6 +794,8 @@ TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def("q5_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q5k_matmul(Tensor x, Tensor blocks) -> Tensor");
   lib.def("q5k_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
+  lib.def("q6_matmul(Tensor x, Tensor blocks) -> Tensor");
+  lib.def("q6_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_matmul(Tensor x, Tensor blocks) -> Tensor");
   lib.def("q8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_rows(Tensor blocks, Tensor ids, ScalarType dtype) -> Tensor");
@@ -747,6 +812,8 @@ TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("q5_dequantize", &q5_dequantize);
   lib.impl("q5k_matmul", &q5k_matmul);
   lib.impl("q5k_dequantize", &q5k_dequantize);
+  lib.impl("q6_matmul", &q6_matmul);
+  lib.impl("q6_dequantize", &q6_dequantize);
   lib.impl("q8_matmul", &q8_matmul);
   lib.impl("q8_dequantize", &q8_dequantize);
   lib.impl("q8_rows", &q8_rows);

@@ -18,7 +18,7 @@ import torch
 from ..config import GPT4Config
 from ..errors import ModelFileError, ModelNotFoundError
 from . import names
-from .gguf_file import INT4_TYPES, INT5_TYPES, INT8_TYPES, GGUFFile, permute_for_rope
+from .gguf_file import INT4_TYPES, INT5_TYPES, INT6_TYPES, INT8_TYPES, GGUFFile, permute_for_rope
 
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
@@ -179,17 +179,20 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
         if quant != "none":
             from ..quant import BlockEmbedding, quantize_
 
-            layers = int8_layers = int5_layers = None  # placeholder layers' tensors, read a transformer block at a time
+            # Placeholder layers' tensors, read a transformer block at a time.
+            layers = int8_layers = int5_layers = int6_layers = None
             if gguf is not None:
                 linear = placeholders - {"token_embd.weight"}
                 if quant in INT4_MODES:
                     four_bit = linear & _linear_tensors(gguf, INT4_TYPES)
                     layers = _GGUFBlockTensors(gguf, config, gguf.int4_groups, four_bit)
-                    if quant == "w4a8":  # Q5_0 / Q5_K layers in 5-bit groups, other formats in 8-bit groups
+                    if quant == "w4a8":  # Q5_0 / Q5_K layers in 5-bit groups, Q6_K in 6, other formats in 8
                         five_bit = linear & _linear_tensors(gguf, INT5_TYPES)
+                        six_bit = linear & _linear_tensors(gguf, INT6_TYPES)
                         int5_layers = _GGUFBlockTensors(gguf, config, gguf.int5_groups, five_bit)
+                        int6_layers = _GGUFBlockTensors(gguf, config, gguf.int6_groups, six_bit)
                         int8_layers = _GGUFBlockTensors(gguf, config, lambda name: _w4a8_groups(gguf, name),
-                                                        linear - four_bit - five_bit)
+                                                        linear - four_bit - five_bit - six_bit)
                 else:
                     layers = _GGUFBlockTensors(gguf, config, lambda name: gguf.tensor(name, dtype), linear)
             from_file = "token_embd.weight" in placeholders  # (only a GGUF load has placeholders)
@@ -204,7 +207,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             if from_file and quant == "w4a8" and gguf.tensors["token_embd.weight"].type_name in INT8_TYPES:
                 groups = functools.partial(gguf.int8_groups, "token_embd.weight")
             quantize_(model, quant, exact_int4=layers if quant in INT4_MODES else None, exact_int8=int8_layers,
-                      exact_int5=int5_layers,
+                      exact_int5=int5_layers, exact_int6=int6_layers,
                       weights=None if quant in INT4_MODES else layers,
                       embedding_rows=gguf.row_reader("token_embd.weight", dtype) if from_file else None,
                       embedding_groups=groups)
@@ -377,9 +380,9 @@ def choose_quant(gguf: GGUFFile, device) -> str:
       sub-block scales rounded, to float16), "w4a8" where its kernel runs (AVX-512 VNNI and a C++ toolchain:
       gpt4.kernels.w4a8_ready), "int4" elsewhere;
     - every linear layer in a block format of at most 8 bits (Q8_0, Q5_0, K-quants, ...): "w4a8" where its kernel
-      runs, its Q4_0 / Q4_1 / Q4_K layers in 4 bits, Q5_0 / Q5_K layers in 5, and the others in 8-bit groups of 32
-      (Q8_0 and Q4_0 exactly, the others rounded to 8 bits once more); "int8" elsewhere, one more rounding, to 8 bits
-      a row;
+      runs, its Q4_0 / Q4_1 / Q4_K layers in 4 bits, Q5_0 / Q5_K layers in 5, Q6_K in 6, and the others in 8-bit
+      groups of 32 (Q8_0 and Q4_0 exactly, the others rounded to 8 bits once more); "int8" elsewhere, one more
+      rounding, to 8 bits a row;
     - otherwise (F32 / F16 / BF16 layers) "none", the file's precision, as on other CPUs: without vector kernels
       ("default" capability, e.g. other architectures) PyTorch's int4 kernel decodes 5x slower than "none".
 
@@ -413,9 +416,10 @@ def _block_types(gguf: GGUFFile) -> set[str]:
 
 def _w4a8_groups(gguf: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """w4a8's 8-bit groups of 32 (q, d) for a matrix of a layer that the file does not hold wholly in 4-bit groups
-    (INT4_TYPES) or wholly in 5-bit ones (INT5_TYPES; its q, k and v, or gate and up, are one layer here): Q8_0's,
-    Q5_0's and Q4_0's exactly, others (Q6_K, Q5_1, ...) quantized as llama.cpp quantizes Q8_0 from their values (a
-    rounding to 8 bits of weights rounded to 5-6 before), against scales rounded to float16 first."""
+    (INT4_TYPES) or wholly in 5-bit or 6-bit ones (INT5_TYPES, INT6_TYPES; its q, k and v, or gate and up, are one
+    layer here): Q8_0's, Q5_0's and Q4_0's exactly, others (Q6_K beside another type, Q5_1, Q3_K, ...) quantized as
+    llama.cpp quantizes Q8_0 from their values (a rounding to 8 bits of weights rounded to 3-6 before), against scales
+    rounded to float16 first."""
     from ..quant import Q8Linear
 
     groups = gguf.int8_groups(name)

@@ -19,12 +19,13 @@ import torch
 
 from ..config import GPT4Config
 from ..errors import ModelFileError
-from ..quant import unpack_bits, unpack_block_nibbles
+from ..quant import pack_bits, unpack_bits, unpack_block_nibbles
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 # The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups): Q4_K's are its sub-blocks.
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT5_TYPES = ("Q5_0", "Q5_K")  # ... that are 5-bit groups of 32 (see GGUFFile.int5_groups)
+INT6_TYPES = ("Q6_K",)  # ... and 6-bit ones (see GGUFFile.int6_groups)
 INT8_TYPES = ("Q8_0", "Q5_0", "Q4_0")  # the block formats whose groups of 32 are int8 q times a d each, exactly
 
 
@@ -180,6 +181,21 @@ class GGUFFile:
         blocks = raw.view(-1, 22)  # d, fifth bits, nibbles
         d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(rows, -1)
         return blocks[:, 6:].unflatten(0, (rows, -1)), blocks[:, 2:6].unflatten(0, (rows, -1)), d, -16 * d
+
+    def int6_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q6_K matrix's groups of 32, each two of its sub-blocks of 16: (nibbles, fifth, sixth, d), None for other
+        types. nibbles (out, in / 32, 16) the groups' low 4 bits as Q4_0 stores them; fifth and sixth (out, in / 32, 4)
+        their fifth and sixth bits (bit k of the little-endian word: element k); d (out, in / 32, 2) float32, the d
+        of elements 0..15 and of 16..31 (d * sc, exact); w = d * (q - 32), q in 0..63, the file's values."""
+        info = self.tensors[name]
+        if info.type_name not in INT6_TYPES:
+            return None
+        q, scale = _q6_k_sub_blocks(torch.from_numpy(self._read(info.offset, info.n_bytes)))
+        rows = info.shape[0]
+        q = q.reshape(rows, -1, 32)  # (out, in / 32, 32)
+        low = q & 15
+        nibbles = low[..., :16] | (low[..., 16:] << 4)
+        return nibbles, pack_bits((q >> 4) & 1), pack_bits(q >> 5), scale.reshape(rows, -1, 2)
 
     def int8_groups(self, name: str, start: int = 0,
                     stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -373,8 +389,7 @@ def _q5_k_sub_blocks(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     fifth bits holds element l of sub-block s at bit s."""
     blocks = raw.view(-1, 176)
     high = (blocks[:, None, 16:48] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1  # (N, s, l)
-    fifth = (high.view(-1, 8, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)  # (N, s, 4)
-    return _low_nibbles_k(blocks[:, 48:]), fifth, *_k_scales(blocks)
+    return _low_nibbles_k(blocks[:, 48:]), pack_bits(high), *_k_scales(blocks)
 
 
 def _dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
@@ -389,18 +404,24 @@ def _dequant_q5_k(raw: torch.Tensor) -> torch.Tensor:
     return (scale[..., None] * (q + 16 * unpack_bits(fifth)).float() + offset[..., None]).flatten()
 
 
-def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
-    """Super-blocks of 256: 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales (one per 16
-    values), d: w = d * scale * (q - 32). In each half of 128 values, value i takes its low nibble from byte i % 64
-    (low nibble for i < 64, high after) and its high bits from byte i % 32, bits 2 * (i // 32)."""
+def _q6_k_sub_blocks(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K's super-blocks of 256 (128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, one per 16
+    values, d) as N x 16 sub-blocks of 16: q (N, 16, 16) uint8 in 0..63 and float32 (N, 16) scale d * sc, w = scale *
+    (q - 32). In each half of 128 values, value i takes its low nibble from byte i % 64 (low nibble for i < 64, high
+    after) and its high bits from byte i % 32, bits 2 * (i // 32)."""
     blocks = raw.view(-1, 210)
     low = blocks[:, :128].view(-1, 2, 1, 64)
     low = torch.cat((low & 15, low >> 4), dim=2).view(-1, 2, 128)  # (N, half, i)
     high = blocks[:, 128:192].view(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
     high = (high & 3).view(-1, 2, 128)
-    q = ((low | (high << 4)).view(torch.int8) - 32).view(-1, 16, 16).float()  # (N, 16 groups, 16)
     scales = _fp16(blocks[:, 208:]) * blocks[:, 192:208].contiguous().view(torch.int8).float()  # (N, 16)
-    return (scales[..., None] * q).flatten()
+    return (low | (high << 4)).view(-1, 16, 16), scales
+
+
+def _dequant_q6_k(raw: torch.Tensor) -> torch.Tensor:
+    """w = d * scale * (q - 32) over Q6_K's sub-blocks of 16 (see _q6_k_sub_blocks)."""
+    q, scale = _q6_k_sub_blocks(raw)
+    return (scale[..., None] * (q.view(torch.int8) - 32).float()).flatten()
 
 
 _DEQUANT_CHUNK = 1 << 21  # values dequantized at once (8 MB in fp32)
