@@ -352,6 +352,20 @@ def test_w4a8_makes_the_head_and_embedding_q8_tables_held_once_when_tied(family)
         assert isinstance(big.lm_head, Int8Linear) and isinstance(big.embed_tokens, Int8Embedding)
 
 
+def _assert_multiplies_as_its_weight(layer, weight, bias, rows, generator):
+    """A blocks layer against its weight (out, in): decode rows as activations quantized to int8 in groups of 32
+    times the weight (to float32's rounding), a prefill chunk as the bf16 matmul (to 1%); a row alone as in a batch."""
+    x = torch.randn(rows, weight.shape[1], generator=generator) * torch.linspace(0.1, 10, weight.shape[1])
+    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
+        exact = F.linear(x, weight, bias.bfloat16().float())
+        assert (layer(x) - exact).norm() / exact.norm() < 0.01
+        return
+    xq, scale = _activations_in_groups_of_32(x)
+    want = F.linear((xq * scale).reshape(rows, -1), weight, bias.bfloat16().float())
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(layer(x[:1]), layer(x)[:1])
+
+
 @pytest.mark.parametrize("rows", [1, 5, 9, 20, 200])
 def test_q6_linear_multiplies_6_bit_groups_with_a_d_a_half_by_int8_activations(rows):
     """Q6Linear: GGUF's Q6_K as groups of 32 (low nibbles, fifth and sixth bits, a d for each half) in our kernel's
@@ -371,15 +385,7 @@ def test_q6_linear_multiplies_6_bit_groups_with_a_d_a_half_by_int8_activations(r
     weight = ((q.float() - 32).view(n, groups, 2, 16) * d[..., None]).reshape(n, groups * 32)
     assert torch.equal(torch.ops.gpt4_kernels.q6_dequantize(layer.blocks, torch.float32).t(), weight)
     assert torch.equal(Q6Linear.weights(nibbles, pack_bits((q >> 4) & 1), pack_bits(q >> 5), d), weight)
-    x = torch.randn(rows, groups * 32, generator=generator) * torch.linspace(0.1, 10, groups * 32)
-    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
-        exact = F.linear(x, weight, b.bfloat16().float())
-        assert (layer(x) - exact).norm() / exact.norm() < 0.01
-        return
-    xq, scale = _activations_in_groups_of_32(x)
-    want = F.linear((xq * scale).reshape(rows, -1), weight, b.bfloat16().float())
-    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
-    assert torch.equal(layer(x[:1]), layer(x)[:1])
+    _assert_multiplies_as_its_weight(layer, weight, b, rows, generator)
 
 
 @pytest.mark.parametrize("offsets", [False, True])  # GGUF's Q5_0 (m = -16 d) and Q5_K (each group's own m)
@@ -388,13 +394,13 @@ def test_q5_linear_multiplies_5_bit_groups_by_int8_activations_in_groups_of_32(r
     """Q5Linear: 5-bit groups (low nibbles, fifth bits, d, m) in our kernel's blocks, dequantized bit for bit
     (w = d q + m), multiplied by activations quantized to int8 in groups of 32; prefill's dequantized matmul."""
     skip_without_w4a8()
-    from gpt4.quant import Q5Linear
+    from gpt4.quant import Q5Linear, pack_bits
 
     generator = torch.Generator().manual_seed(0)
     n, groups = 48, 3
     q = torch.randint(0, 32, (n, groups, 32), generator=generator, dtype=torch.uint8)
     nibbles = (q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)  # byte j: element j low, element 16 + j high
-    fifth = ((q >> 4).view(n, groups, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    fifth = pack_bits(q >> 4)
     d = (torch.rand(n, groups, generator=generator) * 0.02 + 0.001).half().float()
     m = -(torch.rand(n, groups, generator=generator) * 0.2).half().float() if offsets else -16 * d
     b = torch.randn(n, generator=generator)
@@ -403,15 +409,7 @@ def test_q5_linear_multiplies_5_bit_groups_by_int8_activations_in_groups_of_32(r
     weight = (q.float() * d[..., None] + m[..., None]).reshape(n, groups * 32)
     dequantize = getattr(torch.ops.gpt4_kernels, f"{layer.kind}_dequantize")
     assert torch.equal(dequantize(layer.blocks, torch.float32).t(), weight)
-    x = torch.randn(rows, groups * 32, generator=generator) * torch.linspace(0.1, 10, groups * 32)
-    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
-        exact = F.linear(x, weight, b.bfloat16().float())
-        assert (layer(x) - exact).norm() / exact.norm() < 0.01
-        return
-    xq, scale = _activations_in_groups_of_32(x)
-    want = F.linear((xq * scale).reshape(rows, -1), weight, b.bfloat16().float())
-    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
-    assert torch.equal(layer(x[:1]), layer(x)[:1])
+    _assert_multiplies_as_its_weight(layer, weight, b, rows, generator)
 
 
 def test_q8_quantization_against_float16_scales_holds_any_weights():
