@@ -199,7 +199,7 @@ def _load(kind, path, dtype, device, load_tokenizer, quant, compile):
             untied = model.lm_head.weight is not model.embed_tokens.weight
             blocks = from_file and gguf.tensors["token_embd.weight"].type_name not in FLOAT_TYPES
             rows = gguf.block_rows("token_embd.weight") if blocks and untied else None
-            if rows is not None:  # a table only lookups read: as the file holds it (exact, no more bytes than int8)
+            if rows is not None:  # a table only lookups read: as the file holds it (exact; no larger than 8-bit groups)
                 table, decode = rows
                 model.embed_tokens = BlockEmbedding(table, config.hidden_size, decode, dtype)
                 from_file = False
