@@ -9,7 +9,9 @@
           mode for batches and prompts, +3-4% perplexity from the 8-bit activations.
     w4a8: int4's weights times activations quantized to int8 in groups of 32 (our kernel, gpt4/kernels; AVX-512
           VNNI), as llama.cpp runs Q4 files: int4's decode matmuls 1.3-2.1x faster for one row, 2-2.6x for 8
-          or more, +0.1-0.2% perplexity; quant="auto" takes it for Q4 files where it runs.
+          or more, +0.1-0.2% perplexity; quant="auto" takes it for block-quantized files where it runs. A file's
+          5- and 6-bit groups (Q5_0, Q5_K, Q6_K) keep their bits (Q5Linear, Q6Linear), other formats and the LM
+          head become 8-bit groups (Q8Linear).
 
 Decoding one token reads every weight once, so its speed is set by bytes of weights: int8 halves bf16's bytes,
 int4 quarters them.
