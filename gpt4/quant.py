@@ -375,8 +375,7 @@ class W4A8Linear(BlocksLinear):
     @classmethod
     def from_int4(cls, layer: Int4Linear) -> "W4A8Linear":
         """The same groups (Int4Linear's fits-checked scales and zeros; group_size 32)."""
-        groups = layer.dequantized_q().reshape(layer.out_features, -1, 2, 16)  # (out, in / 32, half, 16)
-        nibbles = groups[:, :, 0] | (groups[:, :, 1] << 4)
+        nibbles = pack_block_nibbles(layer.dequantized_q()).view(layer.out_features, -1, 16)  # (out, in / 32, 16)
         return cls(nibbles, *layer.scales_zeros(), layer.bias, layer.scales_and_zeros.dtype)
 
     @staticmethod
@@ -646,6 +645,12 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     """(..., n) bytes -> (..., 8 n) values 0 / 1, element 8 j + k bit k of byte j (GGUF's fifth bits of a group)."""
     return ((packed[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)
+
+
+def pack_block_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(..., 32 g) values 0..15 -> (..., 16 g) bytes of 4-bit blocks (unpack_block_nibbles' inverse)."""
+    halves = q.unflatten(-1, (-1, 2, 16))  # (..., g, half, 16)
+    return (halves[..., 0, :] | (halves[..., 1, :] << 4)).flatten(-2)
 
 
 def unpack_block_nibbles(nibbles: torch.Tensor) -> torch.Tensor:

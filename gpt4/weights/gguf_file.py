@@ -19,7 +19,7 @@ import torch
 
 from ..config import GPT4Config
 from ..errors import ModelFileError
-from ..quant import pack_bits, unpack_bits, unpack_block_nibbles
+from ..quant import pack_bits, pack_block_nibbles, unpack_bits, unpack_block_nibbles
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 # The 4-bit block types that are affine int4 groups of 32 (see GGUFFile.int4_groups): Q4_K's are its sub-blocks.
@@ -149,7 +149,7 @@ class GGUFFile:
         rows = info.shape[0]
         if info.type_name == "Q4_K":
             q, scale, offset = _q4_k_sub_blocks(raw)  # (N, 8, 32), (N, 8), (N, 8): w = scale * q + offset
-            nibbles = (q[..., :16] | (q[..., 16:] << 4)).reshape(rows, -1, 16)
+            nibbles = pack_block_nibbles(q).reshape(rows, -1, 16)
             zero = torch.add(offset, scale, alpha=8)
             return nibbles, scale.reshape(rows, -1), zero.reshape(rows, -1)
         width = 18 if info.type_name == "Q4_0" else 20
@@ -176,7 +176,7 @@ class GGUFFile:
         rows = info.shape[0]
         if info.type_name == "Q5_K":
             q, fifth, scale, offset = _q5_k_sub_blocks(raw)  # (N, 8, 32), (N, 8, 4), (N, 8), (N, 8)
-            nibbles = (q[..., :16] | (q[..., 16:] << 4)).reshape(rows, -1, 16)
+            nibbles = pack_block_nibbles(q).reshape(rows, -1, 16)
             return nibbles, fifth.reshape(rows, -1, 4), scale.reshape(rows, -1), offset.reshape(rows, -1)
         blocks = raw.view(-1, 22)  # d, fifth bits, nibbles
         d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(rows, -1)
@@ -193,9 +193,7 @@ class GGUFFile:
         q, scale = _q6_k_sub_blocks(torch.from_numpy(self._read(info.offset, info.n_bytes)))
         rows = info.shape[0]
         q = q.reshape(rows, -1, 32)  # (out, in / 32, 32)
-        low = q & 15
-        nibbles = low[..., :16] | (low[..., 16:] << 4)
-        return nibbles, pack_bits((q >> 4) & 1), pack_bits(q >> 5), scale.reshape(rows, -1, 2)
+        return pack_block_nibbles(q & 15), pack_bits((q >> 4) & 1), pack_bits(q >> 5), scale.reshape(rows, -1, 2)
 
     def int8_groups(self, name: str, start: int = 0,
                     stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
