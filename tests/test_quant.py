@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel
-from gpt4.quant import Int4Linear, Int8Embedding, Int8Linear, integer_matmul_available, linear_bytes, quantize_
+from gpt4 import quant
+from gpt4.quant import DEQUANTIZE_ROWS, Int4Linear, Int8Embedding, Int8Linear, integer_matmul_available, linear_bytes, quantize_
 
 from .conftest import skip_without_w4a8, tiny_model
 
@@ -78,13 +79,30 @@ def test_integer_matmul_rows_do_not_depend_on_the_rest_of_the_batch(activation_b
         assert torch.equal(layer(batch[i:i + 1]), together[i:i + 1])
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_prompt_chunks_multiply_in_float32_where_bf16_is_not_native(kind, native, monkeypatch):
+    """A bf16 layer's prompt chunk (dequantized weights, one matmul) runs in fp32 on CPUs without AMX or AVX512-BF16,
+    where PyTorch converts bf16 in software (~70x slower than fp32 on an AVX2 EPYC); its result is still bf16."""
+    monkeypatch.setattr(quant, "bf16_matmul_is_native", lambda: native)
+    torch.manual_seed(0)
+    w, x = torch.randn(192, 128), torch.randn(DEQUANTIZE_ROWS, 128).bfloat16()
+    layer = Int4Linear.from_float(w, None, 32) if kind == "int4" else Int8Linear(w, None, dtype=torch.bfloat16)
+    compute = torch.bfloat16 if native else torch.float32
+    weight_t = layer.dequantized_t(compute) if kind == "int4" else layer._dequantized_t(compute)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, (x.to(compute) @ weight_t).bfloat16())
+
+
 @pytest.mark.parametrize("rows", [4, 200])  # the int4 kernel (decode) and dequantize + bf16 matmul (prefill)
 @pytest.mark.parametrize("out_features", [96, 192])  # prefill reads a plain copy of the nibbles / the kernel's own
 def test_int4_linear_equals_matmul_with_its_dequantized_weight(rows, out_features):
     torch.manual_seed(0)
     w, x = torch.randn(out_features, 128), torch.randn(rows, 128)
     layer = Int4Linear.from_float(w, None, group_size=32)
-    assert (layer.nibbles is None) == (out_features % 64 == 0)  # whole 64-row blocks: weights held once
+    # Whole 64-row blocks in the layout we pack (PyTorch's AVX-512 one): weights held once.
+    assert (layer.nibbles is None) == (out_features % 64 == 0 and quant._kernel_layout_is_known())
     groups = w.reshape(out_features, 4, 32)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     step = (hi - lo) / 15

@@ -439,8 +439,9 @@ def choose_dtype(device) -> torch.dtype:
     """
     if torch.device(device).type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return torch.float32
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if native else torch.float32
+    from ..quant import bf16_matmul_is_native
+
+    return torch.bfloat16 if bf16_matmul_is_native() else torch.float32
 
 
 def _linear_tensors(gguf: GGUFFile, types=None) -> set[str]:
