@@ -24,8 +24,8 @@ QUANT_HELP = ("int8 weights (with VNNI: integer matmuls, activations in two int8
               "batches), int4 weights (bf16 activations, PyTorch's kernel), w8a8 (8-bit activations: fastest for "
               "batches and prompts, +3-4%% perplexity), w4a8 (a file's 4-bit groups, its 5- and 6-bit ones, its other "
               "block formats in 8-bit groups, times activations quantized to int8 in groups of 32, as llama.cpp "
-              "multiplies them, by kernels of ours, each decode step's layers in one call: needs AVX-512 VNNI, g++ "
-              "and ninja; on the default model over twice int4's decoding speed), or auto: on an AVX2 / AVX-512 "
+              "multiplies them, by kernels of ours, each decode step's layers in one call: needs AVX-512 VNNI or "
+              "AVX2, g++ and ninja; on the default model over twice int4's decoding speed), or auto: on an AVX2 / AVX-512 "
               "CPU, where the file's linear layers are block-quantized (Q4_0 / Q4_1 / Q4_K: its own 4-bit weights, "
               "as llama.cpp runs them; Q8_0, Q5_0, other K-quants) w4a8 where our kernel runs, else int4 (4-bit "
               "files) or int8; none for float weights")

@@ -8,7 +8,7 @@
     w8a8: the same int8 weights, and activations quantized to a single int8 per value, per row: the fastest
           mode for batches and prompts, +3-4% perplexity from the 8-bit activations.
     w4a8: int4's weights times activations quantized to int8 in groups of 32 (our kernel, gpt4/kernels; AVX-512
-          VNNI), as llama.cpp runs Q4 files: int4's decode matmuls 1.3-2.1x faster for one row, 2-2.6x for 8
+          VNNI or AVX2), as llama.cpp runs Q4 files: int4's decode matmuls 1.3-2.1x faster for one row, 2-2.6x for 8
           or more, +0.1-0.2% perplexity; quant="auto" takes it for block-quantized files where it runs. A file's
           5- and 6-bit groups (Q5_0, Q5_K, Q6_K) keep their bits (Q5Linear, Q6Linear), other formats and the LM
           head become 8-bit groups (Q8Linear).
@@ -37,7 +37,6 @@ QUANTIZE_ROWS = 512  # rows quantized at once: the fp32 temporaries (1.2 MB for 
 QUANTIZE_VALUES = 1 << 18  # at most so many values of a wider matrix (Qwen2.5's 4864-wide down projections: 53 rows)
 
 
-@functools.cache
 def bf16_matmul_is_native() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX, AVX512-BF16). Elsewhere PyTorch converts bf16 in software:
     on an AVX2 EPYC a (128 x 576) @ (576 x 3072) matmul took 455 ms in bf16 and 6.6 in fp32."""
@@ -311,7 +310,7 @@ class Int4Linear(nn.Module):
 
 class BlocksLinear(nn.Module):
     """A linear layer held as one stream of blocks, each 16 output rows x a group of 32 inputs, that our kernel
-    (gpt4/kernels/w4a8.cpp, AVX-512 VNNI) multiplies by activations quantized to int8 in the same groups of 32.
+    (gpt4/kernels/w4a8.cpp, AVX-512 VNNI or AVX2) multiplies by activations quantized to int8 in the same groups of 32.
     Prompt chunks of DEQUANTIZE_ROWS rows or more dequantize the blocks (in C++) and multiply in the compute dtype."""
 
     kind: str  # the kernel's operators: gpt4_kernels.{kind}_matmul and {kind}_dequantize
@@ -363,7 +362,7 @@ def _int32_words(groups: torch.Tensor) -> torch.Tensor:
 
 class W4A8Linear(BlocksLinear):
     """4-bit weights in groups of 32, w = d * q + m, multiplied by activations quantized to int8 in the same groups
-    (AVX-512 VNNI), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.3-2.1x (one row) to 2-2.6x
+    (AVX-512 VNNI, or AVX2), as llama.cpp runs a Q4_0 / Q4_1 file: a decode step's matmuls 1.3-2.1x (one row) to 2-2.6x
     (8 rows or more) faster than PyTorch's int4 kernel, at +0.1-0.2% perplexity. d and m are float16, a Q4 file's
     own numbers. quantize_ keeps Int4Linear for layers the kernel cannot hold (see fits)."""
 

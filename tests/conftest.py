@@ -24,7 +24,7 @@ FAMILIES = {
 
 
 def skip_without_w4a8() -> None:
-    """Skip where --quant w4a8 cannot run (no AVX-512 VNNI, no ninja), saying which."""
+    """Skip where --quant w4a8 cannot run (neither AVX-512 VNNI nor AVX2, no ninja), saying which."""
     from gpt4.kernels import w4a8_unavailable_reason
 
     reason = w4a8_unavailable_reason()

@@ -1,6 +1,10 @@
 """Quantized linears: exact against their own dequantized weights (and 8-bit activations in w8a8), close to fp32
 on the real model."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -550,3 +554,55 @@ def test_w4a8_where_it_cannot_run_says_why(monkeypatch):
                         lambda: "--quant w4a8 needs a CPU with AVX-512 VNNI; use --quant int4.")
     with pytest.raises(GPT4Error, match="AVX-512 VNNI"):
         kernels.load_w4a8.__wrapped__()
+
+
+
+# The block formats: bytes a block, and where its fp16 scales begin (d, then m or the second half's d where it has one).
+BLOCK_FORMATS = {"w4a8": (320, 256), "q5": (352, 320), "q5k": (384, 320), "q6": (448, 384), "q8": (544, 512)}
+
+_AVX2_BUILD_SCRIPT = """
+import sys, torch
+from gpt4.kernels import AVX2_FLAGS, load_w4a8, w4a8_flags
+load_w4a8()
+assert w4a8_flags() == AVX2_FLAGS
+inputs, ops, out = torch.load(sys.argv[1], weights_only=True), torch.ops.gpt4_kernels, {}
+for kind in %r:
+    for x in ("x1", "x5", "x9"):
+        out[kind + x] = getattr(ops, kind + "_matmul")(inputs[x], inputs[kind])
+    out[kind] = getattr(ops, kind + "_dequantize")(inputs[kind], torch.float32)
+out["attention"] = ops.decode_attention(inputs["q"], inputs["k"], inputs["v"], None, 0.125)
+torch.save(out, sys.argv[2])
+""" % (list(BLOCK_FORMATS),)
+
+
+def test_the_avx2_kernel_computes_what_the_avx512_kernel_does(tmp_path):
+    """On an AVX-512 CPU the AVX2 build of the same source (GPT4_KERNEL_ISA=avx2; in a subprocess: both register the
+    same operators) gives every block format's matmuls and dequantization bit for bit (the same integer sums, Q8's
+    as sums of q - 128 plus 128 times the activations' sum, and the same float operations a lane), and one attention
+    step to float rounding (its sums in vectors of 8 instead of 16)."""
+    from gpt4.kernels import AVX512_FLAGS, w4a8_flags
+
+    skip_without_w4a8()
+    if w4a8_flags() != AVX512_FLAGS:
+        pytest.skip("this CPU runs the AVX2 build itself: the other kernel tests check it")
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"x1": torch.randn(1, 96, generator=generator), "x5": torch.randn(5, 96, generator=generator) * 3,
+              "x9": torch.randn(9, 96, generator=generator).bfloat16(),
+              "q": torch.randn(2, 3, 4, 64, generator=generator),  # 2 rows, 3 KV heads of 4 query rows
+              "k": torch.randn(2, 3, 70, 64, generator=generator), "v": torch.randn(2, 3, 70, 64, generator=generator)}
+    for kind, (size, scales) in BLOCK_FORMATS.items():  # 32 outputs x 96 inputs: random bytes, small fp16 scales
+        blocks = torch.randint(0, 256, (2, 3, size), dtype=torch.uint8, generator=generator)
+        halves = (torch.rand(2, 3, (size - scales) // 2, generator=generator) * 0.02 - 0.01).half()
+        blocks[..., scales:] = halves.view(torch.uint8)
+        inputs[kind] = blocks
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "GPT4_KERNEL_ISA": "avx2"}
+    subprocess.run([sys.executable, "-c", _AVX2_BUILD_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / "avx2.pt")],
+                   env=env, check=True, timeout=300)
+    avx2, ops = torch.load(tmp_path / "avx2.pt", weights_only=True), torch.ops.gpt4_kernels
+    for kind in BLOCK_FORMATS:
+        for x in ("x1", "x5", "x9"):
+            assert torch.equal(avx2[kind + x], getattr(ops, kind + "_matmul")(inputs[x], inputs[kind])), (kind, x)
+        assert torch.equal(avx2[kind], getattr(ops, kind + "_dequantize")(inputs[kind], torch.float32)), kind
+    torch.testing.assert_close(avx2["attention"],
+                               ops.decode_attention(inputs["q"], inputs["k"], inputs["v"], None, 0.125))

@@ -1,7 +1,7 @@
 """C++ kernels of our own, built on first use with PyTorch's cpp_extension (g++ and ninja) and cached.
 
-w4a8.cpp: 4-bit weights times activations quantized to int8 in groups of 32, multiplied in integers with AVX-512 VNNI,
-as llama.cpp multiplies its Q4 blocks by Q8 activations (`--quant w4a8`, auto's choice where it runs;
+w4a8.cpp: 4-bit weights times activations quantized to int8 in groups of 32, multiplied in integers with AVX-512 VNNI
+(or, on CPUs without AVX-512, AVX2's byte multiplies), as llama.cpp multiplies its Q4 blocks by Q8 activations (`--quant w4a8`, auto's choice where it runs;
 gpt4.quant.W4A8Linear), and the same blocks dequantized for prompt chunks. On the default model a decode step's 4-bit
 matmuls take 1.3-2.1x less time than with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows
 (benchmarks/bench_int4_vnni_kernel.py; docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0 groups
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -25,27 +26,45 @@ from ..errors import GPT4Error
 from ..models import cache_dir
 
 HERE = Path(__file__).resolve().parent
-# The ISA the kernel is written for, passed to the compiler explicitly (not -march=native: the cached build must
-# not depend on which machine built it beyond these).
-W4A8_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-fopenmp"]
+# The ISAs the kernel is written for, each build's passed to the compiler explicitly (not -march=native: the cached
+# build must not depend on which machine built it beyond these): AVX-512 with VNNI, else AVX2 with FMA and F16C.
+AVX512_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-fopenmp"]
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# name: (flags, the /proc/cpuinfo flags they need); the first that runs here is built
+_ISAS = {"avx512": (AVX512_FLAGS, {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}),
+         "avx2": (AVX2_FLAGS, {"avx2", "fma", "f16c"})}
+
+
+@functools.cache
+def w4a8_flags() -> list[str] | None:
+    """The compiler flags of the kernel's build for this CPU, or None where neither ISA runs. GPT4_KERNEL_ISA=avx2
+    builds the AVX2 kernel on an AVX-512 CPU too (to compare them; tests/test_quant.py does)."""
+    cpu, forced = _cpu_flags(), os.environ.get("GPT4_KERNEL_ISA")
+    if forced is not None and forced not in _ISAS:
+        raise GPT4Error(f"GPT4_KERNEL_ISA={forced!r}: choose one of {', '.join(_ISAS)}.")
+    return next((flags for name, (flags, needs) in _ISAS.items() if needs <= cpu and forced in (None, name)), None)
 
 
 @functools.cache
 def w4a8_unavailable_reason() -> str | None:
     """Why --quant w4a8 cannot run here, or None when it can (the CPU and a C++ toolchain; not whether it builds)."""
-    if "avx512_vnni" not in _cpu_flags():  # (torch.cpu._is_vnni_supported also counts 256-bit AVX-VNNI)
-        return "--quant w4a8 needs a CPU with AVX-512 VNNI (avx512_vnni in /proc/cpuinfo); use --quant int4."
+    if w4a8_flags() is None:
+        return ("--quant w4a8 needs a CPU with AVX-512 VNNI, or AVX2 with FMA and F16C (flags in /proc/cpuinfo); "
+                "use --quant int4.")
     # (shutil.which: cpp_extension's own check would import it, 0.13 s of every process's start)
     if shutil.which("ninja") is None:
         return "--quant w4a8 builds its kernel with ninja, which is not installed (pip install ninja); or use int4."
     return None
 
 
-def _cpu_flags() -> str:
+def _cpu_flags() -> set[str]:
+    """The first CPU's flags in /proc/cpuinfo (an empty set off Linux: the kernel's build was never tried there)."""
     try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: the kernel's build was never tried there
-        return ""
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 @functools.cache
@@ -64,7 +83,8 @@ def w4a8_ready() -> bool:
 
 def w4a8_build_dir() -> Path:
     """Where w4a8.cpp is built: one folder per source, PyTorch version and flags."""
-    key = hashlib.sha256((HERE / "w4a8.cpp").read_bytes() + torch.__version__.encode() + " ".join(W4A8_FLAGS).encode())
+    flags = " ".join(w4a8_flags() or [])
+    key = hashlib.sha256((HERE / "w4a8.cpp").read_bytes() + torch.__version__.encode() + flags.encode())
     return cache_dir() / "kernels" / f"w4a8-{key.hexdigest()[:16]}"
 
 
@@ -87,11 +107,11 @@ def load_w4a8() -> None:
             warnings.warn(f"Building the w4a8 kernel into {build} (once; 10-30 s)...", RuntimeWarning,
                           stacklevel=3)
         try:
-            load("gpt4_w4a8", [str(source)], extra_cflags=W4A8_FLAGS, extra_ldflags=["-fopenmp"],
+            load("gpt4_w4a8", [str(source)], extra_cflags=w4a8_flags(), extra_ldflags=["-fopenmp"],
                  build_directory=str(build), is_python_module=False, verbose=False)
         except (RuntimeError, OSError) as e:  # a compiler error or none installed: the user's toolchain
-            raise GPT4Error(f"Building the w4a8 kernel failed ({e}); it needs g++ with AVX-512 support. Use "
-                            "--quant int4.") from e
+            raise GPT4Error(f"Building the w4a8 kernel failed ({e}); it needs g++ with AVX-512 or AVX2 support. "
+                            "Use --quant int4.") from e
         built.touch()
 
     for kind in ("w4a8", "q5", "q5k", "q6", "q8"):

@@ -1,10 +1,13 @@
 // w4a8: 4-bit weights (groups of 32 along the input, w = d * q + m, q in 0..15) times activations quantized to
-// int8 in the same groups of 32, multiplied in integers with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products an
-// instruction), as llama.cpp multiplies its Q4 blocks by Q8 activations. Registered as gpt4_kernels::w4a8_matmul.
+// int8 in the same groups of 32, multiplied in integers, as llama.cpp multiplies its Q4 blocks by Q8 activations:
+// with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products an instruction), or where the CPU lacks AVX-512, with AVX2
+// (vpmaddubsw and vpmaddwd: 32 products in two instructions). Registered as gpt4_kernels::w4a8_matmul.
 // q8: the same for 8-bit weights (w = d * q, q in -128..127, GGUF's Q8_0 groups: an LM head), gpt4_kernels::q8_matmul;
 // q5 for GGUF's Q5_0 groups (w = d * (q - 16), q in 0..31), gpt4_kernels::q5_matmul; q5k for Q5_K's sub-blocks of 32
 // (w = d * q + m), gpt4_kernels::q5k_matmul; q6 for Q6_K's, gpt4_kernels::q6_matmul.
-// decode_attention: one decode step's attention over the KV cache (AVX-512F), which w4a8 models use with them.
+// decode_attention: one decode step's attention over the KV cache, which w4a8 models use with them.
+// One source for both instruction sets: the kernels work on vectors of LANES floats or int32 (one register: 16 lanes
+// with AVX-512, 8 with AVX2), and on a block's 16 rows in PARTS parts of LANES rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,76 +15,245 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-// 32 values as two vectors of 16 floats.
-inline void load32(const float* v, __m512& a0, __m512& a1) {
-  a0 = _mm512_loadu_ps(v);
-  a1 = _mm512_loadu_ps(v + 16);
-}
+// ---------------------------------------------------------------------------------------------------------------
+// Vectors: Vf holds LANES floats, Vi LANES int32 (or 4 LANES bytes, 4 a lane).
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+using Vf = __m512;
+using Vi = __m512i;
 
-inline __m512 bf16_to_float(const void* v) {  // bf16 is the top half of a float
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+inline Vf vset(float v) { return _mm512_set1_ps(v); }
+inline Vf vzero() { return _mm512_setzero_ps(); }
+inline Vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vf v) { _mm512_storeu_ps(p, v); }
+inline Vf vadd(Vf a, Vf b) { return _mm512_add_ps(a, b); }
+inline Vf vsub(Vf a, Vf b) { return _mm512_sub_ps(a, b); }
+inline Vf vmul(Vf a, Vf b) { return _mm512_mul_ps(a, b); }
+inline Vf vdiv(Vf a, Vf b) { return _mm512_div_ps(a, b); }
+inline Vf vmax(Vf a, Vf b) { return _mm512_max_ps(a, b); }
+inline Vf vfmadd(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c
+inline Vf vfnmadd(Vf a, Vf b, Vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline Vf vabs(Vf a) { return _mm512_abs_ps(a); }
+inline float vsum(Vf a) { return _mm512_reduce_add_ps(a); }
+inline float vmaxval(Vf a) { return _mm512_reduce_max_ps(a); }
+inline Vf vfloat(Vi a) { return _mm512_cvtepi32_ps(a); }
+inline Vi vround_int(Vf a) { return _mm512_cvtps_epi32(a); }
+inline Vf vround(Vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vf vselect_negative(Vf key, Vf if_negative, Vf otherwise) {  // per lane: key < 0 ? if_negative : otherwise
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(key, _mm512_setzero_ps(), _CMP_LT_OQ), otherwise, if_negative);
+}
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+inline Vf vload_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }  // others 0
+inline Vf vkeep_first(Vf v, int64_t n) { return _mm512_maskz_mov_ps(first_lanes(n), v); }
+inline void vstore_first(float* p, Vf v, int64_t n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
+// p * 2^n for whole numbers n; exp_nonpositive's last step
+inline Vf vscale_pow2(Vf p, Vf n) { return _mm512_scalef_ps(p, n); }
+constexpr float EXP_FLOOR = -104.f;  // exp_nonpositive is 0 below (under float's smallest subnormal)
+inline Vf vzero_below_floor(Vf x, Vf e) { return e; }  // (scalef's result is 0 there already)
+inline Vf vhalf(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline Vf vbf16(const at::BFloat16* p) {  // bf16 is the top half of a float
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-
-inline void load32(const at::BFloat16* v, __m512& a0, __m512& a1) {
-  a0 = bf16_to_float(v);
-  a1 = bf16_to_float(v + 16);
+inline Vi vnan_to(Vf v, Vi bits, int32_t nan_bits) {  // bits, or nan_bits in the lanes where v is NaN
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), bits, _mm512_set1_epi32(nan_bits));
+}
+inline void store_low_halves(at::BFloat16* out, Vi v) {  // the low 16 bits of each lane
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(v));
 }
 
-inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
-inline __m512 load16(const at::BFloat16* v) { return bf16_to_float(v); }
+inline Vi iset32(int32_t v) { return _mm512_set1_epi32(v); }
+inline Vi iset8(int8_t v) { return _mm512_set1_epi8(v); }
+inline Vi izero() { return _mm512_setzero_si512(); }
+inline Vi iload(const uint8_t* p) { return _mm512_loadu_si512(p); }  // 4 LANES bytes
+inline Vi iand(Vi a, Vi b) { return _mm512_and_si512(a, b); }
+inline Vi iadd32(Vi a, Vi b) { return _mm512_add_epi32(a, b); }
+inline Vi isrl16(Vi a, int n) { return _mm512_srli_epi16(a, n); }
+inline Vi isrl32(Vi a, int n) { return _mm512_srli_epi32(a, n); }
+inline Vi isll32(Vi a, int n) { return _mm512_slli_epi32(a, n); }
+inline Vf icast_float(Vi a) { return _mm512_castsi512_ps(a); }
+inline Vi fcast_int(Vf a) { return _mm512_castps_si512(a); }
+inline int32_t isum(Vi a) { return _mm512_reduce_add_epi32(a); }
+// Adds value to the bytes of q whose bits are set in mask (4 LANES bits, bit i for byte i).
+inline Vi iadd8_where(Vi q, const uint8_t* mask, Vi value) {
+  __mmask64 bits;
+  std::memcpy(&bits, mask, sizeof(bits));
+  return _mm512_mask_add_epi8(q, bits, q, value);
+}
+// acc + in each lane the sum of its 4 byte products u (unsigned, at most 63) x s (signed)
+inline Vi dot4(Vi acc, Vi u, Vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+// The same for any u in 0..255 (Q8Block's q + 128). WIDE_DOT_OFFSET: where it gives the sum of (u - 128) x s instead.
+inline Vi dot4_wide(Vi acc, Vi u, Vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+constexpr bool WIDE_DOT_OFFSET = false;
+inline void store_int8(int8_t* out, Vi v) {  // LANES int32 in -128..127 as bytes
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(v));
+}
+inline int32_t sum16_int8(const int8_t* p) {
+  return _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#else  // AVX2, FMA and F16C
+constexpr int LANES = 8;
+using Vf = __m256;
+using Vi = __m256i;
 
-inline __m512 half16(const uint8_t* v) {  // 16 float16 values
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+inline Vf vset(float v) { return _mm256_set1_ps(v); }
+inline Vf vzero() { return _mm256_setzero_ps(); }
+inline Vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vf v) { _mm256_storeu_ps(p, v); }
+inline Vf vadd(Vf a, Vf b) { return _mm256_add_ps(a, b); }
+inline Vf vsub(Vf a, Vf b) { return _mm256_sub_ps(a, b); }
+inline Vf vmul(Vf a, Vf b) { return _mm256_mul_ps(a, b); }
+inline Vf vdiv(Vf a, Vf b) { return _mm256_div_ps(a, b); }
+inline Vf vmax(Vf a, Vf b) { return _mm256_max_ps(a, b); }
+inline Vf vfmadd(Vf a, Vf b, Vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vf vfnmadd(Vf a, Vf b, Vf c) { return _mm256_fnmadd_ps(a, b, c); }
+inline Vf vabs(Vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+inline float vsum(Vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float vmaxval(Vf a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline Vf vfloat(Vi a) { return _mm256_cvtepi32_ps(a); }
+inline Vi vround_int(Vf a) { return _mm256_cvtps_epi32(a); }
+inline Vf vround(Vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vf vselect_negative(Vf key, Vf if_negative, Vf otherwise) {  // (blendv reads the sign bit: -0 takes
+  return _mm256_blendv_ps(otherwise, if_negative, key);            // if_negative, where exp_nonpositive's callers
+}                                                                    // get the same value either way)
+inline Vi first_lanes(int64_t n) {  // all bits set in lanes 0..n-1
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Vf vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+inline Vf vkeep_first(Vf v, int64_t n) { return _mm256_and_ps(v, _mm256_castsi256_ps(first_lanes(n))); }
+inline void vstore_first(float* p, Vf v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+// 2^n built in the exponent bits, which hold n >= -126: exp_nonpositive stops at EXP_FLOOR and gives 0 below it.
+inline Vf vscale_pow2(Vf p, Vf n) {
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+constexpr float EXP_FLOOR = -87.f;  // e^-87 > 2^-126, float's smallest normal number
+inline Vf vzero_below_floor(Vf x, Vf e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, vset(EXP_FLOOR), _CMP_GE_OQ)); }
+inline Vf vhalf(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vf vbf16(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline Vi vnan_to(Vf v, Vi bits, int32_t nan_bits) {
+  return _mm256_blendv_epi8(bits, _mm256_set1_epi32(nan_bits), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+inline void store_low_halves(at::BFloat16* out, Vi v) {  // (lanes hold 0..65535: packus keeps them as they are)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }
 
-// The two block formats, each 16 output rows x 32 inputs. unpack: q[j], lane r: row r's weights 4j..4j+3 of the
-// group as unsigned bytes u, and w = d * u + m for each row.
+inline Vi iset32(int32_t v) { return _mm256_set1_epi32(v); }
+inline Vi iset8(int8_t v) { return _mm256_set1_epi8(v); }
+inline Vi izero() { return _mm256_setzero_si256(); }
+inline Vi iload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Vi iand(Vi a, Vi b) { return _mm256_and_si256(a, b); }
+inline Vi iadd32(Vi a, Vi b) { return _mm256_add_epi32(a, b); }
+inline Vi isrl16(Vi a, int n) { return _mm256_srli_epi16(a, n); }
+inline Vi isrl32(Vi a, int n) { return _mm256_srli_epi32(a, n); }
+inline Vi isll32(Vi a, int n) { return _mm256_slli_epi32(a, n); }
+inline Vf icast_float(Vi a) { return _mm256_castsi256_ps(a); }
+inline Vi fcast_int(Vf a) { return _mm256_castps_si256(a); }
+inline int32_t isum(Vi a) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+inline Vi iadd8_where(Vi q, const uint8_t* mask, Vi value) {
+  uint32_t bits;
+  std::memcpy(&bits, mask, sizeof(bits));
+  // Byte i of the mask's 4 to bytes 8 (i / 8)..: each byte then tests its own bit.
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_add_epi8(q, _mm256_and_si256(set, value));
+}
+// vpmaddubsw sums pairs of u x s in int16 with saturation: exact for u <= 127 (2 x 127 x 127 < 2^15).
+inline Vi dot4(Vi acc, Vi u, Vi s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+// u in 0..255 as the signed u - 128 (the sign moved onto s: |u - 128| <= 128 keeps the pairs exact).
+inline Vi dot4_wide(Vi acc, Vi u, Vi s) {
+  const __m256i q = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+  return _mm256_add_epi32(
+      acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(s, q)), _mm256_set1_epi16(1)));
+}
+constexpr bool WIDE_DOT_OFFSET = true;
+inline void store_int8(int8_t* out, Vi v) {
+  const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(words, words));
+}
+inline int32_t sum16_int8(const int8_t* p) {
+  return isum(_mm256_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))) +
+         isum(_mm256_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+}
+#endif
+constexpr int PARTS = 16 / LANES;  // a block's 16 rows in parts of LANES rows
+constexpr int PART_BYTES = 4 * LANES;  // a part's bytes in each 64-byte chunk, and bits in each mask
+
+inline Vf vload(const at::BFloat16* p) { return vbf16(p); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The block formats, each 16 output rows x 32 inputs. unpack(w, part, ...): q[j], lane r: row (LANES part + r)'s
+// weights 4j..4j+3 of the group as unsigned bytes u, and w = d * u + m for each row.
 struct Q4Block {  // 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
   static constexpr int64_t BYTES = 320;
   static constexpr bool HALVES = false;  // (one d and m a group; see Q6Block)
-  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
+  static constexpr bool WIDE = false;    // (u at most 63; see Q8Block)
+  static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
+    const Vi low = iset8(0x0F);
     for (int c = 0; c < 4; ++c) {
-      const __m512i v = _mm512_loadu_si512(w + 64 * c);
-      q[c] = _mm512_and_si512(v, low);
-      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const Vi v = iload(w + 64 * c + PART_BYTES * part);
+      q[c] = iand(v, low);
+      q[c + 4] = iand(isrl16(v, 4), low);
     }
-    dv = half16(w + 256);
-    mv = half16(w + 288);
+    dv = vhalf(w + 256 + 2 * LANES * part);
+    mv = vhalf(w + 288 + 2 * LANES * part);
   }
 };
 
 struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks of fifth bits, 16 fp16 d
   static constexpr int64_t BYTES = 352;
   static constexpr bool HALVES = false;
-  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
-    const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+  static constexpr bool WIDE = false;
+  static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
+    const Vi low = iset8(0x0F), sixteen = iset8(16);
     for (int c = 0; c < 4; ++c) {
-      const __m512i v = _mm512_loadu_si512(w + 64 * c);
-      q[c] = _mm512_and_si512(v, low);
-      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const Vi v = iload(w + 64 * c + PART_BYTES * part);
+      q[c] = iand(v, low);
+      q[c + 4] = iand(isrl16(v, 4), low);
     }
-    // Mask j, bit 4r + i: row r's input 4j + i has 16 added (q[j]'s byte 4r + i).
-    const __mmask64* fifth = reinterpret_cast<const __mmask64*>(w + 256);
-    for (int j = 0; j < 8; ++j) q[j] = _mm512_mask_add_epi8(q[j], fifth[j], q[j], sixteen);
-    dv = half16(w + 320);
-    mv = _mm512_mul_ps(dv, _mm512_set1_ps(-16.f));  // w = d * (u - 16)
+    // Mask j (8 bytes), bit 4r + i: row r's input 4j + i has 16 added (q[j]'s byte 4r + i).
+    for (int j = 0; j < 8; ++j) q[j] = iadd8_where(q[j], w + 256 + 8 * j + PART_BYTES / 8 * part, sixteen);
+    dv = vhalf(w + 320 + 2 * LANES * part);
+    mv = vmul(dv, vset(-16.f));  // w = d * (u - 16)
   }
 };
 
 struct Q5MBlock {  // GGUF's Q5_K sub-blocks: Q5Block's bytes, then 16 fp16 m: w = d * q + m
   static constexpr int64_t BYTES = 384;
   static constexpr bool HALVES = false;
-  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
-    Q5Block::unpack(w, q, dv, mv);
-    mv = half16(w + 352);
+  static constexpr bool WIDE = false;
+  static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
+    Q5Block::unpack(w, part, q, dv, mv);
+    mv = vhalf(w + 352 + 2 * LANES * part);
   }
 };
 
@@ -91,74 +263,78 @@ struct Q5MBlock {  // GGUF's Q5_K sub-blocks: Q5Block's bytes, then 16 fp16 m: w
 struct Q6Block {
   static constexpr int64_t BYTES = 448;
   static constexpr bool HALVES = true;
-  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
-    const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), thirty_two = _mm512_set1_epi8(32);
+  static constexpr bool WIDE = false;
+  static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
+    const Vi low = iset8(0x0F), sixteen = iset8(16), thirty_two = iset8(32);
     for (int c = 0; c < 4; ++c) {
-      const __m512i v = _mm512_loadu_si512(w + 64 * c);
-      q[c] = _mm512_and_si512(v, low);
-      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const Vi v = iload(w + 64 * c + PART_BYTES * part);
+      q[c] = iand(v, low);
+      q[c + 4] = iand(isrl16(v, 4), low);
     }
-    const __mmask64* fifth = reinterpret_cast<const __mmask64*>(w + 256);
-    const __mmask64* sixth = reinterpret_cast<const __mmask64*>(w + 320);
     for (int j = 0; j < 8; ++j) {
-      q[j] = _mm512_mask_add_epi8(q[j], fifth[j], q[j], sixteen);
-      q[j] = _mm512_mask_add_epi8(q[j], sixth[j], q[j], thirty_two);
+      q[j] = iadd8_where(q[j], w + 256 + 8 * j + PART_BYTES / 8 * part, sixteen);
+      q[j] = iadd8_where(q[j], w + 320 + 8 * j + PART_BYTES / 8 * part, thirty_two);
     }
-    dv = half16(w + 384);
-    mv = half16(w + 416);
+    dv = vhalf(w + 384 + 2 * LANES * part);
+    mv = vhalf(w + 416 + 2 * LANES * part);
   }
 };
 
 struct Q8Block {  // 512 bytes u = q + 128, 16 fp16 d: w = d * (u - 128)
   static constexpr int64_t BYTES = 544;
   static constexpr bool HALVES = false;
-  static void unpack(const uint8_t* w, __m512i q[8], __m512& dv, __m512& mv) {
-    for (int j = 0; j < 8; ++j) q[j] = _mm512_loadu_si512(w + 64 * j);
-    dv = half16(w + 512);
-    mv = _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));
+  static constexpr bool WIDE = true;  // u up to 255: dot4_wide
+  static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
+    for (int j = 0; j < 8; ++j) q[j] = iload(w + 64 * j + PART_BYTES * part);
+    dv = vhalf(w + 512 + 2 * LANES * part);
+    mv = vmul(dv, vset(-128.f));
   }
 };
 
-inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-
-// 16 floats rounded to bfloat16, in the low halves of 32-bit lanes: to nearest even, as PyTorch converts (NaN stays
+// LANES floats rounded to bfloat16, in the low halves of 32-bit lanes: to nearest even, as PyTorch converts (NaN stays
 // NaN); written without AVX512-BF16, which VNNI CPUs before Cooper Lake lack.
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+inline Vi bf16_bits(Vf v) {
+  const Vi bits = fcast_int(v);
+  const Vi odd = iand(isrl32(bits, 16), iset32(1));
+  const Vi rounded = isrl32(iadd32(bits, iadd32(odd, iset32(0x7FFF))), 16);
+  return vnan_to(v, rounded, 0x7FC0);
 }
 
-inline void store16(at::BFloat16* out, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bf16_bits(v)));
-}
+inline void vstore(at::BFloat16* out, Vf v) { store_low_halves(out, bf16_bits(v)); }
 
 // v as a tensor of T holds it: what PyTorch's eager operators round each result to.
 template <typename T>
-inline __m512 held_as(__m512 v) {
+inline Vf held_as(Vf v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+    return icast_float(isll32(bf16_bits(v), 16));
   }
 }
 
-// Each row of x (T, K) in groups of 32: q = round(x / s), s = max|x| / 127, and s * sum(q) (the term a group's
-// weight offset m multiplies).
+// Each row of x (T, K) in groups of 32: q = round(x / s), s = max|x| / 127, the sum of q, and s times it (the term a
+// group's weight offset m multiplies).
 template <typename T>
-void quantize_groups(const T* x, int64_t count, int8_t* xq, float* scale, float* scaled_sum) {
+void quantize_groups(const T* x, int64_t count, int8_t* xq, float* scale, float* scaled_sum, int32_t* sum) {
+  constexpr int V = 32 / LANES;
   for (int64_t i = 0; i < count; ++i) {
-    __m512 a0, a1;
-    load32(x + i * 32, a0, a1);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-    const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+    Vf a[V];
+    Vf top = vzero();
+    for (int v = 0; v < V; ++v) {
+      a[v] = vload(x + i * 32 + v * LANES);
+      top = vmax(top, vabs(a[v]));
+    }
+    const float amax = vmaxval(top);
+    const Vf inv = vset(amax > 0 ? 127.f / amax : 0.f);
+    Vi total = izero();
+    for (int v = 0; v < V; ++v) {
+      const Vi q = vround_int(vmul(a[v], inv));
+      store_int8(xq + i * 32 + v * LANES, q);
+      total = iadd32(total, q);
+    }
     scale[i] = amax / 127.f;
-    scaled_sum[i] = scale[i] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    sum[i] = isum(total);
+    scaled_sum[i] = scale[i] * static_cast<float>(sum[i]);
   }
 }
 
@@ -168,50 +344,55 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
   // The quantized activations, reused from call to call: a decode step makes 120 of these calls.
   thread_local std::vector<int8_t> xq_buffer;
   thread_local std::vector<float> scale_buffer;
-  thread_local std::vector<int32_t> half_sums;  // (HALVES blocks) each group's two sums of 16 q
+  thread_local std::vector<int32_t> sums;  // each group's sum of q, then (HALVES blocks) its two sums of 16
   xq_buffer.resize(rows_total * K);
   scale_buffer.resize(2 * rows_total * G);
+  sums.resize(3 * rows_total * G);
   int8_t* XQ = xq_buffer.data();
   float *S = scale_buffer.data(), *SS = S + rows_total * G;
-  quantize_groups(x, rows_total * G, XQ, S, SS);
+  int32_t *GS = sums.data(), *HS = GS + rows_total * G;
+  quantize_groups(x, rows_total * G, XQ, S, SS, GS);
   if constexpr (Block::HALVES) {
-    half_sums.resize(2 * rows_total * G);
-    for (int64_t h = 0; h < 2 * rows_total * G; ++h) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(XQ + 16 * h));
-      half_sums[h] = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(v));
-    }
+    for (int64_t h = 0; h < 2 * rows_total * G; ++h) HS[h] = sum16_int8(XQ + 16 * h);
   }
-  const int32_t* HS = half_sums.data();
   at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
-    constexpr int TILE = 8;  // token rows sharing one unpacking of the weights
+    constexpr int TILE = LANES == 16 ? 8 : 4;  // token rows sharing one unpacking of the weights (in registers)
     for (int64_t b = begin; b < end; ++b) {
-      for (int64_t t0 = 0; t0 < rows_total; t0 += TILE) {
-        const int64_t rows = std::min<int64_t>(TILE, rows_total - t0);
-        __m512 acc[TILE];
-        for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-          __m512i q[8];
-          __m512 dv, mv;
-          Block::unpack(blocks + (b * G + g) * Block::BYTES, q, dv, mv);
-          for (int64_t t = 0; t < rows; ++t) {
-            const int32_t* xg = reinterpret_cast<const int32_t*>(XQ + (t0 + t) * K + g * 32);
-            const int64_t i = (t0 + t) * G + g;
-            if constexpr (Block::HALVES) {  // each half's own d: d * sum (q - 32) x = d * (dot - 32 sum x), exactly
-              __m512i lo = _mm512_set1_epi32(-32 * HS[2 * i]), hi = _mm512_set1_epi32(-32 * HS[2 * i + 1]);
-              for (int j = 0; j < 4; ++j) lo = _mm512_dpbusd_epi32(lo, q[j], _mm512_set1_epi32(xg[j]));
-              for (int j = 4; j < 8; ++j) hi = _mm512_dpbusd_epi32(hi, q[j], _mm512_set1_epi32(xg[j]));
-              const __m512 s = _mm512_set1_ps(S[i]);
-              acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), dv), s, acc[t]);
-              acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), mv), s, acc[t]);
-            } else {
-              __m512i dot = _mm512_setzero_si512();
-              for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, q[j], _mm512_set1_epi32(xg[j]));
-              acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dv), _mm512_set1_ps(S[i]), acc[t]);
-              acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(SS[i]), acc[t]);
+      for (int part = 0; part < PARTS; ++part) {
+        for (int64_t t0 = 0; t0 < rows_total; t0 += TILE) {
+          const int64_t rows = std::min<int64_t>(TILE, rows_total - t0);
+          Vf acc[TILE];
+          for (int t = 0; t < TILE; ++t) acc[t] = vzero();
+          for (int64_t g = 0; g < G; ++g) {
+            Vi q[8];
+            Vf dv, mv;
+            Block::unpack(blocks + (b * G + g) * Block::BYTES, part, q, dv, mv);
+            for (int64_t t = 0; t < rows; ++t) {
+              const int32_t* xg = reinterpret_cast<const int32_t*>(XQ + (t0 + t) * K + g * 32);
+              const int64_t i = (t0 + t) * G + g;
+              if constexpr (Block::HALVES) {  // each half's own d: d * sum (q - 32) x = d * (dot - 32 sum x), exactly
+                Vi lo = iset32(-32 * HS[2 * i]), hi = iset32(-32 * HS[2 * i + 1]);
+                for (int j = 0; j < 4; ++j) lo = dot4(lo, q[j], iset32(xg[j]));
+                for (int j = 4; j < 8; ++j) hi = dot4(hi, q[j], iset32(xg[j]));
+                const Vf s = vset(S[i]);
+                acc[t] = vfmadd(vmul(vfloat(lo), dv), s, acc[t]);
+                acc[t] = vfmadd(vmul(vfloat(hi), mv), s, acc[t]);
+              } else {
+                Vi dot;
+                if constexpr (Block::WIDE) {
+                  dot = iset32(WIDE_DOT_OFFSET ? 128 * GS[i] : 0);  // sum u x = sum (u - 128) x + 128 sum x
+                  for (int j = 0; j < 8; ++j) dot = dot4_wide(dot, q[j], iset32(xg[j]));
+                } else {
+                  dot = izero();
+                  for (int j = 0; j < 8; ++j) dot = dot4(dot, q[j], iset32(xg[j]));
+                }
+                acc[t] = vfmadd(vmul(vfloat(dot), dv), vset(S[i]), acc[t]);
+                acc[t] = vfmadd(mv, vset(SS[i]), acc[t]);
+              }
             }
           }
+          for (int64_t t = 0; t < rows; ++t) vstore(y + (t0 + t) * N + b * 16 + part * LANES, acc[t]);
         }
-        for (int64_t t = 0; t < rows; ++t) store16(y + (t0 + t) * N + b * 16, acc[t]);
       }
     }
   });
@@ -281,21 +462,23 @@ template <typename Block, typename T>
 void dequantize(const uint8_t* blocks, int64_t N, int64_t K, T* w_t) {
   const int64_t G = K / 32;
   at::parallel_for(0, N / 16 * G, 16, [&](int64_t begin, int64_t end) {
-    const __m512i byte = _mm512_set1_epi32(0xFF);
+    const Vi byte = iset32(0xFF);
     for (int64_t bg = begin; bg < end; ++bg) {  // block b, group g
       const int64_t b = bg / G, g = bg % G;
-      __m512i q[8];
-      __m512 dv, mv;
-      Block::unpack(blocks + bg * Block::BYTES, q, dv, mv);
-      for (int j = 0; j < 8; ++j) {
-        __m512 scale = dv, offset = mv;
-        if constexpr (Block::HALVES) {  // w = d * (q - 32), d of the group's half
-          scale = j < 4 ? dv : mv;
-          offset = _mm512_mul_ps(scale, _mm512_set1_ps(-32.f));
-        }
-        for (int i = 0; i < 4; ++i) {  // input 32 g + 4 j + i: the 16 rows' values, one per lane
-          const __m512i u = _mm512_and_si512(_mm512_srli_epi32(q[j], 8 * i), byte);
-          store16(w_t + (32 * g + 4 * j + i) * N + 16 * b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), scale, offset));
+      for (int part = 0; part < PARTS; ++part) {
+        Vi q[8];
+        Vf dv, mv;
+        Block::unpack(blocks + bg * Block::BYTES, part, q, dv, mv);
+        for (int j = 0; j < 8; ++j) {
+          Vf scale = dv, offset = mv;
+          if constexpr (Block::HALVES) {  // w = d * (q - 32), d of the group's half
+            scale = j < 4 ? dv : mv;
+            offset = vmul(scale, vset(-32.f));
+          }
+          for (int i = 0; i < 4; ++i) {  // input 32 g + 4 j + i: the part's rows' values, one per lane
+            const Vi u = iand(isrl32(q[j], 8 * i), byte);
+            vstore(w_t + (32 * g + 4 * j + i) * N + 16 * b + LANES * part, vfmadd(vfloat(u), scale, offset));
+          }
         }
       }
     }
@@ -374,19 +557,16 @@ at::Tensor q8_rows(const at::Tensor& blocks, const at::Tensor& ids, at::ScalarTy
   return out;
 }
 
-// exp(x) for 16 floats x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor
-// polynomial of degree 7 (error below 1e-8 there), times 2^n; 0 below -104 (under float's smallest subnormal).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: r exact enough
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  }
-  return _mm512_scalef_ps(p, n);
+// exp(x) for LANES floats x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor
+// polynomial of degree 7 (error below 1e-8 there), times 2^n; 0 below EXP_FLOOR (where e^x is under 2^-125).
+inline Vf exp_nonpositive(Vf x) {
+  const Vf clamped = vmax(x, vset(EXP_FLOOR));
+  const Vf n = vround(vmul(clamped, vset(1.4426950408889634f)));
+  Vf r = vfnmadd(n, vset(0.693145751953125f), clamped);  // ln2 in two parts: r exact enough
+  r = vfnmadd(n, vset(1.4286068203094173e-06f), r);
+  Vf p = vset(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = vfmadd(p, r, vset(c));
+  return vzero_below_floor(x, vscale_pow2(p, n));
 }
 
 constexpr int64_t SLOTS_PER_CHUNK = 64;  // cache slots a task attends to (partial softmax, merged afterwards)
@@ -398,7 +578,7 @@ template <typename KV>
 void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v, int64_t k_stride, int64_t v_stride,
                   const bool* mask, int64_t mask_stride, int64_t start, int64_t stop, float* max, float* sum,
                   float* acc) {
-  const int64_t n = stop - start, vectors = D / 16;
+  const int64_t n = stop - start, vectors = D / LANES;
   float scores[MAX_ROWS][SLOTS_PER_CHUNK];
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = start + i;
@@ -406,41 +586,40 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
       for (int64_t g = 0; g < G; ++g) scores[g][i] = -INFINITY;
       continue;
     }
-    __m512 key[MAX_DIM / 16];
-    for (int64_t j = 0; j < vectors; ++j) key[j] = load16(k + t * k_stride + 16 * j);
+    Vf key[MAX_DIM / LANES];
+    for (int64_t j = 0; j < vectors; ++j) key[j] = vload(k + t * k_stride + LANES * j);
     for (int64_t g = 0; g < G; ++g) {
-      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), key[0]);
-      for (int64_t j = 1; j < vectors; ++j) dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * j), key[j], dot);
-      scores[g][i] = _mm512_reduce_add_ps(dot);
+      Vf dot = vmul(vload(q + g * D), key[0]);
+      for (int64_t j = 1; j < vectors; ++j) dot = vfmadd(vload(q + g * D + LANES * j), key[j], dot);
+      scores[g][i] = vsum(dot);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     float top = -INFINITY;
     for (int64_t i = 0; i < n; ++i) top = std::max(top, scores[g][i]);
     max[g] = top;
-    __m512 total = _mm512_setzero_ps();
+    Vf total = vzero();
     if (top != -INFINITY) {  // (-inf: every slot of the chunk is masked, and every weight 0)
-      for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-        const __m512 s = _mm512_maskz_loadu_ps(lanes, scores[g] + i);
-        const __m512 e = _mm512_maskz_mov_ps(lanes, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top))));
-        _mm512_mask_storeu_ps(scores[g] + i, lanes, e);
-        total = _mm512_add_ps(total, e);
+      for (int64_t i = 0; i < n; i += LANES) {
+        const Vf s = vload_first(scores[g] + i, n - i);
+        const Vf e = vkeep_first(exp_nonpositive(vsub(s, vset(top))), n - i);
+        vstore_first(scores[g] + i, e, n - i);
+        total = vadd(total, e);
       }
     }
-    sum[g] = _mm512_reduce_add_ps(total);
+    sum[g] = vsum(total);
     // The weighted values, D / 16 accumulators in registers; the chunk's values (16 KB for D = 64 in fp32) stay in
     // L1 from one query row to the next.
-    __m512 out[MAX_DIM / 16];
-    for (int64_t j = 0; j < vectors; ++j) out[j] = _mm512_setzero_ps();
+    Vf out[MAX_DIM / LANES];
+    for (int64_t j = 0; j < vectors; ++j) out[j] = vzero();
     if (top != -INFINITY) {
       for (int64_t i = 0; i < n; ++i) {
-        const __m512 weight = _mm512_set1_ps(scores[g][i]);  // 0 for a masked slot
+        const Vf weight = vset(scores[g][i]);  // 0 for a masked slot
         const KV* value = v + (start + i) * v_stride;
-        for (int64_t j = 0; j < vectors; ++j) out[j] = _mm512_fmadd_ps(weight, load16(value + 16 * j), out[j]);
+        for (int64_t j = 0; j < vectors; ++j) out[j] = vfmadd(weight, vload(value + LANES * j), out[j]);
       }
     }
-    for (int64_t j = 0; j < vectors; ++j) _mm512_storeu_ps(acc + g * D + 16 * j, out[j]);
+    for (int64_t j = 0; j < vectors; ++j) vstore(acc + g * D + LANES * j, out[j]);
   }
 }
 
@@ -469,8 +648,8 @@ void decode_attention_impl(const AttentionArgs<KV>& a) {
     float queries[MAX_ROWS * MAX_DIM];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
-      for (int64_t e = 0; e < G * D; e += 16) {  // the KV head's query rows in float32, scaled once
-        _mm512_storeu_ps(queries + e, _mm512_mul_ps(load16(a.q + bh * G * D + e), _mm512_set1_ps(a.scale)));
+      for (int64_t e = 0; e < G * D; e += LANES) {  // the KV head's query rows in float32, scaled once
+        vstore(queries + e, vmul(vload(a.q + bh * G * D + e), vset(a.scale)));
       }
       float* part = partials + task * G * (D + 2);
       attend_chunk(queries, G, D, a.k + b * a.k_batch + h * a.k_head, a.v + b * a.v_batch + h * a.v_head, a.k_slot,
@@ -483,20 +662,20 @@ void decode_attention_impl(const AttentionArgs<KV>& a) {
     for (int64_t g = 0; g < G; ++g) {
       float top = -INFINITY;
       for (int64_t c = 0; c < chunks; ++c) top = std::max(top, first[c * G * (D + 2) + g]);
-      __m512 out[MAX_DIM / 16];
-      for (int64_t j = 0; j < D / 16; ++j) out[j] = _mm512_setzero_ps();
+      Vf out[MAX_DIM / LANES];
+      for (int64_t j = 0; j < D / LANES; ++j) out[j] = vzero();
       float total = 0.f;
       for (int64_t c = 0; c < chunks; ++c) {
         const float* part = first + c * G * (D + 2);
         if (part[g] == -INFINITY) continue;
         const float w = std::exp(part[g] - top);
         total += w * part[G + g];
-        for (int64_t j = 0; j < D / 16; ++j) {
-          out[j] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(part + 2 * G + g * D + 16 * j), out[j]);
+        for (int64_t j = 0; j < D / LANES; ++j) {
+          out[j] = vfmadd(vset(w), vload(part + 2 * G + g * D + LANES * j), out[j]);
         }
       }
-      const __m512 inverse = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);  // (no slot at all: zeros)
-      for (int64_t j = 0; j < D / 16; ++j) store16(a.y + (bh * G + g) * D + 16 * j, _mm512_mul_ps(out[j], inverse));
+      const Vf inverse = vset(total > 0.f ? 1.f / total : 0.f);  // (no slot at all: zeros)
+      for (int64_t j = 0; j < D / LANES; ++j) vstore(a.y + (bh * G + g) * D + LANES * j, vmul(out[j], inverse));
     }
   }
 }
@@ -574,7 +753,7 @@ void blocks_linear(const T* x, int64_t rows, const at::Tensor& blocks, const std
   if (bias.has_value()) {
     const T* b = bias->data_ptr<T>();
     for (int64_t t = 0; t < rows; ++t) {
-      for (int64_t j = 0; j < N; j += 16) store16(y + t * N + j, _mm512_add_ps(load16(y + t * N + j), load16(b + j)));
+      for (int64_t j = 0; j < N; j += LANES) vstore(y + t * N + j, vadd(vload(y + t * N + j), vload(b + j)));
     }
   }
 }
@@ -584,11 +763,11 @@ template <typename T>
 void rms_norm(const T* x, int64_t rows, int64_t H, const T* weight, float eps, T* out) {
   for (int64_t t = 0; t < rows; ++t) {
     const T* row = x + t * H;
-    __m512 squares = _mm512_setzero_ps();
-    for (int64_t j = 0; j < H; j += 16) squares = _mm512_fmadd_ps(load16(row + j), load16(row + j), squares);
-    const __m512 inverse = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / H + eps));
-    for (int64_t j = 0; j < H; j += 16) {
-      store16(out + t * H + j, _mm512_mul_ps(held_as<T>(_mm512_mul_ps(load16(row + j), inverse)), load16(weight + j)));
+    Vf squares = vzero();
+    for (int64_t j = 0; j < H; j += LANES) squares = vfmadd(vload(row + j), vload(row + j), squares);
+    const Vf inverse = vset(1.f / std::sqrt(vsum(squares) / H + eps));
+    for (int64_t j = 0; j < H; j += LANES) {
+      vstore(out + t * H + j, vmul(held_as<T>(vmul(vload(row + j), inverse)), vload(weight + j)));
     }
   }
 }
@@ -600,11 +779,11 @@ void rotate(T* x, int64_t heads, int64_t D, const float* cos, const float* sin) 
   const int64_t half = D / 2;
   for (int64_t h = 0; h < heads; ++h) {
     T* head = x + h * D;
-    for (int64_t j = 0; j < half; j += 16) {
-      const __m512 x1 = load16(head + j), x2 = load16(head + half + j);
-      const __m512 c = _mm512_loadu_ps(cos + j), s = _mm512_loadu_ps(sin + j);
-      store16(head + j, _mm512_sub_ps(held_as<T>(_mm512_mul_ps(x1, c)), held_as<T>(_mm512_mul_ps(x2, s))));
-      store16(head + half + j, _mm512_add_ps(held_as<T>(_mm512_mul_ps(x2, c)), held_as<T>(_mm512_mul_ps(x1, s))));
+    for (int64_t j = 0; j < half; j += LANES) {
+      const Vf x1 = vload(head + j), x2 = vload(head + half + j);
+      const Vf c = vload(cos + j), s = vload(sin + j);
+      vstore(head + j, vsub(held_as<T>(vmul(x1, c)), held_as<T>(vmul(x2, s))));
+      vstore(head + half + j, vadd(held_as<T>(vmul(x2, c)), held_as<T>(vmul(x1, s))));
     }
   }
 }
@@ -613,26 +792,25 @@ void rotate(T* x, int64_t heads, int64_t D, const float* cos, const float* sin) 
 template <typename T>
 void swiglu(const T* h, int64_t rows, int64_t I, T* out) {
   for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t j = 0; j < I; j += 16) {
-      const __m512 gate = load16(h + t * 2 * I + j), up = load16(h + t * 2 * I + I + j);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gate)));  // e^-|gate|
+    for (int64_t j = 0; j < I; j += LANES) {
+      const Vf gate = vload(h + t * 2 * I + j), up = vload(h + t * 2 * I + I + j);
+      const Vf e = exp_nonpositive(vsub(vzero(), vabs(gate)));  // e^-|gate|
       // sigmoid(gate) = 1 / (1 + e^-gate), or e^gate / (1 + e^gate) for gate < 0: never exp of a positive number
-      const __mmask16 negative = _mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_LT_OQ);
-      const __m512 numerator = _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.f), e);
-      const __m512 silu = _mm512_mul_ps(gate, _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
-      store16(out + t * I + j, _mm512_mul_ps(held_as<T>(silu), up));
+      const Vf numerator = vselect_negative(gate, e, vset(1.f));
+      const Vf silu = vmul(gate, vdiv(numerator, vadd(vset(1.f), e)));
+      vstore(out + t * I + j, vmul(held_as<T>(silu), up));
     }
   }
 }
 
 template <typename From, typename To>
 void convert(const From* in, int64_t count, To* out) {  // count: a multiple of 16
-  for (int64_t i = 0; i < count; i += 16) store16(out + i, load16(in + i));
+  for (int64_t i = 0; i < count; i += LANES) vstore(out + i, vload(in + i));
 }
 
 template <typename T>
 void add_into(T* x, const T* y, int64_t count) {  // the residual stream: x + y, rounded to T
-  for (int64_t i = 0; i < count; i += 16) store16(x + i, _mm512_add_ps(load16(x + i), load16(y + i)));
+  for (int64_t i = 0; i < count; i += LANES) vstore(x + i, vadd(vload(x + i), vload(y + i)));
 }
 
 template <typename T, typename KV>

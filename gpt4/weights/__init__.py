@@ -377,7 +377,7 @@ class _GGUFBlockTensors:
 def choose_quant(gguf: GGUFFile, device) -> str:
     """quant="auto", on a CPU whose PyTorch has AVX2 / AVX-512 kernels, by the types of the file's block layers:
     - every linear layer Q4_0 / Q4_1 / Q4_K: the file's own 4-bit groups (the weights llama.cpp runs; only Q4_K's
-      sub-block scales rounded, to float16), "w4a8" where its kernel runs (AVX-512 VNNI and a C++ toolchain:
+      sub-block scales rounded, to float16), "w4a8" where its kernel runs (AVX-512 VNNI or AVX2, and a C++ toolchain:
       gpt4.kernels.w4a8_ready), "int4" elsewhere;
     - every linear layer in a block format of at most 8 bits (Q8_0, Q5_0, K-quants, ...): "w4a8" where its kernel
       runs, its Q4_0 / Q4_1 / Q4_K layers in 4 bits, Q5_0 / Q5_K layers in 5, Q6_K in 6, and the others in 8-bit
