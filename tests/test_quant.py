@@ -225,7 +225,7 @@ def _activations_in_groups_of_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, amax / 127
 
 
-@pytest.mark.parametrize("rows", [1, 5, 8, 9, 20, 200])  # the kernel (tiles of 8 rows) and prefill's matmul
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 20, 200])  # the kernel (tiles of 8 or 4 rows); prefill's matmul (AMX)
 def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_of_32(rows):
     skip_without_w4a8()
     from gpt4.quant import W4A8Linear
@@ -243,7 +243,7 @@ def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_o
     x[0, :32] = 0  # an all-zero group: scale 0, no division by it
     kernel = torch.ops.gpt4_kernels.w4a8_matmul  # reads bf16 as it is and rounds its bf16 result as torch does
     assert torch.equal(kernel(x.bfloat16(), layer.blocks), kernel(x.bfloat16().float(), layer.blocks).bfloat16())
-    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
+    if rows >= DEQUANTIZE_ROWS and quant.bf16_matmul_is_native():  # prefill: the bf16 matmul, dequantized weight
         assert torch.equal(layer.dequantized_t(), weight.t().bfloat16())
         exact = F.linear(x, weight, b.bfloat16().float())
         assert (layer(x) - exact).norm() / exact.norm() < 0.01  # bf16 activations, weights, products
@@ -378,7 +378,7 @@ def _assert_multiplies_as_its_weight(layer, weight, bias, rows, generator):
     """A blocks layer against its weight (out, in): decode rows as activations quantized to int8 in groups of 32
     times the weight (to float32's rounding), a prefill chunk as the bf16 matmul (to 1%); a row alone as in a batch."""
     x = torch.randn(rows, weight.shape[1], generator=generator) * torch.linspace(0.1, 10, weight.shape[1])
-    if rows >= 128:  # prefill: the bf16 matmul with the dequantized weight
+    if rows >= DEQUANTIZE_ROWS and quant.bf16_matmul_is_native():  # prefill: the bf16 matmul, dequantized weight
         exact = F.linear(x, weight, bias.bfloat16().float())
         assert (layer(x) - exact).norm() / exact.norm() < 0.01
         return

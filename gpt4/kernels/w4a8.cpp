@@ -87,8 +87,13 @@ inline Vi iadd8_where(Vi q, const uint8_t* mask, Vi value) {
   std::memcpy(&bits, mask, sizeof(bits));
   return _mm512_mask_add_epi8(q, bits, q, value);
 }
-// acc + in each lane the sum of its 4 byte products u (unsigned, at most 63) x s (signed)
-inline Vi dot4(Vi acc, Vi u, Vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+// acc + in each lane the sums of its byte products u x s over q[0..n-1]: q[j]'s unsigned weights (at most 63) times
+// 4 signed activation bytes, xg[j], broadcast. (SUMS: the AVX2 version's.)
+template <int SUMS>
+inline Vi dot_bytes(Vi acc, const Vi* q, const int32_t* xg, int n) {
+  for (int j = 0; j < n; ++j) acc = _mm512_dpbusd_epi32(acc, q[j], _mm512_set1_epi32(xg[j]));
+  return acc;
+}
 // The same for any u in 0..255 (Q8Block's q + 128). WIDE_DOT_OFFSET: where it gives the sum of (u - 128) x s instead.
 inline Vi dot4_wide(Vi acc, Vi u, Vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
 constexpr bool WIDE_DOT_OFFSET = false;
@@ -185,9 +190,19 @@ inline Vi iadd8_where(Vi q, const uint8_t* mask, Vi value) {
   const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
   return _mm256_add_epi8(q, _mm256_and_si256(set, value));
 }
-// vpmaddubsw sums pairs of u x s in int16 with saturation: exact for u <= 127 (2 x 127 x 127 < 2^15).
-inline Vi dot4(Vi acc, Vi u, Vi s) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+// vpmaddubsw sums pairs of u x s in int16 with saturation, exact for u <= 127 (2 x 127 x 127 < 2^15); SUMS of its
+// results are added in int16 before each widening (vpmaddwd): as many as int16 holds for the block's largest u
+// (4-bit weights: 8 x 2 x 15 x 127 < 2^15).
+template <int SUMS>
+inline Vi dot_bytes(Vi acc, const Vi* q, const int32_t* xg, int n) {
+  for (int j = 0; j < n; j += SUMS) {
+    __m256i pairs = _mm256_maddubs_epi16(q[j], _mm256_set1_epi32(xg[j]));
+    for (int k = 1; k < SUMS; ++k) {
+      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(q[j + k], _mm256_set1_epi32(xg[j + k])));
+    }
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  return acc;
 }
 // u in 0..255 as the signed u - 128 (the sign moved onto s: |u - 128| <= 128 keeps the pairs exact).
 inline Vi dot4_wide(Vi acc, Vi u, Vi s) {
@@ -217,6 +232,7 @@ struct Q4Block {  // 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
   static constexpr int64_t BYTES = 320;
   static constexpr bool HALVES = false;  // (one d and m a group; see Q6Block)
   static constexpr bool WIDE = false;    // (u at most 63; see Q8Block)
+  static constexpr int SUMS = 8;         // dot_bytes' int16 sums: u at most 15
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     const Vi low = iset8(0x0F);
     for (int c = 0; c < 4; ++c) {
@@ -233,6 +249,7 @@ struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks
   static constexpr int64_t BYTES = 352;
   static constexpr bool HALVES = false;
   static constexpr bool WIDE = false;
+  static constexpr int SUMS = 4;  // u at most 31
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     const Vi low = iset8(0x0F), sixteen = iset8(16);
     for (int c = 0; c < 4; ++c) {
@@ -251,6 +268,7 @@ struct Q5MBlock {  // GGUF's Q5_K sub-blocks: Q5Block's bytes, then 16 fp16 m: w
   static constexpr int64_t BYTES = 384;
   static constexpr bool HALVES = false;
   static constexpr bool WIDE = false;
+  static constexpr int SUMS = 4;
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     Q5Block::unpack(w, part, q, dv, mv);
     mv = vhalf(w + 352 + 2 * LANES * part);
@@ -264,6 +282,7 @@ struct Q6Block {
   static constexpr int64_t BYTES = 448;
   static constexpr bool HALVES = true;
   static constexpr bool WIDE = false;
+  static constexpr int SUMS = 2;  // u at most 63
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     const Vi low = iset8(0x0F), sixteen = iset8(16), thirty_two = iset8(32);
     for (int c = 0; c < 4; ++c) {
@@ -284,6 +303,7 @@ struct Q8Block {  // 512 bytes u = q + 128, 16 fp16 d: w = d * (u - 128)
   static constexpr int64_t BYTES = 544;
   static constexpr bool HALVES = false;
   static constexpr bool WIDE = true;  // u up to 255: dot4_wide
+  static constexpr int SUMS = 1;
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     for (int j = 0; j < 8; ++j) q[j] = iload(w + 64 * j + PART_BYTES * part);
     dv = vhalf(w + 512 + 2 * LANES * part);
@@ -372,8 +392,8 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
               const int64_t i = (t0 + t) * G + g;
               if constexpr (Block::HALVES) {  // each half's own d: d * sum (q - 32) x = d * (dot - 32 sum x), exactly
                 Vi lo = iset32(-32 * HS[2 * i]), hi = iset32(-32 * HS[2 * i + 1]);
-                for (int j = 0; j < 4; ++j) lo = dot4(lo, q[j], iset32(xg[j]));
-                for (int j = 4; j < 8; ++j) hi = dot4(hi, q[j], iset32(xg[j]));
+                lo = dot_bytes<Block::SUMS>(lo, q, xg, 4);
+                hi = dot_bytes<Block::SUMS>(hi, q + 4, xg + 4, 4);
                 const Vf s = vset(S[i]);
                 acc[t] = vfmadd(vmul(vfloat(lo), dv), s, acc[t]);
                 acc[t] = vfmadd(vmul(vfloat(hi), mv), s, acc[t]);
@@ -383,8 +403,7 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
                   dot = iset32(WIDE_DOT_OFFSET ? 128 * GS[i] : 0);  // sum u x = sum (u - 128) x + 128 sum x
                   for (int j = 0; j < 8; ++j) dot = dot4_wide(dot, q[j], iset32(xg[j]));
                 } else {
-                  dot = izero();
-                  for (int j = 0; j < 8; ++j) dot = dot4(dot, q[j], iset32(xg[j]));
+                  dot = dot_bytes<Block::SUMS>(izero(), q, xg, 8);
                 }
                 acc[t] = vfmadd(vmul(vfloat(dot), dv), vset(S[i]), acc[t]);
                 acc[t] = vfmadd(mv, vset(SS[i]), acc[t]);
