@@ -260,12 +260,13 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype)  # (N, in)
+        x = x.reshape(-1, shape[-1])  # (N, in)
         if x.shape[0] >= DEQUANTIZE_ROWS:
-            compute = prefill_dtype(x.dtype)
+            compute = prefill_dtype(self.scales_and_zeros.dtype)
             y = x.to(compute) @ self.dequantized_t(compute)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        else:  # (in the scales' dtype, which the kernel wants)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales_and_zeros.dtype), self.packed,
+                                                           self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features)
         y = y if self.bias is None else y + self.bias
         return y.to(dtype)  # the caller's dtype: an fp32 model with quantized layers stays fp32 between them

@@ -1,14 +1,15 @@
 """C++ kernels of our own, built on first use with PyTorch's cpp_extension (g++ and ninja) and cached.
 
 w4a8.cpp: 4-bit weights times activations quantized to int8 in groups of 32, multiplied in integers with AVX-512 VNNI
-(or, on CPUs without AVX-512, AVX2's byte multiplies), as llama.cpp multiplies its Q4 blocks by Q8 activations (`--quant w4a8`, auto's choice where it runs;
-gpt4.quant.W4A8Linear), and the same blocks dequantized for prompt chunks. On the default model a decode step's 4-bit
-matmuls take 1.3-2.1x less time than with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows
-(benchmarks/bench_int4_vnni_kernel.py; docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0 groups
-(gpt4.quant.Q8Linear, run 18) and a file's 5-bit and 6-bit groups (gpt4.quant.Q5Linear, Q6Linear; runs 19-20), and
-a decode step's attention (gpt4.model.Attention.use_decode_kernel), which w4a8 models use too. decode_layers runs a
-whole decode step's layers of such a model in one call, these kernels back to back with the norms, rotations and
-activations between them (gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19).
+(on CPUs without AVX-512, with AVX2's byte multiplies: a build of the same source), as llama.cpp multiplies its Q4
+blocks by Q8 activations (`--quant w4a8`, auto's choice where it runs; gpt4.quant.W4A8Linear), and the same blocks
+dequantized for prompt chunks. On the default model a decode step's 4-bit matmuls take 1.3-2.1x less time than
+with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows (benchmarks/bench_int4_vnni_kernel.py;
+docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0 groups (gpt4.quant.Q8Linear, run 18) and a
+file's 5-bit and 6-bit groups (gpt4.quant.Q5Linear, Q6Linear; runs 19-20), and a decode step's attention
+(gpt4.model.Attention.use_decode_kernel), which w4a8 models use too. decode_layers runs a whole decode step's layers
+of such a model in one call, these kernels back to back with the norms, rotations and activations between them
+(gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19). The AVX2 build: run 21.
 """
 
 from __future__ import annotations
