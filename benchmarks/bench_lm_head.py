@@ -1,7 +1,7 @@
 """The default model's LM head (49152 x 576, tied to the embedding; Q8_0 in its file) through each 8-bit kernel.
 
     q8 (w4a8's head): the file's Q8_0 groups of 32 times activations quantized to int8 in groups of 32, our kernel
-        (gpt4_kernels.q8_matmul, AVX-512 VNNI);
+        (gpt4_kernels.q8_matmul, AVX-512 VNNI or AVX2);
     int8, weight-only: per-row int8 weights, bf16 activations (aten._weight_int8pack_mm; int4's eager head);
     int8, integer: the same weights packed for oneDNN, activations as two int8 rows (~16 bits; int4's head under
         --compile, where the CPU has VNNI).
@@ -50,7 +50,7 @@ def main() -> None:
 
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant="w4a8")
     q8 = model.lm_head
-    assert isinstance(q8, Q8Linear), "the w4a8 head needs our kernel (AVX-512 VNNI)"
+    assert isinstance(q8, Q8Linear), "the w4a8 head needs our kernel (AVX-512 VNNI or AVX2)"
     table = q8.dequantized().float()  # (vocab, hidden): the file's Q8_0 values, exactly
     weight_only = Int8Linear(table, None)
     integer = Int8Linear(table, None)
