@@ -215,9 +215,9 @@ inline void store_int8(int8_t* out, Vi v) {
   const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(words, words));
 }
-inline int32_t sum16_int8(const int8_t* p) {
-  return isum(_mm256_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))) +
-         isum(_mm256_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+inline int32_t sum16_int8(const int8_t* p) {  // (8-byte loads: nothing read past p + 15)
+  return isum(_mm256_add_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+                               _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))));
 }
 #endif
 constexpr int PARTS = 16 / LANES;  // a block's 16 rows in parts of LANES rows
