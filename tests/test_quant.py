@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt4 import GPT4LMHeadModel
-from gpt4 import quant
-from gpt4.quant import DEQUANTIZE_ROWS, Int4Linear, Int8Embedding, Int8Linear, integer_matmul_available, linear_bytes, quantize_
+from gpt4 import GPT4LMHeadModel, quant
+from gpt4.quant import (DEQUANTIZE_ROWS, Int4Linear, Int8Embedding, Int8Linear, integer_matmul_available, linear_bytes,
+                        quantize_)
 
 from .conftest import skip_without_w4a8, tiny_model
 
@@ -376,7 +376,8 @@ def test_w4a8_makes_the_head_and_embedding_q8_tables_held_once_when_tied(family)
 
 def _assert_multiplies_as_its_weight(layer, weight, bias, rows, generator):
     """A blocks layer against its weight (out, in): decode rows as activations quantized to int8 in groups of 32
-    times the weight (to float32's rounding), a prefill chunk as the bf16 matmul (to 1%); a row alone as in a batch."""
+    times the weight (to float32's rounding), a prefill chunk as the bf16 matmul where bf16 is native (to 1%; elsewhere
+    through the kernel as decode rows); a row alone as in a batch."""
     x = torch.randn(rows, weight.shape[1], generator=generator) * torch.linspace(0.1, 10, weight.shape[1])
     if rows >= DEQUANTIZE_ROWS and quant.bf16_matmul_is_native():  # prefill: the bf16 matmul, dequantized weight
         exact = F.linear(x, weight, bias.bfloat16().float())
