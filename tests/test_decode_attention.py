@@ -21,7 +21,8 @@ def decode_attention():
 
 # (batch, KV heads, query rows a KV head, head size, slots): one and several chunks of 64, a partial last chunk,
 # the largest row count and head size, one slot.
-SHAPES = [(1, 3, 3, 64, 512), (2, 3, 3, 64, 70), (3, 2, 1, 32, 1), (1, 1, 16, 256, 200), (4, 2, 4, 64, 64)]
+SHAPES = [(1, 3, 3, 64, 512), (2, 3, 3, 64, 70), (3, 2, 1, 32, 1), (1, 1, 16, 256, 200), (4, 2, 4, 64, 64),
+          (2, 2, 4, 128, 100)]  # (head sizes 64 and 128 have their own instantiations, the others a general one)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])

@@ -593,11 +593,14 @@ constexpr int64_t MAX_ROWS = 16, MAX_DIM = 256;
 
 // One task: G query rows (q, float32, scaled) of one KV head over slots start..stop-1. Writes the rows' maxima of
 // the scores, their sums of exp(score - max), and (G, D) sums of exp(score - max) * v over the unmasked slots.
-template <typename KV>
+// V: D / LANES where the head size is one of the common ones (64, 128), else 0 (read from D). A constant count
+// keeps a key's and a row's weighted values in registers; counted at run time they were kept in memory (the default
+// model's 30 layers over 512 slots: 2.7 ms a step on the AVX2 EPYC).
+template <typename KV, int V>
 void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v, int64_t k_stride, int64_t v_stride,
                   const bool* mask, int64_t mask_stride, int64_t start, int64_t stop, float* max, float* sum,
                   float* acc) {
-  const int64_t n = stop - start, vectors = D / LANES;
+  const int64_t n = stop - start, vectors = V > 0 ? V : D / LANES;
   float scores[MAX_ROWS][SLOTS_PER_CHUNK];
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = start + i;
@@ -605,10 +608,12 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
       for (int64_t g = 0; g < G; ++g) scores[g][i] = -INFINITY;
       continue;
     }
-    Vf key[MAX_DIM / LANES];
+    Vf key[V > 0 ? V : MAX_DIM / LANES];
+#pragma GCC unroll 16
     for (int64_t j = 0; j < vectors; ++j) key[j] = vload(k + t * k_stride + LANES * j);
     for (int64_t g = 0; g < G; ++g) {
       Vf dot = vmul(vload(q + g * D), key[0]);
+#pragma GCC unroll 16
       for (int64_t j = 1; j < vectors; ++j) dot = vfmadd(vload(q + g * D + LANES * j), key[j], dot);
       scores[g][i] = vsum(dot);
     }
@@ -629,15 +634,18 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
     sum[g] = vsum(total);
     // The weighted values, D / 16 accumulators in registers; the chunk's values (16 KB for D = 64 in fp32) stay in
     // L1 from one query row to the next.
-    Vf out[MAX_DIM / LANES];
+    Vf out[V > 0 ? V : MAX_DIM / LANES];
+#pragma GCC unroll 16
     for (int64_t j = 0; j < vectors; ++j) out[j] = vzero();
     if (top != -INFINITY) {
       for (int64_t i = 0; i < n; ++i) {
         const Vf weight = vset(scores[g][i]);  // 0 for a masked slot
         const KV* value = v + (start + i) * v_stride;
+#pragma GCC unroll 16
         for (int64_t j = 0; j < vectors; ++j) out[j] = vfmadd(weight, vload(value + LANES * j), out[j]);
       }
     }
+#pragma GCC unroll 16
     for (int64_t j = 0; j < vectors; ++j) vstore(acc + g * D + LANES * j, out[j]);
   }
 }
@@ -671,9 +679,19 @@ void decode_attention_impl(const AttentionArgs<KV>& a) {
         vstore(queries + e, vmul(vload(a.q + bh * G * D + e), vset(a.scale)));
       }
       float* part = partials + task * G * (D + 2);
-      attend_chunk(queries, G, D, a.k + b * a.k_batch + h * a.k_head, a.v + b * a.v_batch + h * a.v_head, a.k_slot,
-                   a.v_slot, a.mask == nullptr ? nullptr : a.mask + b * a.mask_batch, a.mask_slot,
-                   c * SLOTS_PER_CHUNK, std::min(slots, (c + 1) * SLOTS_PER_CHUNK), part, part + G, part + 2 * G);
+      const auto attend = [&](auto vectors) {  // (vectors: attend_chunk's V, as a type)
+        attend_chunk<KV, decltype(vectors)::value>(
+            queries, G, D, a.k + b * a.k_batch + h * a.k_head, a.v + b * a.v_batch + h * a.v_head, a.k_slot, a.v_slot,
+            a.mask == nullptr ? nullptr : a.mask + b * a.mask_batch, a.mask_slot, c * SLOTS_PER_CHUNK,
+            std::min(slots, (c + 1) * SLOTS_PER_CHUNK), part, part + G, part + 2 * G);
+      };
+      if (D == 64) {
+        attend(std::integral_constant<int, 64 / LANES>{});
+      } else if (D == 128) {
+        attend(std::integral_constant<int, 128 / LANES>{});
+      } else {
+        attend(std::integral_constant<int, 0>{});
+      }
     }
   });
   for (int64_t bh = 0; bh < B * H; ++bh) {  // merge the chunks: the softmax over all slots
