@@ -228,20 +228,34 @@ inline Vf vload(const at::BFloat16* p) { return vbf16(p); }
 // ---------------------------------------------------------------------------------------------------------------
 // The block formats, each 16 output rows x 32 inputs. unpack(w, part, ...): q[j], lane r: row (LANES part + r)'s
 // weights 4j..4j+3 of the group as unsigned bytes u, and w = d * u + m for each row.
+
+// The part's rows in a block's first 256 bytes, 4 chunks of 64 nibble pairs (see w4a8_matmul), as q[0..7].
+inline void unpack_nibbles(const uint8_t* w, int part, Vi q[8]) {
+  const Vi low = iset8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const Vi v = iload(w + 64 * c + PART_BYTES * part);
+    q[c] = iand(v, low);
+    q[c + 4] = iand(isrl16(v, 4), low);
+  }
+}
+
+// Adds value to the bytes of q[j] under mask j of the 8 at w + start (8 bytes each, bit 4r + i: row r's input 4j + i).
+inline void add_under_masks(const uint8_t* w, int start, int part, Vi q[8], Vi value) {
+  for (int j = 0; j < 8; ++j) q[j] = iadd8_where(q[j], w + start + 8 * j + PART_BYTES / 8 * part, value);
+}
+
+// The part's rows' values of the 16 fp16 ones at w + start.
+inline Vf part_halves(const uint8_t* w, int start, int part) { return vhalf(w + start + 2 * LANES * part); }
+
 struct Q4Block {  // 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
   static constexpr int64_t BYTES = 320;
   static constexpr bool HALVES = false;  // (one d and m a group; see Q6Block)
   static constexpr bool WIDE = false;    // (u at most 63; see Q8Block)
   static constexpr int SUMS = 8;         // dot_bytes' int16 sums: u at most 15
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
-    const Vi low = iset8(0x0F);
-    for (int c = 0; c < 4; ++c) {
-      const Vi v = iload(w + 64 * c + PART_BYTES * part);
-      q[c] = iand(v, low);
-      q[c + 4] = iand(isrl16(v, 4), low);
-    }
-    dv = vhalf(w + 256 + 2 * LANES * part);
-    mv = vhalf(w + 288 + 2 * LANES * part);
+    unpack_nibbles(w, part, q);
+    dv = part_halves(w, 256, part);
+    mv = part_halves(w, 288, part);
   }
 };
 
@@ -251,15 +265,9 @@ struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks
   static constexpr bool WIDE = false;
   static constexpr int SUMS = 4;  // u at most 31
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
-    const Vi low = iset8(0x0F), sixteen = iset8(16);
-    for (int c = 0; c < 4; ++c) {
-      const Vi v = iload(w + 64 * c + PART_BYTES * part);
-      q[c] = iand(v, low);
-      q[c + 4] = iand(isrl16(v, 4), low);
-    }
-    // Mask j (8 bytes), bit 4r + i: row r's input 4j + i has 16 added (q[j]'s byte 4r + i).
-    for (int j = 0; j < 8; ++j) q[j] = iadd8_where(q[j], w + 256 + 8 * j + PART_BYTES / 8 * part, sixteen);
-    dv = vhalf(w + 320 + 2 * LANES * part);
+    unpack_nibbles(w, part, q);
+    add_under_masks(w, 256, part, q, iset8(16));  // the fifth bits
+    dv = part_halves(w, 320, part);
     mv = vmul(dv, vset(-16.f));  // w = d * (u - 16)
   }
 };
@@ -271,7 +279,7 @@ struct Q5MBlock {  // GGUF's Q5_K sub-blocks: Q5Block's bytes, then 16 fp16 m: w
   static constexpr int SUMS = 4;
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     Q5Block::unpack(w, part, q, dv, mv);
-    mv = vhalf(w + 352 + 2 * LANES * part);
+    mv = part_halves(w, 352, part);
   }
 };
 
@@ -284,18 +292,11 @@ struct Q6Block {
   static constexpr bool WIDE = false;
   static constexpr int SUMS = 2;  // u at most 63
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
-    const Vi low = iset8(0x0F), sixteen = iset8(16), thirty_two = iset8(32);
-    for (int c = 0; c < 4; ++c) {
-      const Vi v = iload(w + 64 * c + PART_BYTES * part);
-      q[c] = iand(v, low);
-      q[c + 4] = iand(isrl16(v, 4), low);
-    }
-    for (int j = 0; j < 8; ++j) {
-      q[j] = iadd8_where(q[j], w + 256 + 8 * j + PART_BYTES / 8 * part, sixteen);
-      q[j] = iadd8_where(q[j], w + 320 + 8 * j + PART_BYTES / 8 * part, thirty_two);
-    }
-    dv = vhalf(w + 384 + 2 * LANES * part);
-    mv = vhalf(w + 416 + 2 * LANES * part);
+    unpack_nibbles(w, part, q);
+    add_under_masks(w, 256, part, q, iset8(16));
+    add_under_masks(w, 320, part, q, iset8(32));
+    dv = part_halves(w, 384, part);
+    mv = part_halves(w, 416, part);
   }
 };
 
@@ -306,7 +307,7 @@ struct Q8Block {  // 512 bytes u = q + 128, 16 fp16 d: w = d * (u - 128)
   static constexpr int SUMS = 1;
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     for (int j = 0; j < 8; ++j) q[j] = iload(w + 64 * j + PART_BYTES * part);
-    dv = vhalf(w + 512 + 2 * LANES * part);
+    dv = part_halves(w, 512, part);
     mv = vmul(dv, vset(-128.f));
   }
 };
