@@ -359,6 +359,54 @@ void quantize_groups(const T* x, int64_t count, int8_t* xq, float* scale, float*
   }
 }
 
+// A matmul's activations quantized by quantize_groups: rows of G groups of 32 int8, each group's scale, scale x sum,
+// sum and (HALVES blocks) its halves' sums.
+struct QuantizedRows {
+  const int8_t* q;
+  const float *scale, *scaled_sum;
+  const int32_t *sum, *half_sums;
+  int64_t G;
+};
+
+constexpr int TILE = LANES == 16 ? 8 : 4;  // token rows sharing one unpacking of the weights (in registers)
+
+// ROWS token rows from t0 times one part of a row of blocks, written to out (row t at out + t N). ROWS is a constant
+// so that the accumulators stay in registers: in memory, each group's additions to them would wait for the last
+// group's stores (a single row's chain of store, reload and two multiply-adds bounded its speed).
+template <typename Block, int ROWS, typename T>
+inline void tile(const QuantizedRows& a, int64_t t0, const uint8_t* block_row, int part, T* out, int64_t N) {
+  Vf acc[ROWS], offsets[ROWS];  // the m terms in their own sums: two shorter chains
+  for (int t = 0; t < ROWS; ++t) acc[t] = offsets[t] = vzero();
+  for (int64_t g = 0; g < a.G; ++g) {
+    Vi q[8];
+    Vf dv, mv;
+    Block::unpack(block_row + g * Block::BYTES, part, q, dv, mv);
+    for (int t = 0; t < ROWS; ++t) {
+      const int64_t i = (t0 + t) * a.G + g;
+      const int32_t* xg = reinterpret_cast<const int32_t*>(a.q + i * 32);
+      const Vf s = vset(a.scale[i]);
+      if constexpr (Block::HALVES) {  // each half's own d: d * sum (q - 32) x = d * (dot - 32 sum x), exactly
+        Vi lo = iset32(-32 * a.half_sums[2 * i]), hi = iset32(-32 * a.half_sums[2 * i + 1]);
+        lo = dot_bytes<Block::SUMS>(lo, q, xg, 4);
+        hi = dot_bytes<Block::SUMS>(hi, q + 4, xg + 4, 4);
+        acc[t] = vfmadd(vmul(vfloat(lo), dv), s, acc[t]);
+        offsets[t] = vfmadd(vmul(vfloat(hi), mv), s, offsets[t]);
+      } else {
+        Vi dot;
+        if constexpr (Block::WIDE) {
+          dot = iset32(WIDE_DOT_OFFSET ? 128 * a.sum[i] : 0);  // sum u x = sum (u - 128) x + 128 sum x
+          for (int j = 0; j < 8; ++j) dot = dot4_wide(dot, q[j], iset32(xg[j]));
+        } else {
+          dot = dot_bytes<Block::SUMS>(izero(), q, xg, 8);
+        }
+        acc[t] = vfmadd(vmul(vfloat(dot), dv), s, acc[t]);
+        offsets[t] = vfmadd(mv, vset(a.scaled_sum[i]), offsets[t]);
+      }
+    }
+  }
+  for (int t = 0; t < ROWS; ++t) vstore(out + (t0 + t) * N, vadd(acc[t], offsets[t]));
+}
+
 template <typename Block, typename T>
 void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, int64_t N, T* y) {
   const int64_t G = K / 32;
@@ -376,43 +424,19 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
   if constexpr (Block::HALVES) {
     for (int64_t h = 0; h < 2 * rows_total * G; ++h) HS[h] = sum16_int8(XQ + 16 * h);
   }
+  const QuantizedRows a{XQ, S, SS, GS, HS, G};
   at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
-    constexpr int TILE = LANES == 16 ? 8 : 4;  // token rows sharing one unpacking of the weights (in registers)
     for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block_row = blocks + b * G * Block::BYTES;
       for (int part = 0; part < PARTS; ++part) {
-        for (int64_t t0 = 0; t0 < rows_total; t0 += TILE) {
-          const int64_t rows = std::min<int64_t>(TILE, rows_total - t0);
-          Vf acc[TILE];
-          for (int t = 0; t < TILE; ++t) acc[t] = vzero();
-          for (int64_t g = 0; g < G; ++g) {
-            Vi q[8];
-            Vf dv, mv;
-            Block::unpack(blocks + (b * G + g) * Block::BYTES, part, q, dv, mv);
-            for (int64_t t = 0; t < rows; ++t) {
-              const int32_t* xg = reinterpret_cast<const int32_t*>(XQ + (t0 + t) * K + g * 32);
-              const int64_t i = (t0 + t) * G + g;
-              if constexpr (Block::HALVES) {  // each half's own d: d * sum (q - 32) x = d * (dot - 32 sum x), exactly
-                Vi lo = iset32(-32 * HS[2 * i]), hi = iset32(-32 * HS[2 * i + 1]);
-                lo = dot_bytes<Block::SUMS>(lo, q, xg, 4);
-                hi = dot_bytes<Block::SUMS>(hi, q + 4, xg + 4, 4);
-                const Vf s = vset(S[i]);
-                acc[t] = vfmadd(vmul(vfloat(lo), dv), s, acc[t]);
-                acc[t] = vfmadd(vmul(vfloat(hi), mv), s, acc[t]);
-              } else {
-                Vi dot;
-                if constexpr (Block::WIDE) {
-                  dot = iset32(WIDE_DOT_OFFSET ? 128 * GS[i] : 0);  // sum u x = sum (u - 128) x + 128 sum x
-                  for (int j = 0; j < 8; ++j) dot = dot4_wide(dot, q[j], iset32(xg[j]));
-                } else {
-                  dot = dot_bytes<Block::SUMS>(izero(), q, xg, 8);
-                }
-                acc[t] = vfmadd(vmul(vfloat(dot), dv), vset(S[i]), acc[t]);
-                acc[t] = vfmadd(mv, vset(SS[i]), acc[t]);
-              }
-            }
-          }
-          for (int64_t t = 0; t < rows; ++t) vstore(y + (t0 + t) * N + b * 16 + part * LANES, acc[t]);
+        T* out = y + b * 16 + part * LANES;
+        int64_t t = 0;  // whole tiles, then the rest in tiles of 4 (AVX-512), 2 and 1 rows
+        for (; t + TILE <= rows_total; t += TILE) tile<Block, TILE>(a, t, block_row, part, out, N);
+        if constexpr (TILE > 4) {
+          if (rows_total - t >= 4) tile<Block, 4>(a, t, block_row, part, out, N), t += 4;
         }
+        if (rows_total - t >= 2) tile<Block, 2>(a, t, block_row, part, out, N), t += 2;
+        if (rows_total - t >= 1) tile<Block, 1>(a, t, block_row, part, out, N);
       }
     }
   });
