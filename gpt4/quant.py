@@ -421,20 +421,18 @@ def _pack_halves(blocks: torch.Tensor, start: int, values: torch.Tensor) -> None
     blocks[..., start:start + 32].view(torch.float16).copy_(values.reshape(rows // 16, 16, groups).transpose(1, 2))
 
 
-def _pack_bit_masks(blocks: torch.Tensor, start: int, bits: torch.Tensor) -> None:
-    """Bytes start..start+63 of each block (b, g): 8 masks of 64 bits, mask j's bit 4r + i the bit of row r's element
-    4j + i of group g (the kernel adds a power of two to those bytes of its unpacked q[j]). bits (out, in // 32, 4)
-    bytes, bit k of their little-endian word element k's."""
+def _pack_bit_plane(blocks: torch.Tensor, start: int, bits: torch.Tensor) -> None:
+    """Bytes start..start+63 of each block (b, g): a bit plane, byte 4r + i's bit j the bit of row r's element 4j + i
+    of group g (the kernel adds a power of two to byte 4r + i of its unpacked q[j] where it is set: byte 4r + i of
+    q[j] holds that element). bits (out, in // 32, 4) bytes, bit k of their little-endian word element k's."""
     n, groups = bits.shape[:2]
-    # Mask j's byte k holds rows 2k and 2k + 1: nibble j (elements 4j..4j+3) of each row's 32 bits, low and high. Each
-    # row's word spread to 8 bytes, byte j its nibble j (bits moved apart in three steps).
-    words = _int32_words(bits).view(n // 2, 2, groups).long() & 0xFFFFFFFF  # (row pair, row, g)
-    words = (words | (words << 16)) & 0x0000FFFF0000FFFF
-    words = (words | (words << 8)) & 0x00FF00FF00FF00FF
-    words = (words | (words << 4)) & 0x0F0F0F0F0F0F0F0F
-    pairs = words[:, 0] | (words[:, 1] << 4)  # (row pair, g): byte j, mask j's byte for this pair
-    masks = pairs.view(n // 16, 8, groups, 1).view(torch.uint8)  # (b, k, g, j)
-    blocks[..., start:start + 64].view(n // 16, groups, 8, 8).copy_(masks.permute(0, 2, 3, 1))  # (b, g, j, k)
+    # Plane byte i: bits i, 4 + i, .., 28 + i of the word, moved together in three steps (the masks drop the sign
+    # bits an arithmetic shift brings in).
+    x = (_int32_words(bits).view(n, groups, 1) >> torch.arange(4, dtype=torch.int32)) & 0x11111111
+    x = (x | (x >> 3)) & 0x03030303
+    x = (x | (x >> 6)) & 0x000F000F
+    plane = ((x | (x >> 12)) & 0xFF).to(torch.uint8)  # (out, groups, 4)
+    blocks[..., start:start + 64].view(n // 16, groups, 16, 4).copy_(plane.view(n // 16, 16, groups, 4).transpose(1, 2))
 
 
 class Q5Linear(BlocksLinear):
@@ -456,12 +454,11 @@ class Q5Linear(BlocksLinear):
         offsets = not torch.equal(m, -16 * d)
         if offsets:
             self.kind = "q5k"
-        # Block (b, g): the nibbles as w4a8's; then 8 masks of 64 bits, mask j's bit 4r + i the fifth bit of row r's
-        # element 4j + i (the kernel adds 16 to those bytes of its unpacked q[j]); then the 16 rows' d in float16
-        # (and their m).
+        # Block (b, g): the nibbles as w4a8's; then the fifth bits' plane (byte 4r + i's bit j row r's element 4j + i:
+        # the kernel adds 16 to those bytes of its unpacked q[j]); then the 16 rows' d in float16 (and their m).
         blocks = torch.empty(n // 16, groups, 384 if offsets else 352, dtype=torch.uint8)
         _pack_nibbles(blocks, nibbles)
-        _pack_bit_masks(blocks, 256, fifth)
+        _pack_bit_plane(blocks, 256, fifth)
         _pack_halves(blocks, 320, d)
         if offsets:
             _pack_halves(blocks, 352, m)
@@ -495,12 +492,12 @@ class Q6Linear(BlocksLinear):
         super().__init__()
         n, groups = d.shape[:2]
         assert n % 16 == 0 and nibbles.shape == (n, groups, 16) and d.shape == (n, groups, 2), (nibbles.shape,)
-        # Block (b, g): the nibbles as w4a8's, the fifth bits' masks as Q5Linear's, the sixth bits' likewise; then the
+        # Block (b, g): the nibbles as w4a8's, the fifth bits' plane as Q5Linear's, the sixth bits' likewise; then the
         # 16 rows' d of the group's first half in float16, and of its second.
         blocks = torch.empty(n // 16, groups, 448, dtype=torch.uint8)
         _pack_nibbles(blocks, nibbles)
-        _pack_bit_masks(blocks, 256, fifth)
-        _pack_bit_masks(blocks, 320, sixth)
+        _pack_bit_plane(blocks, 256, fifth)
+        _pack_bit_plane(blocks, 320, sixth)
         _pack_halves(blocks, 384, d[..., 0])
         _pack_halves(blocks, 416, d[..., 1])
         self._hold(blocks, bias, dtype)

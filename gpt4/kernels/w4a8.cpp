@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -81,11 +80,10 @@ inline Vi isll32(Vi a, int n) { return _mm512_slli_epi32(a, n); }
 inline Vf icast_float(Vi a) { return _mm512_castsi512_ps(a); }
 inline Vi fcast_int(Vf a) { return _mm512_castps_si512(a); }
 inline int32_t isum(Vi a) { return _mm512_reduce_add_epi32(a); }
-// Adds value to the bytes of q whose bits are set in mask (4 LANES bits, bit i for byte i).
-inline Vi iadd8_where(Vi q, const uint8_t* mask, Vi value) {
-  __mmask64 bits;
-  std::memcpy(&bits, mask, sizeof(bits));
-  return _mm512_mask_add_epi8(q, bits, q, value);
+// q + 2^to in the bytes whose byte of plane has bit `from` set.
+inline Vi iadd_plane_bit(Vi q, Vi plane, int from, int to) {
+  return _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(plane, iset8(static_cast<int8_t>(1 << from))), q,
+                              iset8(static_cast<int8_t>(1 << to)));
 }
 // acc + in each lane the sums of its byte products u x s over q[0..n-1]: q[j]'s unsigned weights (at most 63) times
 // 4 signed activation bytes, xg[j], broadcast. (SUMS: the AVX2 version's.)
@@ -179,16 +177,11 @@ inline int32_t isum(Vi a) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
-inline Vi iadd8_where(Vi q, const uint8_t* mask, Vi value) {
-  uint32_t bits;
-  std::memcpy(&bits, mask, sizeof(bits));
-  // Byte i of the mask's 4 to bytes 8 (i / 8)..: each byte then tests its own bit.
-  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)),
-                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
-                                                                0x0303030303030303));
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-  return _mm256_add_epi8(q, _mm256_and_si256(set, value));
+inline Vi iadd_plane_bit(Vi q, Vi plane, int from, int to) {  // (the bit moved to its place: 3 instructions)
+  // A shift of the 16-bit lanes by to - from puts each byte's bit `from` on its bit `to` (it carries other bits across
+  // the bytes' boundary too, which the and drops).
+  const __m256i moved = from < to ? _mm256_slli_epi16(plane, to - from) : _mm256_srli_epi16(plane, from - to);
+  return _mm256_add_epi8(q, _mm256_and_si256(moved, iset8(static_cast<int8_t>(1 << to))));
 }
 // vpmaddubsw sums pairs of u x s in int16 with saturation, exact for u <= 127 (2 x 127 x 127 < 2^15); SUMS of its
 // results are added in int16 before each widening (vpmaddwd): as many as int16 holds for the block's largest u
@@ -239,9 +232,11 @@ inline void unpack_nibbles(const uint8_t* w, int part, Vi q[8]) {
   }
 }
 
-// Adds value to the bytes of q[j] under mask j of the 8 at w + start (8 bytes each, bit 4r + i: row r's input 4j + i).
-inline void add_under_masks(const uint8_t* w, int start, int part, Vi q[8], Vi value) {
-  for (int j = 0; j < 8; ++j) q[j] = iadd8_where(q[j], w + start + 8 * j + PART_BYTES / 8 * part, value);
+// Adds 2^to to q[j]'s byte 4r + i where bit j of the bit plane at w + start's byte 4r + i is set (64 bytes: row r's
+// input 4j + i, the same place in q[j]).
+inline void add_plane(const uint8_t* w, int start, int part, Vi q[8], int to) {
+  const Vi plane = iload(w + start + PART_BYTES * part);
+  for (int j = 0; j < 8; ++j) q[j] = iadd_plane_bit(q[j], plane, j, to);
 }
 
 // The part's rows' values of the 16 fp16 ones at w + start.
@@ -259,14 +254,14 @@ struct Q4Block {  // 256 bytes of nibbles, 16 fp16 d, 16 fp16 m
   }
 };
 
-struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, 8 masks of fifth bits, 16 fp16 d
+struct Q5Block {  // GGUF's Q5_0: 256 bytes of low nibbles as Q4Block's, a plane of fifth bits, 16 fp16 d
   static constexpr int64_t BYTES = 352;
   static constexpr bool HALVES = false;
   static constexpr bool WIDE = false;
   static constexpr int SUMS = 4;  // u at most 31
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     unpack_nibbles(w, part, q);
-    add_under_masks(w, 256, part, q, iset8(16));  // the fifth bits
+    add_plane(w, 256, part, q, 4);  // the fifth bits
     dv = part_halves(w, 320, part);
     mv = vmul(dv, vset(-16.f));  // w = d * (u - 16)
   }
@@ -283,8 +278,8 @@ struct Q5MBlock {  // GGUF's Q5_K sub-blocks: Q5Block's bytes, then 16 fp16 m: w
   }
 };
 
-// GGUF's Q6_K in groups of 32, each two of its sub-blocks of 16: 256 bytes of low nibbles as Q4Block's, 8 masks of the
-// fifth bits and 8 of the sixth (the kernel adds 16 and 32 under them), then the 16 rows' d for inputs 0..15 of the
+// GGUF's Q6_K in groups of 32, each two of its sub-blocks of 16: 256 bytes of low nibbles as Q4Block's, a plane of the
+// fifth bits and one of the sixth (the kernel adds 16 and 32 under them), then the 16 rows' d for inputs 0..15 of the
 // group and their d for inputs 16..31 (fp16): w = d * (q - 32), q in 0..63. unpack gives the two d as dv and mv.
 struct Q6Block {
   static constexpr int64_t BYTES = 448;
@@ -293,8 +288,8 @@ struct Q6Block {
   static constexpr int SUMS = 2;  // u at most 63
   static void unpack(const uint8_t* w, int part, Vi q[8], Vf& dv, Vf& mv) {
     unpack_nibbles(w, part, q);
-    add_under_masks(w, 256, part, q, iset8(16));
-    add_under_masks(w, 320, part, q, iset8(32));
+    add_plane(w, 256, part, q, 4);
+    add_plane(w, 320, part, q, 5);
     dv = part_halves(w, 384, part);
     mv = part_halves(w, 416, part);
   }
@@ -479,8 +474,8 @@ at::Tensor w4a8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
 }
 
 // The same with blocks (N/16, K/32, 352), GGUF's Q5_0 groups: bytes 0..255 as w4a8's (the low 4 bits), bytes 256..319
-// 8 masks of 64 bits, mask j's bit 4r + i the fifth bit of row r's input 32g + 4j + i; bytes 320..351 d of the 16
-// rows (float16). w = d * (q - 16), q in 0..31.
+// a bit plane, byte 4r + i's bit j the fifth bit of row r's input 32g + 4j + i; bytes 320..351 d of the 16 rows
+// (float16). w = d * (q - 16), q in 0..31.
 at::Tensor q5_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return blocks_matmul<Q5Block>(x, blocks, "q5_matmul");
 }
