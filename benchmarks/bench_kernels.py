@@ -1,0 +1,93 @@
+"""Our block kernels alone: each format's matmul at a few row counts, on random blocks of a layer's shape.
+
+For kernel work: a change to gpt4/kernels/w4a8.cpp shows here before it shows, within the VM's noise, in a whole
+model. Random bytes with small float16 scales (the speed of a block does not depend on its values); each call's
+weights stay in cache when they fit (a 4864 x 896 layer of 5-bit blocks is 3 MB), so this measures the kernel's
+arithmetic, and `--stream` the memory side: a decode step's worth of distinct layers (96 MB, the default model's
+4-bit layers and its 8-bit head, as 60 layers of 3072 x 576 and one of 49152 x 576), one row, over and over.
+
+    python benchmarks/bench_kernels.py [--formats w4a8 q5 q5k q6 q8] [--shape 4864x896] [--rows 1 8 64 512]
+    python benchmarks/bench_kernels.py --stream
+
+Prints per format and row count the best time a call of --repeats, the products a second (GMAC/s) and the blocks'
+bytes a second. To compare two versions of the kernel, run this in alternating processes (the build is cached per
+source): the VM's speed drifts by up to 2x within minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gpt4.kernels import load_w4a8
+
+BLOCK_BYTES = {"w4a8": (320, 256), "q5": (352, 320), "q5k": (384, 320), "q6": (448, 384), "q8": (544, 512)}
+
+
+def random_blocks(kind: str, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(n / 16, k / 32, bytes) random blocks of `kind` whose float16 values (from byte `scales` on) are small."""
+    size, scales = BLOCK_BYTES[kind]
+    blocks = torch.randint(0, 256, (n // 16, k // 32, size), dtype=torch.uint8, generator=generator)
+    halves = (torch.rand(n // 16, k // 32, (size - scales) // 2, generator=generator) * 0.02 - 0.01).half()
+    blocks[..., scales:] = halves.view(torch.uint8)
+    return blocks
+
+
+def best_seconds(fn, repeats: int, work: float) -> float:
+    """The best of `repeats` timings of enough calls of fn to take ~0.05 s (work: its products a call)."""
+    calls = max(1, int(5e7 / work))
+    for _ in range(2):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", nargs="+", default=list(BLOCK_BYTES), choices=list(BLOCK_BYTES))
+    parser.add_argument("--shape", default="4864x896", help="out x in features (multiples of 16 and 32)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 512])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--stream", action="store_true", help="a decode step's 96 MB of distinct layers, one row")
+    args = parser.parse_args()
+    load_w4a8()
+    ops, generator = torch.ops.gpt4_kernels, torch.Generator().manual_seed(0)
+
+    if args.stream:
+        layers = [random_blocks("w4a8", 3072, 576, generator) for _ in range(60)]
+        head = random_blocks("q8", 49152, 576, generator)
+        x = torch.randn(1, 576, generator=generator)
+
+        def step():
+            for blocks in layers:
+                ops.w4a8_matmul(x, blocks)
+            ops.q8_matmul(x, head)
+
+        total = sum(b.numel() for b in layers) + head.numel()
+        seconds = best_seconds(step, args.repeats, 5e7)
+        print(f"stream: {total / 1e6:.0f} MB of blocks a step, one row: {seconds * 1e3:.2f} ms "
+              f"({total / seconds / 1e9:.1f} GB/s)")
+        return
+
+    n, k = (int(v) for v in args.shape.lower().split("x"))
+    print(f"| format | rows | ms a call | GMAC/s | blocks GB/s |  ({n} x {k}, {torch.get_num_threads()} threads)")
+    print("|---|---:|---:|---:|---:|")
+    for kind in args.formats:
+        blocks = random_blocks(kind, n, k, generator)
+        matmul = getattr(ops, f"{kind}_matmul")
+        for rows in args.rows:
+            x = torch.randn(rows, k, generator=generator)
+            seconds = best_seconds(lambda: matmul(x, blocks), args.repeats, rows * n * k)
+            print(f"| {kind} | {rows} | {seconds * 1e3:.3f} | {rows * n * k / seconds / 1e9:.1f} | "
+                  f"{blocks.numel() / seconds / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
