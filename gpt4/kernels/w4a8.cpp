@@ -370,7 +370,7 @@ constexpr int TILE = LANES == 16 ? 8 : 4;  // token rows sharing one unpacking o
 // group's stores (a single row's chain of store, reload and two multiply-adds bounded its speed).
 template <typename Block, int ROWS, typename T>
 inline void tile(const QuantizedRows& a, int64_t t0, const uint8_t* block_row, int part, T* out, int64_t N) {
-  Vf acc[ROWS], offsets[ROWS];  // the m terms in their own sums: two shorter chains
+  Vf acc[ROWS], offsets[ROWS];  // the m terms (Q6: the second half's) in sums of their own: two shorter chains
   for (int t = 0; t < ROWS; ++t) acc[t] = offsets[t] = vzero();
   for (int64_t g = 0; g < a.G; ++g) {
     Vi q[8];
