@@ -21,14 +21,12 @@ import time
 
 import torch
 
-from gpt4.kernels import load_w4a8
-
-BLOCK_BYTES = {"w4a8": (320, 256), "q5": (352, 320), "q5k": (384, 320), "q6": (448, 384), "q8": (544, 512)}
+from gpt4.kernels import BLOCK_LAYOUTS, load_w4a8
 
 
 def random_blocks(kind: str, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """(n / 16, k / 32, bytes) random blocks of `kind` whose float16 values (from byte `scales` on) are small."""
-    size, scales = BLOCK_BYTES[kind]
+    size, scales = BLOCK_LAYOUTS[kind]
     blocks = torch.randint(0, 256, (n // 16, k // 32, size), dtype=torch.uint8, generator=generator)
     halves = (torch.rand(n // 16, k // 32, (size - scales) // 2, generator=generator) * 0.02 - 0.01).half()
     blocks[..., scales:] = halves.view(torch.uint8)
@@ -51,7 +49,7 @@ def best_seconds(fn, repeats: int, work: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", nargs="+", default=list(BLOCK_BYTES), choices=list(BLOCK_BYTES))
+    parser.add_argument("--formats", nargs="+", default=list(BLOCK_LAYOUTS), choices=list(BLOCK_LAYOUTS))
     parser.add_argument("--shape", default="4864x896", help="out x in features (multiples of 16 and 32)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 512])
     parser.add_argument("--repeats", type=int, default=7)

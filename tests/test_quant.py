@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel, quant
+from gpt4.kernels import BLOCK_LAYOUTS as BLOCK_FORMATS  # kind: (a block's bytes, its first float16 byte)
 from gpt4.quant import (DEQUANTIZE_ROWS, Int4Linear, Int8Embedding, Int8Linear, integer_matmul_available, linear_bytes,
                         quantize_)
 
@@ -557,9 +558,6 @@ def test_w4a8_where_it_cannot_run_says_why(monkeypatch):
         kernels.load_w4a8.__wrapped__()
 
 
-
-# The block formats: bytes a block, and where its fp16 scales begin (d, then m or the second half's d where it has one).
-BLOCK_FORMATS = {"w4a8": (320, 256), "q5": (352, 320), "q5k": (384, 320), "q6": (448, 384), "q8": (544, 512)}
 
 _AVX2_BUILD_SCRIPT = """
 import sys, torch

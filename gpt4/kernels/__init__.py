@@ -34,6 +34,9 @@ AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # name: (flags, the /proc/cpuinfo flags they need); the first that runs here is built
 _ISAS = {"avx512": (AVX512_FLAGS, {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}),
          "avx2": (AVX2_FLAGS, {"avx2", "fma", "f16c"})}
+# The kernel's block formats (gpt4_kernels.{kind}_matmul, _dequantize): a block's bytes, and where its float16
+# values begin (d, then m or the second half's d where it has one; w4a8.cpp's Block structs).
+BLOCK_LAYOUTS = {"w4a8": (320, 256), "q5": (352, 320), "q5k": (384, 320), "q6": (448, 384), "q8": (544, 512)}
 
 
 @functools.cache
@@ -115,7 +118,7 @@ def load_w4a8() -> None:
                             "Use --quant int4.") from e
         built.touch()
 
-    for kind in ("w4a8", "q5", "q5k", "q6", "q8"):
+    for kind in BLOCK_LAYOUTS:
         torch.library.register_fake(f"gpt4_kernels::{kind}_matmul")(_matmul_shape)
         torch.library.register_fake(f"gpt4_kernels::{kind}_dequantize")(_dequantize_shape)
     torch.library.register_fake("gpt4_kernels::q8_rows")(_rows_shape)
