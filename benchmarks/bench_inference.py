@@ -12,7 +12,9 @@ fresh process (whose peak memory is not counted): the perplexity of the same rea
 (its Python modules already imported) to the first token of the 16-token prompt, the load alone, and the first
 token counted from the worker's start (with `import torch` / `import llama_cpp`). `--rounds N` runs the speed
 workers N times, the engines taking turns, and pools their timings (this VM's speed drifts by up to 2x within an
-hour: llama.cpp once decoded at 201 tokens/s where it had made 107-110 in the two runs before).
+hour: llama.cpp once decoded at 201 tokens/s where it had made 107-110 in the two runs before). `--long-context N`
+adds a long prompt, in fresh processes of its own (their peak memory apart too): the first N tokens of pydoc's topics
+prefilled in chunks of 512, then 64 tokens decoded after them.
 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
@@ -22,6 +24,8 @@ hour: llama.cpp once decoded at 201 tokens/s where it had made 107-110 in the tw
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:aot  # compiled ahead of time
     python benchmarks/bench_inference.py --engines llama.cpp ours:bfloat16:int4:aot --lookup 6  # longer drafts
     python benchmarks/bench_inference.py --model qwen --engines llama.cpp ours:float32:none ours:float32:int8
+    python benchmarks/bench_inference.py --engines llama.cpp ours:float32:w4a8 ours:float32:w4a8:kv-float32 \
+        --long-context 4096   # and a 4096-token prompt; the last engine with an fp32 KV cache (fp16 by default)
 
 llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
 /work/llamacpp-venv/bin/python): CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36".
@@ -105,7 +109,7 @@ def describe(info: dict) -> str:
             + (f", {caches}" if caches else "") + f"; {' '.join(info['isa']) or 'no AVX2'}; {versions}")
 
 
-def workload(perplexity_tokens: int):
+def workload(perplexity_tokens: int, long_context: int = 0):
     """Token ids shared by every engine (from our tokenizer of the same GGUF)."""
     from pydoc_data.topics import topics
 
@@ -123,7 +127,14 @@ def workload(perplexity_tokens: int):
     scored = tok.encode("\n\n".join(topics[k] for k in sorted(topics)[:8]))[:perplexity_tokens]
     starts = range(0, len(scored) - PERPLEXITY_WINDOW + 1, PERPLEXITY_WINDOW)
     windows = [scored[i:i + PERPLEXITY_WINDOW] for i in starts]
-    return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams, "windows": windows, "copy": copy_ids}
+    # The long prompt: the topics from the 9th on, as many as it takes.
+    long_prompt = []
+    for key in sorted(topics)[8:]:
+        if len(long_prompt) >= long_context:
+            break
+        long_prompt += tok.encode(topics[key] + "\n\n")
+    return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams, "windows": windows, "copy": copy_ids,
+            "long": long_prompt[:long_context]}
 
 
 def prompt_lookup_module():
@@ -172,7 +183,8 @@ def _timed(fn, repeats):
     return times, result
 
 
-def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexity=False, lookup=0):
+def worker_ours(work, repeats, dtype, quant, compile=False, kv_dtype=None, cold=False, perplexity=False, lookup=0,
+                long=False):
     import torch
 
     from gpt4 import GPT4LMHeadModel
@@ -189,6 +201,8 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexi
     model = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], dtype=dtype, quant=quant,
                                             compile=False if ahead else compile)
     load = time.perf_counter() - start
+    if kv_dtype:
+        model.kv_cache_dtype = getattr(torch, kv_dtype)
     if cold:  # the first token comes from the eager prefill: a compiled decode step compiles on the second
         tokens = generate_tokens(model, [work["ctx16"]], config)
         next(tokens)
@@ -213,6 +227,9 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexi
                 row.append(t)
         return out, time.perf_counter() - start
 
+    if long:
+        return _measure_long(decode, work, repeats)
+
     def prefill():
         with torch.inference_mode():
             cache = model.new_cache(1, 513)
@@ -223,7 +240,7 @@ def worker_ours(work, repeats, dtype, quant, compile=False, cold=False, perplexi
     return {**_measure(load, prefill, decode, work, repeats, lookup), "compile_s": compile_s}
 
 
-def worker_transformers(work, repeats, dtype, cold=False, perplexity=False, lookup=0):
+def worker_transformers(work, repeats, dtype, cold=False, perplexity=False, lookup=0, long=False):
     import torch
     import transformers
 
@@ -255,6 +272,9 @@ def worker_transformers(work, repeats, dtype, cold=False, perplexity=False, look
         out = generate(ids, new_tokens, lookup)
         return out[:, ids.shape[1]:].tolist(), time.perf_counter() - start - first
 
+    if long:
+        return _measure_long(decode, work, repeats)
+
     def prefill():
         with torch.inference_mode():
             return model(torch.tensor([work["ctx512"]])).logits[0, -1].argmax()
@@ -262,7 +282,7 @@ def worker_transformers(work, repeats, dtype, cold=False, perplexity=False, look
     return _measure(load, prefill, decode, work, repeats, lookup)
 
 
-def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
+def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0, long=False):
     import llama_cpp
     import numpy as np
 
@@ -274,9 +294,9 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
         params.use_extra_bufts = False  # AMX extra buffers segfault at load on this CPU (0.3.36)
     model = llama_cpp.llama_model_load_from_file(from_path.encode(), params)
 
-    def context(n_seq):
+    def context(n_seq, n_ctx=1024):
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 1024, 512, 512, n_seq
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, 512, 512, n_seq
         cparams.n_threads = cparams.n_threads_batch = 2
         cparams.flash_attn_type = 0  # as llama-cpp-python's Llama class sets it: "auto" is far slower here
         cparams.kv_unified = True  # one KV pool shared by the sequences (else each gets n_ctx / n_seq_max)
@@ -289,7 +309,10 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
 
     def run_batch(ctx, entries, whole_logits=False):
         """entries: (token, position, sequence, want_logits); returns the argmax for the wanted entries, or with
-        whole_logits their logits (wanted entries, V)."""
+        whole_logits their logits (wanted entries, V). More entries than a batch holds (512) go in several."""
+        if len(entries) > 512:
+            return [row for start in range(0, len(entries), 512)
+                    for row in run_batch(ctx, entries[start:start + 512], whole_logits)]
         batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
         for i, (token, pos, seq, want) in enumerate(entries):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
@@ -315,6 +338,8 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
         ids = work["ctx16"]
         run_batch(single, [(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
         return _cold(start, load)
+    if long:  # a context of its own, long enough (the others hold 1024 slots)
+        single = context(1, len(work["long"]) + NEW_TOKENS)
     multi = context(8)  # a second context for the 8-stream test, as llama.cpp's server would configure it
     lookup_module = prompt_lookup_module()  # loaded once, outside the timed runs
 
@@ -348,6 +373,9 @@ def worker_llamacpp(work, repeats, cold=False, perplexity=False, lookup=0):
             position += 1 + kept
         return out[:new_tokens]
 
+    if long:
+        return _measure_long(decode, work, repeats)
+
     def prefill():
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(single), True)
         ids = work["ctx512"]
@@ -377,6 +405,18 @@ def _measure(load, prefill, decode, work, repeats, lookup=0):
             "peak_rss_mb": _peak_rss_mb()}
 
 
+def _measure_long(decode, work, repeats):
+    """The long prompt, `repeats` times: seconds to its first token (prefill), seconds of the 63 tokens after it."""
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):  # (no warm-up run: each takes a while, and the median absorbs the first's extra costs)
+        start = time.perf_counter()
+        out, seconds = decode([work["long"]])
+        prefill_s.append(time.perf_counter() - start - seconds)
+        decode_s.append(seconds)
+    return {"long_context": len(work["long"]), "long_prefill_s": prefill_s, "long_decode_s": decode_s,
+            "long_tokens": out[0], "long_peak_rss_mb": _peak_rss_mb()}
+
+
 def _peak_rss_mb() -> float:
     """This process's own peak RSS (VmHWM); getrusage's maxrss would include the parent's across exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -387,7 +427,7 @@ def _peak_rss_mb() -> float:
 
 # ------------------------------------------------------------------------------------------------------
 def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, perplexity: bool = False,
-               lookup: int = 0) -> dict | None:
+               lookup: int = 0, long: bool = False) -> dict | None:
     python = llama_python if spec == "llama.cpp" else sys.executable
     if spec == "llama.cpp" and not Path(llama_python).exists():
         print(f"llama.cpp: {llama_python} not found; build it with "
@@ -398,7 +438,7 @@ def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, p
     env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve(os.environ["GPT4_BENCH_MODEL"])), TQDM_DISABLE="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats),
-           "--lookup", str(lookup)] + ["--cold"] * cold + ["--perplexity-worker"] * perplexity
+           "--lookup", str(lookup)] + ["--cold"] * cold + ["--perplexity-worker"] * perplexity + ["--long-worker"] * long
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -430,6 +470,13 @@ def summarize(name: str, r: dict, reference_tokens: list[int] | None) -> dict:
         row["lookup_agree"] = f"{same}/{len(plain)}"
     if "perplexity" in r:
         row["perplexity"] = r["perplexity"]
+    if "long_decode_s" in r:
+        n = len(r["long_tokens"])
+        for key, s, tokens in (("long_prefill", r["long_prefill_s"], r["long_context"]),
+                               ("long_decode", r["long_decode_s"], n - 1)):
+            row[f"{key}_best"], row[f"{key}_median"] = tokens / best(s), tokens / med(s)
+        row["long_context"], row["long_peak_rss_mb"] = r["long_context"], r["long_peak_rss_mb"]
+        row["long_tokens"] = r["long_tokens"]
     if reference_tokens is not None:
         same = next((i for i, (a, b) in enumerate(zip(reference_tokens, r["greedy16"])) if a != b),
                     len(reference_tokens))
@@ -452,21 +499,27 @@ def main():
     parser.add_argument("--cold-repeats", type=int, default=5, help="fresh processes per engine timing cold start")
     parser.add_argument("--perplexity-tokens", type=int, default=4096,
                         help="tokens of pydoc's topics each engine scores for its perplexity (0: none)")
+    parser.add_argument("--long-context", type=int, default=0,
+                        help="also a prompt of this many tokens, decoded after (0: none), in fresh processes")
     parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)  # a worker that only times cold start
     parser.add_argument("--perplexity-worker", action="store_true", help=argparse.SUPPRESS)  # ... only scores the text
+    parser.add_argument("--long-worker", action="store_true", help=argparse.SUPPRESS)  # ... only the long prompt
     args = parser.parse_args()
 
     if args.worker:
         work = json.loads(os.environ["GPT4_BENCH_WORK"])
         kind, *rest = args.worker.split(":")
-        modes = {"cold": args.cold, "perplexity": args.perplexity_worker, "lookup": args.lookup}
-        if kind == "ours":
-            mode = rest[2] if len(rest) > 2 else None  # "compile" or "max-autotune"
+        modes = {"cold": args.cold, "perplexity": args.perplexity_worker, "lookup": args.lookup,
+                 "long": args.long_worker}
+        if kind == "ours":  # ours:dtype:quant[:compile | max-autotune | aot][:kv-<the KV cache's dtype>]
+            options = rest[2:]
+            kv = next((o.removeprefix("kv-") for o in options if o.startswith("kv-")), None)
+            mode = next((o for o in options if not o.startswith("kv-")), None)
             result = worker_ours(work, args.repeats, rest[0], rest[1],
-                                 compile={None: False, "compile": True}.get(mode, mode), **modes)
+                                 compile={None: False, "compile": True}.get(mode, mode), kv_dtype=kv, **modes)
         elif kind == "transformers":
             result = worker_transformers(work, args.repeats, rest[0], **modes)
         else:
@@ -475,7 +528,7 @@ def main():
         return
 
     os.environ["GPT4_BENCH_MODEL"] = args.model  # the workers inherit it
-    os.environ["GPT4_BENCH_WORK"] = json.dumps(workload(args.perplexity_tokens))
+    os.environ["GPT4_BENCH_WORK"] = json.dumps(workload(args.perplexity_tokens, args.long_context))
     results = {}
     for round_index in range(args.rounds):  # in turns, as the cold starts below
         for spec in args.engines if round_index == 0 else list(results):
@@ -500,6 +553,13 @@ def main():
             if quality is None:
                 sys.exit(f"the perplexity run of {spec} failed (above)")
             results[spec].update(quality)
+    if args.long_context:
+        for spec in results:
+            print(f"{args.long_context}-token prompt of {spec} ...", file=sys.stderr, flush=True)
+            long = run_engine(spec, args.repeats, args.llama_python, long=True)
+            if long is None:
+                sys.exit(f"the long prompt of {spec} failed (above)")
+            results[spec].update(long)
     # Cold starts taken in turns, engine after engine, so that the machine's drift reaches every engine alike.
     for _ in range(args.cold_repeats):
         for spec in results:
@@ -514,6 +574,7 @@ def main():
     info = {**machine(), "llama_cpp_python": results.get("llama.cpp", {}).get("version")}
     print(describe(info))
     print_table(rows, base)
+    print_long_table(rows, base)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps({"machine": info, "rows": rows, "raw": results}, indent=2) + "\n")
@@ -559,6 +620,34 @@ def print_table(rows, base):
               "loading the model, and with imports from the worker's start, before it imports torch / llama_cpp; "
               f"perplexity of pydoc's topics in windows of {PERPLEXITY_WINDOW} tokens, in a fresh process; "
               "lookup = plain: the copy task's greedy tokens with and without prompt lookup agree up to this token)")
+
+
+def print_long_table(rows, base):
+    """The long prompt's table, where it was run: prefill and decoding speed, the process's peak, greedy agreement."""
+    rows = [r for r in rows if "long_decode_median" in r]
+    if not rows:
+        return
+    n = rows[0]["long_context"]
+    print(f"\n| engine | prefill {n} tok/s (best / median) | decode ctx {n} tok/s (best / median) | peak RSS MB |"
+          " greedy = llama.cpp |")
+    print("|---|---|---|---|---|")
+    base = base if base in rows else None
+    for r in rows:
+        cells = []
+        for key in ("long_prefill", "long_decode"):
+            cell = f"{r[key + '_best']:.0f} / {r[key + '_median']:.0f}"
+            if base and r is not base:
+                cell += f" ({r[key + '_median'] / base[key + '_median']:.2f}x)"
+            cells.append(cell)
+        mem = f"{r['long_peak_rss_mb']:.0f}"
+        if base and r is not base:
+            mem += f" ({r['long_peak_rss_mb'] / base['long_peak_rss_mb']:.2f}x)"
+        agree = "-"
+        if base and r is not base:
+            same = next((i for i, (a, b) in enumerate(zip(base["long_tokens"], r["long_tokens"])) if a != b),
+                        len(base["long_tokens"]))
+            agree = f"{same}/{len(base['long_tokens'])}"
+        print(f"| {r['engine']} | " + " | ".join(cells + [mem, agree]) + " |")
 
 
 def plot(rows, path):

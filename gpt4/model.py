@@ -131,6 +131,9 @@ class Attention(nn.Module):
             # causal bf16 SDPA on AMX, 2.8x faster per layer than fp32 under a mask). The cache still holds them.
             if mask is not None or S == 1:
                 k, v = cached_k, cached_v
+        kernel = S == 1 and cache is not None and self.decode_kernel and not self.training
+        if k.dtype == torch.float16 and not kernel:  # a half cache (see GPT4LMHeadModel._cache_dtype): SDPA in the
+            k, v = k.to(q.dtype), v.to(q.dtype)      # model's dtype, as without a cache
         shared_kv = self.n_kv_heads != self.n_heads  # SDPA pairs each KV head with several query heads
         if S == 1 and shared_kv:
             # One query per row (a decode step): the query heads sharing a KV head become that head's query rows,
@@ -138,13 +141,14 @@ class Attention(nn.Module):
             # rather than per query head: 1.5-2x faster here for 8 rows (8 x 9 heads over 80 slots: 49 -> 29 us
             # a layer), up to 1.5x for one row at 576 slots, never slower.
             q, shared_kv = q.reshape(B, self.n_kv_heads, -1, self.head_dim), False  # (B, Hkv, Hq / Hkv, D)
-        if S == 1 and cache is not None and self.decode_kernel and not self.training:
-            y = torch.ops.gpt4_kernels.decode_attention(q.to(k.dtype), k, v, mask, self.head_dim ** -0.5)
+        if kernel:  # (over a half cache, float32 queries: only the cached keys and values are rounded)
+            q = q.to(torch.float32 if k.dtype == torch.float16 else k.dtype)
+            y = torch.ops.gpt4_kernels.decode_attention(q, k, v, mask, self.head_dim ** -0.5)
         else:  # (without a mask: a whole causal sequence, S == T, or one query that sees every cached slot)
             y = F.scaled_dot_product_attention(
                 q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=shared_kv)
-        y = y.reshape(B, self.n_heads, S, self.head_dim)  # (B, Hq, S, D); in the cache's dtype (fp32 on the CPU)
+        y = y.reshape(B, self.n_heads, S, self.head_dim)  # (B, Hq, S, D)
         return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(B, S, -1))
 
 
@@ -236,6 +240,7 @@ class GPT4LMHeadModel(nn.Module):
         self.source = None  # the file or folder from_pretrained read the weights from (keys compiled steps)
         self._compiled_decode = None  # set by compile_decode()
         self._fused_decode = None  # (weights, biases, inv_freq) of gpt4_kernels.decode_layers: use_fused_decode()
+        self.kv_cache_dtype = None  # new caches' dtype; None: chosen (see _cache_dtype)
         self.generation_config = None
         self.apply(self._init_weights)
 
@@ -262,10 +267,20 @@ class GPT4LMHeadModel(nn.Module):
         return self.final_norm.weight.dtype
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_length, dtype=self._cache_dtype(), device=self.device)
+        dtype = self.kv_cache_dtype or self._cache_dtype()
+        if dtype == torch.float16 and self.dtype != torch.float32:
+            raise ValueError(f"A float16 KV cache is for float32 models; this one computes in {self.dtype}.")
+        return KVCache(self.config, batch_size, max_length, dtype=dtype, device=self.device)
 
     def _cache_dtype(self) -> torch.dtype:
-        """The model's dtype, except on the CPU: there bf16 only for eager decoding on AMX, fp32 otherwise.
+        """The model's dtype, except on the CPU: there bf16 only for eager decoding on AMX, fp32 otherwise, and for
+        an fp32 model whose eager decode steps attend through our kernel (w4a8's), fp16.
+
+        fp16 keys and values, as llama.cpp caches them: half the bytes (the default model: 23 KB a token instead of
+        46; 4096 tokens 94 MB instead of 189), read by the kernel (F16C) in float32 arithmetic with float32 queries.
+        Decoding at 2048 / 4096 cached tokens 8.6-9.0 / 12.5-12.6 ms a step -> 7.3-7.9 / 10.8-11.1 (measured with
+        the same bytes in bf16); perplexity through the cache: see docs/performance.md, run 23. Compiled steps keep
+        fp32 (their attention is SDPA's, which would widen the whole cache each step).
 
         A bf16 model's keys and values are bf16 already, so an fp32 cache holds the same values in twice the bytes
         (the default model: 46 KB a token instead of 23). fp32 pays on the AVX512-BF16 EPYC without AMX, where the CPU
@@ -276,8 +291,11 @@ class GPT4LMHeadModel(nn.Module):
         there the cache is bf16: a 4000-token prompt peaks at 0.51 GB instead of 0.61, and is read in 2.4-2.8 s
         instead of 4.2-4.7 (its chunks after the first attend through the cache).
         """
-        if self.device.type != "cpu" or self.dtype == torch.float32:
+        if self.device.type != "cpu":
             return self.dtype
+        if self.dtype == torch.float32:
+            eager_kernel = self._compiled_decode is None and all(layer.attn.decode_kernel for layer in self.layers)
+            return torch.float16 if eager_kernel else torch.float32
         eager_on_amx = torch.cpu._is_amx_tile_supported() and self._compiled_decode is None
         return self.dtype if self.dtype == torch.bfloat16 and eager_on_amx else torch.float32
 

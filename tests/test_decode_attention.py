@@ -1,5 +1,6 @@
 """Our decode attention kernel (gpt4_kernels.decode_attention) against torch's SDPA: the same softmax(q k^T / sqrt(d))
-v for one decode step, chunked and merged across threads, under masks, from strided cache slices, in fp32 and bf16."""
+v for one decode step, chunked and merged across threads, under masks, from strided cache slices, in fp32 and bf16,
+and over an fp16 cache."""
 
 import pytest
 import torch
@@ -25,12 +26,15 @@ SHAPES = [(1, 3, 3, 64, 512), (2, 3, 3, 64, 70), (3, 2, 1, 32, 1), (1, 1, 16, 25
           (2, 2, 4, 128, 100)]  # (head sizes 64 and 128 have their own instantiations, the others a general one)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+# (query dtype, cache dtype, tolerance): a float16 cache's queries stay float32, its keys and values alone rounded.
+@pytest.mark.parametrize("dtype,cache_dtype,tolerance", [(torch.float32, torch.float32, 1e-5),
+                                                         (torch.bfloat16, torch.bfloat16, 1e-2),
+                                                         (torch.float32, torch.float16, 1e-5)])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_attention_equals_sdpa(decode_attention, shape, dtype, tolerance):
+def test_decode_attention_equals_sdpa(decode_attention, shape, dtype, cache_dtype, tolerance):
     batch, heads, rows, size, slots = shape
     generator = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, batch, heads, slots + 37, size, generator=generator).to(dtype)  # a longer cache
+    cache = torch.randn(2, batch, heads, slots + 37, size, generator=generator).to(cache_dtype)  # a longer cache
     k, v = cache[0, :, :, :slots], cache[1, :, :, :slots]  # its first slots: strided views, as the model passes
     q = torch.randn(batch, heads, rows, size, generator=generator).to(dtype) * 3  # sharper softmax
     mask = torch.rand(batch, 1, 1, slots, generator=generator) < 0.6
@@ -48,6 +52,8 @@ def test_decode_attention_refuses_what_it_cannot_compute(decode_attention):
     q, k = torch.randn(1, 2, 3, 64), torch.randn(1, 2, 10, 64)
     with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
         decode_attention(q, k.bfloat16(), k.bfloat16(), None, 0.125)
+    with pytest.raises(RuntimeError, match="q float32 and k, v float16"):
+        decode_attention(q.bfloat16(), k.half(), k.half(), None, 0.125)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         decode_attention(q[..., :40], k[..., :40], k[..., :40], None, 0.125)
     with pytest.raises(RuntimeError, match="mask must be bool"):

@@ -1,6 +1,6 @@
 """The fused decode step (gpt4_kernels.decode_layers: every layer of a w4a8 model in one call) against the eager
 layers it stands for: the same logits, to the rounding of a few operations, and the same cache writes, for one or
-several sequences at different positions, under masks and a sliding window, in float32 and bfloat16 with either
+several sequences at different positions, under masks and a sliding window, in float32 and bfloat16 with each
 cache dtype; biases, GQA, one KV head, Llama 3 rope scaling; the default model's greedy tokens; and refusals."""
 
 import copy
@@ -53,8 +53,9 @@ def assert_logits_close(fused, eager):
     torch.testing.assert_close(fused, eager, atol=1e-2 * float(eager.abs().max()), rtol=0)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,cache_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])  # (float16 caches are for float32 models)
 @pytest.mark.parametrize("family,overrides", [
     ("llama-gqa-untied", {}),  # 2 query heads per KV head
     ("llama3-rope-scaling", {}),  # one KV head for 4 query heads, scaled rotations
@@ -192,3 +193,49 @@ def test_the_fused_step_refuses_what_it_cannot_compute():
         step(weights=[weights[0], weights[2], *weights[2:]])  # o's blocks where qkv's belong
     with pytest.raises(RuntimeError, match="one dtype"):
         step(keys=[k.bfloat16() for k in cache.keys])
+    half = [t.half() for t in cache.keys]
+    with pytest.raises(RuntimeError, match="float16 for a float32 x"):  # (a bf16 model's queries would be rounded)
+        torch.ops.gpt4_kernels.decode_layers(x.bfloat16(), torch.tensor([3, 4]), None, half, half, 5,
+                                             fused_model("llama-gqa-untied", torch.bfloat16)._fused_decode[0],
+                                             biases, inv_freq, config.num_attention_heads, config.norm_eps)
+
+
+def test_a_float32_model_that_decodes_through_the_kernel_caches_keys_and_values_in_float16():
+    """As llama.cpp caches them: half the bytes (see GPT4LMHeadModel._cache_dtype), unless the step is compiled or the
+    user chose another dtype; a bf16 model's would round its queries too, and is refused."""
+    model = fused_model("llama-gqa-untied", torch.float32)
+    assert model.new_cache(1, 8).keys[0].dtype == model.new_cache(1, 8).values[0].dtype == torch.float16
+    model._compiled_decode = "a compiled step"  # (only its presence matters here)
+    assert model.new_cache(1, 8).keys[0].dtype == torch.float32
+    model._compiled_decode = None
+    model.kv_cache_dtype = torch.float32
+    assert model.new_cache(1, 8).keys[0].dtype == torch.float32
+    assert tiny_model("llama-gqa-untied").new_cache(1, 8).keys[0].dtype == torch.float32  # attention through SDPA
+    bf16 = fused_model("llama-gqa-untied", torch.bfloat16)
+    bf16.kv_cache_dtype = torch.float16
+    with pytest.raises(ValueError, match="float16 KV cache is for float32 models"):
+        bf16.new_cache(1, 8)
+
+
+def test_a_float16_cache_gives_the_logits_of_a_float32_one():
+    """To the rounding of the cached keys and values: a prompt in two chunks (the second attends through the cache:
+    SDPA over its slots widened to float32), eager and fused decode steps, and a draft's check."""
+    model = fused_model("llama-gqa-untied", torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for dtype in (torch.float32, torch.float16):
+        model.kv_cache_dtype = dtype
+        with torch.inference_mode():
+            cache = model.new_cache(1, 40)
+            first = model.hidden_states(ids[:, :16], torch.arange(16)[None], cache, kv_length=16)
+            second = model.hidden_states(ids[:, 16:], torch.arange(16, 24)[None], cache, kv_length=24)
+            out = [model.lm_head(torch.cat([first, second], 1)[0]).float()]  # (24, V)
+            for fused in (True, False):
+                model.use_fused_decode(enabled=fused)
+                out.append(model.decode_logits(torch.tensor([[7]]), torch.tensor([[24]]), copy.deepcopy(cache), 25))
+            model.use_fused_decode()
+            out.append(model.verify_logits(torch.tensor([[7, 8, 9]]), torch.arange(24, 27)[None], cache, 27))
+        assert cache.keys[0].dtype == dtype
+        logits[dtype] = out
+    for half, full in zip(logits[torch.float16], logits[torch.float32]):
+        assert_logits_close(half, full)

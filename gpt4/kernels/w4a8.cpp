@@ -57,6 +57,9 @@ inline Vf vscale_pow2(Vf p, Vf n) { return _mm512_scalef_ps(p, n); }
 constexpr float EXP_FLOOR = -104.f;  // exp_nonpositive is 0 below (under float's smallest subnormal)
 inline Vf vzero_below_floor(Vf x, Vf e) { return e; }  // (scalef's result is 0 there already)
 inline Vf vhalf(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void vstore(at::Half* out, Vf v) {  // rounded to nearest even, as PyTorch converts
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 inline Vf vbf16(const at::BFloat16* p) {  // bf16 is the top half of a float
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -149,6 +152,9 @@ inline Vf vscale_pow2(Vf p, Vf n) {
 constexpr float EXP_FLOOR = -87.f;  // e^-87 > 2^-126, float's smallest normal number
 inline Vf vzero_below_floor(Vf x, Vf e) { return _mm256_and_ps(e, _mm256_cmp_ps(x, vset(EXP_FLOOR), _CMP_GE_OQ)); }
 inline Vf vhalf(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void vstore(at::Half* out, Vf v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 inline Vf vbf16(const at::BFloat16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
@@ -217,6 +223,7 @@ constexpr int PARTS = 16 / LANES;  // a block's 16 rows in parts of LANES rows
 constexpr int PART_BYTES = 4 * LANES;  // a part's bytes in each 64-byte chunk, and bits in each mask
 
 inline Vf vload(const at::BFloat16* p) { return vbf16(p); }
+inline Vf vload(const at::Half* p) { return vhalf(reinterpret_cast<const uint8_t*>(p)); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // The block formats, each 16 output rows x 32 inputs. unpack(w, part, ...): q[j], lane r: row (LANES part + r)'s
@@ -670,17 +677,22 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
   }
 }
 
+// The queries and results of attention over a cache of KV: float32 over a float16 cache (its keys and values rounded
+// to halves for half the bytes, the queries not), else KV, as the eager step's q.to(k.dtype).
+template <typename KV>
+using Query = std::conditional_t<std::is_same_v<KV, at::Half>, float, KV>;
+
 // One decode step's attention (see decode_attention): the tensors as pointers and strides (in elements).
 template <typename KV>
 struct AttentionArgs {
   int64_t B, H, G, D, slots;
-  const KV* q;                                   // (B, H, G, D) contiguous
+  const Query<KV>* q;                            // (B, H, G, D) contiguous
   const KV *k, *v;                               // (B, H, slots, D), rows contiguous
   int64_t k_batch, k_head, k_slot, v_batch, v_head, v_slot;
   const bool* mask;                              // nullptr, or one row of slots per batch row
   int64_t mask_batch, mask_slot;
   float scale;
-  KV* y;                                         // (B, H, G, D) contiguous
+  Query<KV>* y;                                  // (B, H, G, D) contiguous
 };
 
 template <typename KV>
@@ -740,25 +752,28 @@ void decode_attention_impl(const AttentionArgs<KV>& a) {
 template <typename KV>
 void attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
                           int64_t mask_batch, int64_t mask_slot, float scale, at::Tensor& y) {
-  decode_attention_impl(AttentionArgs<KV>{q.size(0), q.size(1), q.size(2), q.size(3), k.size(2), q.data_ptr<KV>(),
-                                          k.data_ptr<KV>(), v.data_ptr<KV>(), k.stride(0), k.stride(1), k.stride(2),
+  decode_attention_impl(AttentionArgs<KV>{q.size(0), q.size(1), q.size(2), q.size(3), k.size(2),
+                                          q.data_ptr<Query<KV>>(), k.data_ptr<KV>(), v.data_ptr<KV>(), k.stride(0),
+                                          k.stride(1), k.stride(2),
                                           v.stride(0), v.stride(1), v.stride(2), mask, mask_batch, mask_slot, scale,
-                                          y.data_ptr<KV>()});
+                                          y.data_ptr<Query<KV>>()});
 }
 
 // One decode step's attention per KV head: q (B, H, G, D), the G query rows of each of the B x H KV heads (the query
 // heads that share it); k, v (B, H, T, D), the first T cache slots (any strides but the last); mask None or bool
 // (B or 1, 1, 1, T), true where a slot may be attended. softmax(q k^T * scale) v, (B, H, G, D) in q's dtype; q, k and
-// v float32 or bfloat16 (one dtype), computed in float32. The slots are split into chunks of 64 that the threads
-// share (one sequence's 3 KV heads would keep only 3 tasks), merged at the end.
+// v float32 or bfloat16 (one dtype), or k and v float16 and q float32; computed in float32. The slots are split into
+// chunks of 64 that the threads share (one sequence's 3 KV heads would keep only 3 tasks), merged at the end.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(1) == k.size(1) && q.size(3) == k.size(3),
               "decode_attention: q must be (B, H, G, D) and k, v (B, H, T, D)");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
-                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
-              "decode_attention: q, k and v must all be float32 or all bfloat16");
+  const at::ScalarType kv_dtype = k.scalar_type();
+  TORCH_CHECK(v.scalar_type() == kv_dtype &&
+                  ((q.scalar_type() == kv_dtype && (kv_dtype == at::kFloat || kv_dtype == at::kBFloat16)) ||
+                   (q.scalar_type() == at::kFloat && kv_dtype == at::kHalf)),
+              "decode_attention: q, k and v must all be float32 or all bfloat16, or q float32 and k, v float16");
   const int64_t G = q.size(2), D = q.size(3), T = k.size(2);
   TORCH_CHECK(G >= 1 && G <= MAX_ROWS && D % 16 == 0 && D <= MAX_DIM && T >= 1,
               "decode_attention: at most ", MAX_ROWS, " query rows per head, a head size that is a multiple of 16 up "
@@ -777,8 +792,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
   const at::Tensor queries = q.contiguous();
   at::Tensor y = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (q.scalar_type() == at::kFloat) {
+  if (kv_dtype == at::kFloat) {
     attention_of_tensors<float>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
+  } else if (kv_dtype == at::kHalf) {
+    attention_of_tensors<at::Half>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
   } else {
     attention_of_tensors<at::BFloat16>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
   }
@@ -887,7 +904,7 @@ void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, co
     }
   }
   std::vector<T> h(B * H), qkv(B * NQKV), y(B * NQ), out(B * H), up(B * 2 * I), act(B * I);
-  std::vector<KV> q_kv(B * NQ), y_kv(B * NQ);
+  std::vector<Query<KV>> q_kv(B * NQ), y_kv(B * NQ);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = &weights[6 * l];  // attention norm, qkv, o, MLP norm, up (gate and up), down
@@ -937,10 +954,11 @@ void check_layer(const at::Tensor& blocks, const std::optional<at::Tensor>& bias
 
 // A decode step through all L layers: x (B, hidden), the new tokens' embeddings, float32 or bfloat16 (the model's
 // dtype T); positions (B) int64, each below kv_length; mask None or bool (B or 1, 1, 1, kv_length); keys, values: L
-// caches (at least B rows, Hkv, at least kv_length slots, D), float32 or bfloat16, whose slot positions[b] of row b
-// each layer writes; weights: per layer the attention norm (hidden), the qkv blocks ((n_heads + 2 Hkv) D outputs, q
-// then k then v heads), o's, the MLP norm, up's (gate then up: 2 I outputs), down's; biases: per layer qkv's, o's,
-// up's, down's, or None; inv_freq (D / 2) float32. Returns the hidden states after the last layer, (B, hidden) in T.
+// caches (at least B rows, Hkv, at least kv_length slots, D), float32 or bfloat16 (or float16 under a float32 x),
+// whose slot positions[b] of row b each layer writes; weights: per layer the attention norm (hidden), the qkv blocks
+// ((n_heads + 2 Hkv) D outputs, q then k then v heads), o's, the MLP norm, up's (gate then up: 2 I outputs), down's;
+// biases: per layer qkv's, o's, up's, down's, or None; inv_freq (D / 2) float32. Returns the hidden states after the
+// last layer, (B, hidden) in T.
 at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const std::optional<at::Tensor>& mask,
                          at::TensorList keys, at::TensorList values, int64_t kv_length, at::TensorList weights,
                          const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& inv_freq,
@@ -956,7 +974,8 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const
   TORCH_CHECK(keys[0].dim() == 4, "decode_layers: caches must be (B, KV heads, slots, head size)");
   const int64_t Hkv = keys[0].size(1), D = keys[0].size(3);
   const at::ScalarType kv_dtype = keys[0].scalar_type();
-  TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16, "decode_layers: caches must be float32 or bfloat16");
+  TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16 || (kv_dtype == at::kHalf && dtype == at::kFloat),
+              "decode_layers: caches must be float32 or bfloat16, or float16 for a float32 x");
   TORCH_CHECK(Hkv >= 1 && n_heads % Hkv == 0 && n_heads / Hkv <= MAX_ROWS && D % 32 == 0 && D <= MAX_DIM,
               "decode_layers: at most ", MAX_ROWS, " query heads per KV head, and a head size that is a multiple of 32 "
               "up to ", MAX_DIM);
@@ -1013,7 +1032,13 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const
                               static_cast<float>(eps));
   };
   if (dtype == at::kFloat) {
-    kv_dtype == at::kFloat ? run(float{}, float{}) : run(float{}, at::BFloat16{});
+    if (kv_dtype == at::kFloat) {
+      run(float{}, float{});
+    } else if (kv_dtype == at::kHalf) {
+      run(float{}, at::Half{});
+    } else {
+      run(float{}, at::BFloat16{});
+    }
   } else {
     kv_dtype == at::kFloat ? run(at::BFloat16{}, float{}) : run(at::BFloat16{}, at::BFloat16{});
   }
