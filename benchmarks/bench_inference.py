@@ -13,8 +13,8 @@ fresh process (whose peak memory is not counted): the perplexity of the same rea
 token counted from the worker's start (with `import torch` / `import llama_cpp`). `--rounds N` runs the speed
 workers N times, the engines taking turns, and pools their timings (this VM's speed drifts by up to 2x within an
 hour: llama.cpp once decoded at 201 tokens/s where it had made 107-110 in the two runs before). `--long-context N`
-adds a long prompt, in fresh processes of its own (their peak memory apart too): the first N tokens of pydoc's topics
-prefilled in chunks of 512, then 64 tokens decoded after them.
+adds a long prompt, in fresh processes of its own (--repeats of them per engine, the engines taking turns; their peak
+memory apart too): the first N tokens of pydoc's topics prefilled in chunks of 512, then 64 tokens decoded after them.
 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
@@ -408,7 +408,7 @@ def _measure(load, prefill, decode, work, repeats, lookup=0):
 def _measure_long(decode, work, repeats):
     """The long prompt, `repeats` times: seconds to its first token (prefill), seconds of the 63 tokens after it."""
     prefill_s, decode_s = [], []
-    for _ in range(repeats):  # (no warm-up run: each takes a while, and the median absorbs the first's extra costs)
+    for _ in range(repeats):  # (no warm-up run: each takes a while)
         start = time.perf_counter()
         out, seconds = decode([work["long"]])
         prefill_s.append(time.perf_counter() - start - seconds)
@@ -553,13 +553,17 @@ def main():
             if quality is None:
                 sys.exit(f"the perplexity run of {spec} failed (above)")
             results[spec].update(quality)
-    if args.long_context:
+    for _ in range(args.repeats if args.long_context else 0):  # a process each, in turns as the cold starts below
         for spec in results:
             print(f"{args.long_context}-token prompt of {spec} ...", file=sys.stderr, flush=True)
-            long = run_engine(spec, args.repeats, args.llama_python, long=True)
+            long = run_engine(spec, 1, args.llama_python, long=True)
             if long is None:
                 sys.exit(f"the long prompt of {spec} failed (above)")
-            results[spec].update(long)
+            pooled = results[spec]
+            for key in ("long_prefill_s", "long_decode_s"):
+                long[key] = pooled.get(key, []) + long[key]
+            long["long_peak_rss_mb"] = max(pooled.get("long_peak_rss_mb", 0), long["long_peak_rss_mb"])
+            pooled.update(long)
     # Cold starts taken in turns, engine after engine, so that the machine's drift reaches every engine alike.
     for _ in range(args.cold_repeats):
         for spec in results:

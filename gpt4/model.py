@@ -273,14 +273,15 @@ class GPT4LMHeadModel(nn.Module):
         return KVCache(self.config, batch_size, max_length, dtype=dtype, device=self.device)
 
     def _cache_dtype(self) -> torch.dtype:
-        """The model's dtype, except on the CPU: there bf16 only for eager decoding on AMX, fp32 otherwise, and for
-        an fp32 model whose eager decode steps attend through our kernel (w4a8's), fp16.
+        """On the CPU: fp16 for an fp32 model whose eager decode steps attend through our kernel (w4a8's), bf16 for a
+        bf16 model decoding eagerly on AMX, fp32 otherwise. Elsewhere the model's dtype.
 
         fp16 keys and values, as llama.cpp caches them: half the bytes (the default model: 23 KB a token instead of
         46; 4096 tokens 94 MB instead of 189), read by the kernel (F16C) in float32 arithmetic with float32 queries.
-        Decoding at 2048 / 4096 cached tokens 8.6-9.0 / 12.5-12.6 ms a step -> 7.3-7.9 / 10.8-11.1 (measured with
-        the same bytes in bf16); perplexity through the cache: see docs/performance.md, run 23. Compiled steps keep
-        fp32 (their attention is SDPA's, which would widen the whole cache each step).
+        On the AVX2 EPYC a step at 2048 / 4096 cached tokens took 8.5-8.9 / 12.9-15.3 ms with fp32, 7.0-7.4 /
+        10.1-10.3 with fp16; after a 4096-token prompt the benchmark decodes 89 tokens/s against 71 (run 23b, with
+        perplexity through the cache: docs/performance.md). Compiled steps keep fp32 (their attention is SDPA's,
+        which would widen the whole cache each step).
 
         A bf16 model's keys and values are bf16 already, so an fp32 cache holds the same values in twice the bytes
         (the default model: 46 KB a token instead of 23). fp32 pays on the AVX512-BF16 EPYC without AMX, where the CPU
