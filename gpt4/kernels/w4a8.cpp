@@ -493,13 +493,13 @@ at::Tensor q5k_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return blocks_matmul<Q5MBlock>(x, blocks, "q5k_matmul");
 }
 
-// The same with blocks (N/16, K/32, 544): bytes 0..511, 8 chunks of 64; chunk j holds 4 bytes per row r (bytes
-// 4r..4r+3), q[r, 32g + 4j + i] + 128, i = 0..3; bytes 512..543: d of the 16 rows (float16). w = d * q.
 // The same with blocks (N/16, K/32, 448), GGUF's Q6_K (see Q6Block). w = d * (q - 32), q in 0..63, each half group's d.
 at::Tensor q6_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return blocks_matmul<Q6Block>(x, blocks, "q6_matmul");
 }
 
+// The same with blocks (N/16, K/32, 544): bytes 0..511, 8 chunks of 64; chunk j holds 4 bytes per row r (bytes
+// 4r..4r+3), q[r, 32g + 4j + i] + 128, i = 0..3; bytes 512..543: d of the 16 rows (float16). w = d * q.
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   return blocks_matmul<Q8Block>(x, blocks, "q8_matmul");
 }
@@ -753,10 +753,9 @@ template <typename KV>
 void attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
                           int64_t mask_batch, int64_t mask_slot, float scale, at::Tensor& y) {
   decode_attention_impl(AttentionArgs<KV>{q.size(0), q.size(1), q.size(2), q.size(3), k.size(2),
-                                          q.data_ptr<Query<KV>>(), k.data_ptr<KV>(), v.data_ptr<KV>(), k.stride(0),
-                                          k.stride(1), k.stride(2),
-                                          v.stride(0), v.stride(1), v.stride(2), mask, mask_batch, mask_slot, scale,
-                                          y.data_ptr<Query<KV>>()});
+                                          q.data_ptr<Query<KV>>(), k.data_ptr<KV>(), v.data_ptr<KV>(),
+                                          k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                                          v.stride(2), mask, mask_batch, mask_slot, scale, y.data_ptr<Query<KV>>()});
 }
 
 // One decode step's attention per KV head: q (B, H, G, D), the G query rows of each of the B x H KV heads (the query
