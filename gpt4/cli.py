@@ -42,6 +42,10 @@ def add_dtype_and_quant_flags(p: argparse.ArgumentParser, quant: str = "auto", d
                    help=f"{DTYPE_HELP} (default: {dtype})")
     p.add_argument("--quant", default=quant, choices=["auto", "none", "int8", "int4", "w8a8", "w4a8"],
                    help=f"quantized linear layers: {QUANT_HELP} (default: {quant})")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the KV cache's dtype; auto: float16 for a float32 model whose decode steps attend through "
+                        "our kernel (w4a8's: half the bytes, as llama.cpp caches), bfloat16 for a bfloat16 model "
+                        "decoding eagerly on AMX, float32 otherwise (default: auto)")
 
 
 def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str = "auto") -> None:
@@ -107,6 +111,7 @@ def load(args):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant,
                                             compile=compile_mode(args))
+    set_kv_dtype(args, model)
     report_auto_choices(args, model)
     if args.compile or args.max_autotune:
         print(f"compiling the decode step (first run in this environment: "
@@ -114,10 +119,22 @@ def load(args):
     return model
 
 
+def set_kv_dtype(args, model) -> None:
+    """--kv-dtype, where not auto, as the dtype of the model's KV caches."""
+    import torch
+
+    if args.kv_dtype == "auto":
+        return
+    if args.kv_dtype == "float16" and model.dtype != torch.float32:
+        raise GPT4Error(f"--kv-dtype float16 is for float32 models; this one computes in "
+                        f"{str(model.dtype).removeprefix('torch.')}: add --dtype float32, or choose another --kv-dtype.")
+    model.kv_cache_dtype = getattr(torch, args.kv_dtype)
+
+
 def report_auto_choices(args, model) -> None:
-    """Say what --dtype auto and --quant auto chose, on stderr."""
-    chosen = [f"--{flag} auto: {value}" for flag, value in
-              (("dtype", str(model.dtype).removeprefix("torch.")), ("quant", model.quant))
+    """Say what --dtype auto, --quant auto and --kv-dtype auto chose, on stderr."""
+    chosen = [f"--{flag.replace('_', '-')} auto: {str(value).removeprefix('torch.')}" for flag, value in
+              (("dtype", model.dtype), ("quant", model.quant), ("kv_dtype", model.cache_dtype))
               if getattr(args, flag) == "auto"]
     if chosen:
         print(", ".join(chosen), file=sys.stderr, flush=True)

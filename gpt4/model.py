@@ -267,10 +267,16 @@ class GPT4LMHeadModel(nn.Module):
         return self.final_norm.weight.dtype
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_length, dtype=self.cache_dtype, device=self.device)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of new KV caches: kv_cache_dtype where set, else the one _cache_dtype chooses."""
         dtype = self.kv_cache_dtype or self._cache_dtype()
         if dtype == torch.float16 and self.dtype != torch.float32:
-            raise ValueError(f"A float16 KV cache is for float32 models; this one computes in {self.dtype}.")
-        return KVCache(self.config, batch_size, max_length, dtype=dtype, device=self.device)
+            raise ValueError(f"A float16 KV cache is for float32 models; this one computes in "
+                             f"{str(self.dtype).removeprefix('torch.')}.")
+        return dtype
 
     def _cache_dtype(self) -> torch.dtype:
         """On the CPU: fp16 for an fp32 model whose eager decode steps attend through our kernel (w4a8's), bf16 for a

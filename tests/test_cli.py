@@ -125,3 +125,18 @@ def test_inference_verbs_default_to_auto_quantization_and_dtype_and_measuring_ve
     for verb in (["eval", "--task", "arc_easy"], ["perplexity", "file.txt"]):
         args = parser.parse_args(verb)
         assert (args.quant, args.dtype) == ("none", "float32"), verb
+
+
+def test_kv_dtype_chooses_the_caches_dtype_and_auto_says_what_it_chose(capsys):
+    """--kv-dtype auto reports its choice with --dtype and --quant's (float16 for the defaults where our kernel runs,
+    see GPT4LMHeadModel._cache_dtype); another dtype is the caches'; a float16 cache for a bf16 model is refused."""
+    from gpt4.cli import main
+    from gpt4.kernels import w4a8_flags
+
+    assert main(["generate", "The capital of France is", "--max-new-tokens", "2"]) == 0
+    auto = "float16" if w4a8_flags() else "float32"  # (fp32 elsewhere: the defaults' attention is SDPA's there)
+    assert f"--kv-dtype auto: {auto}" in capsys.readouterr().err
+    assert main(["generate", "The capital of France is", "--max-new-tokens", "2", "--kv-dtype", "bfloat16"]) == 0
+    assert "--kv-dtype" not in capsys.readouterr().err
+    assert main(["generate", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--kv-dtype", "float16"]) == 1
+    assert "--kv-dtype float16 is for float32 models" in capsys.readouterr().err

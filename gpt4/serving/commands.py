@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..cli import add_aot_flag, add_dtype_and_quant_flags, compile_mode, report_auto_choices
+from ..cli import add_aot_flag, add_dtype_and_quant_flags, compile_mode, report_auto_choices, set_kv_dtype
 from ..errors import GPT4Error
 
 
@@ -72,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(f"loading {name} ...", file=sys.stderr, flush=True)
             loaded[name] = GPT4LMHeadModel.from_pretrained(name, dtype=args.dtype, quant=args.quant,
                                                            compile=compile)
+            set_kv_dtype(args, loaded[name])
             report_auto_choices(args, loaded[name])
         if args.compile or args.max_autotune:
             print(f"compiling the decode step ({'a few minutes' if args.max_autotune else 'about a minute'} per "
