@@ -438,7 +438,8 @@ def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, p
     env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve(os.environ["GPT4_BENCH_MODEL"])), TQDM_DISABLE="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [python, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(repeats),
-           "--lookup", str(lookup)] + ["--cold"] * cold + ["--perplexity-worker"] * perplexity + ["--long-worker"] * long
+           "--lookup", str(lookup)] + ["--cold"] * cold + ["--perplexity-worker"] * perplexity \
+        + ["--long-worker"] * long
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:

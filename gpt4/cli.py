@@ -127,7 +127,8 @@ def set_kv_dtype(args, model) -> None:
         return
     if args.kv_dtype == "float16" and model.dtype != torch.float32:
         raise GPT4Error(f"--kv-dtype float16 is for float32 models; this one computes in "
-                        f"{str(model.dtype).removeprefix('torch.')}: add --dtype float32, or choose another --kv-dtype.")
+                        f"{str(model.dtype).removeprefix('torch.')}: add --dtype float32, or choose another "
+                        "--kv-dtype.")
     model.kv_cache_dtype = getattr(torch, args.kv_dtype)
 
 
