@@ -220,7 +220,7 @@ inline int32_t sum16_int8(const int8_t* p) {  // (8-byte loads: nothing read pas
 }
 #endif
 constexpr int PARTS = 16 / LANES;  // a block's 16 rows in parts of LANES rows
-constexpr int PART_BYTES = 4 * LANES;  // a part's bytes in each 64-byte chunk, and bits in each mask
+constexpr int PART_BYTES = 4 * LANES;  // a part's bytes in each 64-byte chunk and in a bit plane
 
 inline Vf vload(const at::BFloat16* p) { return vbf16(p); }
 inline Vf vload(const at::Half* p) { return vhalf(reinterpret_cast<const uint8_t*>(p)); }
