@@ -230,11 +230,13 @@ def worker_ours(work, repeats, dtype, quant, compile=False, kv_dtype=None, cold=
     if long:
         return _measure_long(decode, work, repeats)
 
-    def prefill():
+    def prefill():  # in the chunks generation cuts a prompt into
         with torch.inference_mode():
             cache = model.new_cache(1, 513)
-            ids = torch.tensor([work["ctx512"]])
-            h = model.hidden_states(ids, torch.arange(512)[None], cache, kv_length=512)
+            ids, chunk = torch.tensor([work["ctx512"]]), model.prefill_chunk
+            for start in range(0, 512, chunk):
+                stop = min(start + chunk, 512)
+                h = model.hidden_states(ids[:, start:stop], torch.arange(start, stop)[None], cache, kv_length=stop)
             return model.lm_head(h[:, -1]).argmax()
 
     return {**_measure(load, prefill, decode, work, repeats, lookup), "compile_s": compile_s}

@@ -345,6 +345,18 @@ class BlocksLinear(nn.Module):
         return self.dequantized_t().t()
 
 
+def dequantizes_prompt_chunks(module: nn.Module) -> bool:
+    """Whether the layer multiplies a prompt chunk by a copy of its weight dequantized for that chunk (a cost each
+    chunk pays again, which longer chunks spread over more tokens), rather than in its integer kernel or as it is."""
+    if isinstance(module, Int4Linear):
+        return True
+    if isinstance(module, Int8Linear):
+        return module.activation_bits != 8
+    if isinstance(module, BlocksLinear):
+        return bf16_matmul_is_native()
+    return False
+
+
 def _float16_holds(values: torch.Tensor) -> bool:
     """Whether float16 holds every value to its precision, 2^-11 relative (values beyond its range, or rounded
     among its subnormals, it does not)."""

@@ -1,13 +1,16 @@
 """Generation: KV-cache decode equals recompute, batched equals one-by-one, sampling equals transformers'."""
 
+import copy
+
 import pytest
 import torch
 
-from gpt4 import GenerationConfig
+from gpt4 import GenerationConfig, quant
 from gpt4.generation import generate_tokens
 from gpt4.generation.sampling import apply_penalties, argmax, warp
+from gpt4.quant import quantize_
 
-from .conftest import tiny_model
+from .conftest import skip_without_w4a8, tiny_model
 
 
 def _greedy_by_recompute(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -192,3 +195,24 @@ def test_greedy_argmax_picks_the_ids_torch_argmax_picks(vocab):
     cases += [nans, torch.full((2, vocab), float("-inf"))]
     for logits in cases:
         assert torch.equal(argmax(logits), logits.argmax(-1))
+
+
+def test_a_prompt_goes_through_in_the_models_prefill_chunks(monkeypatch):
+    """256 tokens a pass (fewer activations, nearer the caches), or 512 where a layer dequantizes its weight for each
+    chunk (int4; blocks where bf16 is native); a long prompt's tokens are those of recomputing the whole sequence."""
+    model = tiny_model("llama-gqa-untied", max_position_embeddings=640, intermediate_size=64)
+    assert model.prefill_chunk == 256
+    passes = []
+    hidden_states = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *args, **kw: passes.append(ids.shape[1]) or
+                        hidden_states(ids, *args, **kw))
+    prompt = torch.randint(0, 96, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = [step[0] for step in generate_tokens(model, [prompt], GenerationConfig(max_new_tokens=3, eos_token_id=None))]
+    assert passes == [256, 256, 88]
+    assert got == _greedy_by_recompute(model, prompt, 3)[0]
+    assert quantize_(copy.deepcopy(model), "int4").prefill_chunk == 512
+    skip_without_w4a8()
+    blocks = quantize_(copy.deepcopy(model), "w4a8")
+    assert blocks.prefill_chunk == 256
+    monkeypatch.setattr(quant, "bf16_matmul_is_native", lambda: True)
+    assert blocks.prefill_chunk == 512

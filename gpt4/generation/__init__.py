@@ -21,9 +21,6 @@ from ..errors import GenerationSettingError, GPT4Error
 from .lookup import MAX_NGRAM, MIN_NGRAM, PromptLookup
 from .sampling import apply_penalties, choose, verify_draft, warp
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
-
-
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -153,8 +150,9 @@ def generate_tokens(model, prompts: list[list[int]], config: GenerationConfig,
         ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
     positions = torch.arange(longest, device=device).expand(B, longest)
     last_hidden = torch.zeros(B, model.config.hidden_size, dtype=model.dtype, device=device)
-    for start in range(0, longest, PREFILL_CHUNK):
-        stop = min(start + PREFILL_CHUNK, longest)
+    chunk = model.prefill_chunk
+    for start in range(0, longest, chunk):
+        stop = min(start + chunk, longest)
         h = model.hidden_states(ids[:, start:stop], positions[:, start:stop], cache, kv_length=stop)
         in_chunk = (lengths - 1 >= start) & (lengths - 1 < stop)
         idx = (lengths - 1 - start).clamp(0, stop - start - 1)

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..cache import KVCache
-from ..generation import PREFILL_CHUNK, warm_up_check
+from ..generation import warm_up_check
 from ..generation.lookup import MAX_NGRAM, PromptLookup
 from ..generation.sampling import apply_penalties, choose, choose_over_draft, warp
 from ..tokenizer import IncrementalDecoder
@@ -500,8 +500,9 @@ class Engine:
         positions = torch.arange(longest).expand(k, longest)
         rows = self.cache.rows(start, start + k)
         last = torch.zeros(k, self.model.config.hidden_size, dtype=self.model.dtype)
-        for lo in range(0, longest, PREFILL_CHUNK):
-            hi = min(lo + PREFILL_CHUNK, longest)
+        chunk = self.model.prefill_chunk
+        for lo in range(0, longest, chunk):
+            hi = min(lo + chunk, longest)
             h = self.model.hidden_states(ids[:, lo:hi], positions[:, lo:hi], rows, kv_length=hi)  # (k, S, H)
             inside = (lengths - 1 >= lo) & (lengths - 1 < hi)
             idx = (lengths - 1 - lo).clamp(0, hi - lo - 1)
