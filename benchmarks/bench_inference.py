@@ -1,20 +1,21 @@
 """CPU inference benchmark: this engine against llama.cpp and transformers on the same model and prompts.
 
 Each engine runs in its own process (clean peak-RSS and load-time figures) and reports, for the same token ids:
-prefill of a 512-token prompt, decode speed at context 16 and 512, total throughput of 8 concurrent sequences x 64
-tokens, peak RSS, and its greedy tokens (to check agreement with our fp32 path). A copy-heavy task (an instruct
-request to rename a variable in a 40-line function, 128 tokens) is decoded twice: one token a step, and with prompt
-lookup (`--prompt-lookup`; each engine checks the same drafts, up to --lookup tokens copied from the text, in one
-batch: llama.cpp through its batch API and memory_seq_rm of refused drafts). Its quality is measured apart, in a
-fresh process (whose peak memory is not counted): the perplexity of the same real text (pydoc's topics, the first
---perplexity-tokens tokens, in windows of 512). Cold start is measured apart too, in
-`--cold-repeats` fresh processes per engine, the engines taking turns: seconds from the start of loading the model
-(its Python modules already imported) to the first token of the 16-token prompt, the load alone, and the first
-token counted from the worker's start (with `import torch` / `import llama_cpp`). `--rounds N` runs the speed
-workers N times, the engines taking turns, and pools their timings (this VM's speed drifts by up to 2x within an
-hour: llama.cpp once decoded at 201 tokens/s where it had made 107-110 in the two runs before). `--long-context N`
-adds a long prompt, in fresh processes of its own (--repeats of them per engine, the engines taking turns; their peak
-memory apart too): the first N tokens of pydoc's topics prefilled in chunks of 512, then 64 tokens decoded after them.
+prefill of a 512-token prompt (ours in the chunks generation cuts it into, `prefill_chunk`), decode speed at context
+16 and 512, total throughput of 8 concurrent sequences x 64 tokens, peak RSS, and its greedy tokens (to check
+agreement with our fp32 path). A copy-heavy task (an instruct request to rename a variable in a 40-line function,
+128 tokens) is decoded twice: one token a step, and with prompt lookup (`--prompt-lookup`; each engine checks the
+same drafts, up to --lookup tokens copied from the text, in one batch: llama.cpp through its batch API and
+memory_seq_rm of refused drafts). Its quality is measured apart, in a fresh process (whose peak memory is not
+counted): the perplexity of the same real text (pydoc's topics, the first --perplexity-tokens tokens, in windows of
+512). Cold start is measured apart too, in `--cold-repeats` fresh processes per engine, the engines taking turns:
+seconds from the start of loading the model (its Python modules already imported) to the first token of the 16-token
+prompt, the load alone, and the first token counted from the worker's start (with `import torch` / `import
+llama_cpp`). `--rounds N` runs the speed workers N times, the engines taking turns, and pools their timings (this
+VM's speed drifts by up to 2x within an hour: llama.cpp once decoded at 201 tokens/s where it had made 107-110 in
+the two runs before). `--long-context N` adds a long prompt, in fresh processes of its own (--repeats of them per
+engine, the engines taking turns; their peak memory apart too): the first N tokens of pydoc's topics prefilled in
+chunks (llama.cpp's batches of 512 tokens, ours generation's), then 64 tokens decoded after them.
 
     python benchmarks/bench_inference.py                  # all engines found, 3 repeats
     python benchmarks/bench_inference.py --engines ours:float32:none ours:bfloat16:int8 llama.cpp
