@@ -203,13 +203,17 @@ def test_a_prompt_goes_through_in_the_models_prefill_chunks(monkeypatch):
     model = tiny_model("llama-gqa-untied", max_position_embeddings=640, intermediate_size=64)
     assert model.prefill_chunk == 256
     passes = []
-    hidden_states = model.hidden_states
-    monkeypatch.setattr(model, "hidden_states", lambda ids, *args, **kw: passes.append(ids.shape[1]) or
-                        hidden_states(ids, *args, **kw))
+
+    def counted(ids, *args, **kwargs):
+        passes.append(ids.shape[1])
+        return type(model).hidden_states(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counted)
     prompt = torch.randint(0, 96, (600,), generator=torch.Generator().manual_seed(0)).tolist()
     got = [step[0] for step in generate_tokens(model, [prompt], GenerationConfig(max_new_tokens=3, eos_token_id=None))]
     assert passes == [256, 256, 88]
     assert got == _greedy_by_recompute(model, prompt, 3)[0]
+    monkeypatch.undo()
     assert quantize_(copy.deepcopy(model), "int4").prefill_chunk == 512
     skip_without_w4a8()
     blocks = quantize_(copy.deepcopy(model), "w4a8")
