@@ -274,7 +274,12 @@ class GPT4LMHeadModel(nn.Module):
         512-token prompt in two chunks took 617-641 ms against 633-668 in one, its process peaking 13-18 MB lower
         (Qwen2.5-Coder-0.5B 2012-2032 ms against 2056-2104, 19 MB; fp32 `none` as fast); a dequantized weight instead
         costs each chunk its conversion again."""
-        return 512 if any(dequantizes_prompt_chunks(m) for m in self.layers.modules()) else 256
+        return 512 if dequantizes_prompt_chunks(self._linears()) else 256
+
+    def _linears(self) -> list[nn.Module]:
+        """Every layer's weight matmuls, in order: q, k and v's, the output projection's, the MLP's two."""
+        return [m for layer in self.layers
+                for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache(self.config, batch_size, max_length, dtype=self.cache_dtype, device=self.device)
@@ -404,8 +409,7 @@ class GPT4LMHeadModel(nn.Module):
         run fused too. Returns whether it does (enabled=False: the eager layers again). Like compile_decode, it
         assumes that the layers' modules stay as they are."""
         config = self.config
-        linears = [m for layer in self.layers
-                   for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        linears = self._linears()
         norms = [norm for layer in self.layers for norm in (layer.attn_norm, layer.mlp_norm)]
         fits = (config.norm == "rmsnorm" and config.mlp == "swiglu" and config.position_embedding == "rope"
                 and config.head_dim % 32 == 0 and self.dtype in (torch.float32, torch.bfloat16)

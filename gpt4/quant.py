@@ -20,6 +20,7 @@ int4 quarters them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -345,16 +346,16 @@ class BlocksLinear(nn.Module):
         return self.dequantized_t().t()
 
 
-def dequantizes_prompt_chunks(module: nn.Module) -> bool:
-    """Whether the layer multiplies a prompt chunk by a copy of its weight dequantized for that chunk (a cost each
-    chunk pays again, which longer chunks spread over more tokens), rather than in its integer kernel or as it is."""
-    if isinstance(module, Int4Linear):
-        return True
-    if isinstance(module, Int8Linear):
-        return module.activation_bits != 8
-    if isinstance(module, BlocksLinear):
-        return bf16_matmul_is_native()
-    return False
+def dequantizes_prompt_chunks(layers: Iterable[nn.Module]) -> bool:
+    """Whether any of the layers multiplies a prompt chunk by a copy of its weight dequantized for that chunk (a cost
+    each chunk pays again, which longer chunks spread over more tokens), rather than in its integer kernel or as it
+    is."""
+    blocks = False
+    for m in layers:
+        if isinstance(m, Int4Linear) or (isinstance(m, Int8Linear) and m.activation_bits != 8):
+            return True
+        blocks = blocks or isinstance(m, BlocksLinear)
+    return blocks and bf16_matmul_is_native()
 
 
 def _float16_holds(values: torch.Tensor) -> bool:
