@@ -226,7 +226,7 @@ def _activations_in_groups_of_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, amax / 127
 
 
-@pytest.mark.parametrize("rows", [1, 5, 7, 8, 9, 20, 200])  # kernel tiles of 8 or 4 rows, then 4, 2, 1; prefill (AMX)
+@pytest.mark.parametrize("rows", [1, 5, 7, 8, 9, 20, 200])  # tiles of 8 or 4 rows, then 4, 2, 1; 200: unpacked once
 def test_w4a8_linear_multiplies_its_int4_weights_by_int8_activations_in_groups_of_32(rows):
     skip_without_w4a8()
     from gpt4.quant import W4A8Linear
