@@ -6,11 +6,19 @@ dispatch, the loop itself).
 
     python benchmarks/profile_decode.py --dtype bfloat16 --quant int4 [--tokens 32] [--context 16] [--compile]
                                         [--max-autotune] [--batch 8]
+
+torch.profiler sees a fused w4a8 step as one operator (decode_layers). To look inside it, and at each thread, run the
+steps without it under a sampling profiler (Linux perf), starting after the load and the warm-up:
+
+    perf record -F 1999 -k CLOCK_MONOTONIC python benchmarks/profile_decode.py --dtype float32 --quant w4a8 \
+        --batch 8 --tokens 400 --no-torch-profiler
+    perf report --no-children --sort pid,symbol --time START,END  # as printed: time by thread and function
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -52,6 +60,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd decode step")
     parser.add_argument("--max-autotune", action="store_true", help="... compiled in max-autotune mode")
+    parser.add_argument("--no-torch-profiler", action="store_true",
+                        help="time the steps only (for an external sampler such as perf: see above)")
     args = parser.parse_args()
 
     model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant,
@@ -63,6 +73,14 @@ def main():
 
     steps = generate_tokens(model, prompts, config)
     next(steps)  # the prefill and first token are not decode steps
+    if args.no_torch_profiler:
+        start, monotonic_start = time.perf_counter(), time.monotonic()
+        n = sum(1 for _ in steps)
+        per_step_ms = (time.perf_counter() - start) / n * 1e3
+        print(f"{args.model} {args.dtype} quant={args.quant} batch={args.batch} context={args.context}: "
+              f"{per_step_ms:.2f} ms per decode step ({args.batch * 1e3 / per_step_ms:.1f} tok/s), {n} steps, "
+              f"pid {os.getpid()}; perf report --time {monotonic_start:.6f},{time.monotonic():.6f}")
+        return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         n = sum(1 for _ in steps)
