@@ -73,13 +73,15 @@ def main():
 
     steps = generate_tokens(model, prompts, config)
     next(steps)  # the prefill and first token are not decode steps
+    def headline(per_step_ms: float, n: int) -> str:
+        return (f"{args.model} {args.dtype} quant={args.quant} batch={args.batch} context={args.context}: "
+                f"{per_step_ms:.2f} ms per decode step ({args.batch * 1e3 / per_step_ms:.1f} tok/s), {n} steps")
+
     if args.no_torch_profiler:
         start, monotonic_start = time.perf_counter(), time.monotonic()
         n = sum(1 for _ in steps)
-        per_step_ms = (time.perf_counter() - start) / n * 1e3
-        print(f"{args.model} {args.dtype} quant={args.quant} batch={args.batch} context={args.context}: "
-              f"{per_step_ms:.2f} ms per decode step ({args.batch * 1e3 / per_step_ms:.1f} tok/s), {n} steps, "
-              f"pid {os.getpid()}; perf report --time {monotonic_start:.6f},{time.monotonic():.6f}")
+        print(f"{headline((time.perf_counter() - start) / n * 1e3, n)}, pid {os.getpid()}; "
+              f"perf report --time {monotonic_start:.6f},{time.monotonic():.6f}")
         return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -99,8 +101,7 @@ def main():
         else:
             other[event.key] = other.get(event.key, 0.0) + ms
     accounted = sum(totals.values()) + sum(other.values())
-    print(f"{args.model} {args.dtype} quant={args.quant} batch={args.batch} context={args.context}: "
-          f"{per_step_ms:.2f} ms per decode step ({args.batch * 1e3 / per_step_ms:.1f} tok/s), {n} steps")
+    print(headline(per_step_ms, n))
     print("| where | ms per step | share |")
     print("|---|---:|---:|")
     rows = sorted(totals.items(), key=lambda kv: -kv[1])
