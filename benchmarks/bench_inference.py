@@ -1,4 +1,4 @@
-"""CPU inference benchmark: this engine against llama.cpp and transformers on the same model and prompts.
+r"""CPU inference benchmark: this engine against llama.cpp and transformers on the same model and prompts.
 
 Each engine runs in its own process (clean peak-RSS and load-time figures) and reports, for the same token ids:
 prefill of a 512-token prompt (ours in the chunks generation cuts it into, `prefill_chunk`), decode speed at context

@@ -1,4 +1,4 @@
-"""Serving load benchmark: `gpt4 serve` vs llama.cpp's server (llama-cpp-python[server]) on the same GGUF model.
+r"""Serving load benchmark: `gpt4 serve` vs llama.cpp's server (llama-cpp-python[server]) on the same GGUF model.
 
 For 1, 4 and 16 concurrent streaming clients, each sending chat requests one after another, it measures the
 aggregate generated tokens per second and the p50/p95 time to first token (TTFT), then prints the ratios. The two

@@ -1,4 +1,4 @@
-"""Where one decode step's time goes: matmuls, attention, norms, sampling, and the Python around them.
+r"""Where one decode step's time goes: matmuls, attention, norms, sampling, and the Python around them.
 
 Runs the package's own decode loop (generate_tokens) on the default model under torch.profiler and groups the
 operators' self CPU time into categories; "outside operators" is wall time no operator accounts for (Python,
