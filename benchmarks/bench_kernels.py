@@ -8,9 +8,10 @@ arithmetic, and `--stream` the memory side: a decode step's worth of distinct la
 
     python benchmarks/bench_kernels.py [--formats w4a8 q5 q5k q6 q8] [--shape 4864x896] [--rows 1 8 64 512]
     python benchmarks/bench_kernels.py --stream
+    python benchmarks/bench_kernels.py --threads 1 2 --formats w4a8 q8 --shape 3072x576  # what a second thread adds
 
 Prints per format and row count the best time a call of --repeats, the products a second (GMAC/s) and the blocks'
-bytes a second. To compare two versions of the kernel, run this in alternating processes (the build is cached per
+bytes a second; with several --threads, each row count at each thread count in turn (and the stream at each). To compare two versions of the kernel, run this in alternating processes (the build is cached per
 source): the VM's speed drifts by up to 2x within minutes.
 """
 
@@ -54,7 +55,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 512])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--stream", action="store_true", help="a decode step's 96 MB of distinct layers, one row")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="intra-op thread counts, taken in turn (default: PyTorch's)")
     args = parser.parse_args()
+    if min(args.threads) < 1:
+        parser.error("--threads: counts of at least 1")
     load_w4a8()
     ops, generator = torch.ops.gpt4_kernels, torch.Generator().manual_seed(0)
 
@@ -69,22 +74,26 @@ def main() -> None:
             ops.q8_matmul(x, head)
 
         total = sum(b.numel() for b in layers) + head.numel()
-        seconds = best_seconds(step, args.repeats, 5e7)
-        print(f"stream: {total / 1e6:.0f} MB of blocks a step, one row: {seconds * 1e3:.2f} ms "
-              f"({total / seconds / 1e9:.1f} GB/s)")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            seconds = best_seconds(step, args.repeats, 5e7)
+            print(f"stream: {total / 1e6:.0f} MB of blocks a step, one row, {threads} threads: {seconds * 1e3:.2f} ms "
+                  f"({total / seconds / 1e9:.1f} GB/s)")
         return
 
     n, k = (int(v) for v in args.shape.lower().split("x"))
-    print(f"| format | rows | ms a call | GMAC/s | blocks GB/s |  ({n} x {k}, {torch.get_num_threads()} threads)")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| format | rows | threads | ms a call | GMAC/s | blocks GB/s |  ({n} x {k})")
+    print("|---|---:|---:|---:|---:|---:|")
     for kind in args.formats:
         blocks = random_blocks(kind, n, k, generator)
         matmul = getattr(ops, f"{kind}_matmul")
         for rows in args.rows:
             x = torch.randn(rows, k, generator=generator)
-            seconds = best_seconds(lambda: matmul(x, blocks), args.repeats, rows * n * k)
-            print(f"| {kind} | {rows} | {seconds * 1e3:.3f} | {rows * n * k / seconds / 1e9:.1f} | "
-                  f"{blocks.numel() / seconds / 1e9:.1f} |")
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                seconds = best_seconds(lambda: matmul(x, blocks), args.repeats, rows * n * k)
+                print(f"| {kind} | {rows} | {threads} | {seconds * 1e3:.3f} | {rows * n * k / seconds / 1e9:.1f} | "
+                      f"{blocks.numel() / seconds / 1e9:.1f} |")
 
 
 if __name__ == "__main__":
