@@ -28,8 +28,9 @@ chunks (llama.cpp's batches of 512 tokens, ours generation's), then 64 tokens de
     python benchmarks/bench_inference.py --engines llama.cpp ours:float32:w4a8 ours:float32:w4a8:kv-float32 \
         --long-context 4096   # and a 4096-token prompt; the last engine with an fp32 KV cache (fp16 by default)
 
-llama.cpp comes from llama-cpp-python built from source in its own venv (--llama-python, default
-/work/llamacpp-venv/bin/python): CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36".
+llama.cpp comes from llama-cpp-python built from source for this CPU in its own venv (--llama-python, default
+/work/llamacpp-venv/bin/python); `--build-llama-cpp` builds it there first where it is missing (benchmarks/references.py;
+about 10 minutes on 2 cores). transformers comes with this environment's test extra (`bash scripts/install.sh --test`).
 Writes benchmarks/results/inference.json and inference.png. The JSON also records the machine (CPU model, caches,
 the ISA extensions the engines use, library versions): the ratios depend on it. On a CPU whose last-level cache holds
 the whole model, llama.cpp decodes about twice as fast as on one whose cache does not (see the README).
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -432,10 +434,6 @@ def _peak_rss_mb() -> float:
 def run_engine(spec: str, repeats: int, llama_python: str, cold: bool = False, perplexity: bool = False,
                lookup: int = 0, long: bool = False) -> dict | None:
     python = llama_python if spec == "llama.cpp" else sys.executable
-    if spec == "llama.cpp" and not Path(llama_python).exists():
-        print(f"llama.cpp: {llama_python} not found; build it with "
-              "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python==0.3.36 in a separate venv", file=sys.stderr)
-        return None
     from gpt4.models import resolve
 
     env = dict(os.environ, GPT4_BENCH_GGUF=str(resolve(os.environ["GPT4_BENCH_MODEL"])), TQDM_DISABLE="1",
@@ -505,7 +503,10 @@ def main():
                         help="tokens of pydoc's topics each engine scores for its perplexity (0: none)")
     parser.add_argument("--long-context", type=int, default=0,
                         help="also a prompt of this many tokens, decoded after (0: none), in fresh processes")
-    parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
+    parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python",
+                        help="the interpreter of the venv holding llama-cpp-python")
+    parser.add_argument("--build-llama-cpp", action="store_true",
+                        help="where --llama-python lacks llama-cpp-python, build it there first (~10 minutes)")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)  # a worker that only times cold start
@@ -531,6 +532,16 @@ def main():
         print(json.dumps(result))
         return
 
+    if "llama.cpp" in args.engines:
+        from references import BUILD_HINT, ensure_llama_cpp
+
+        if not ensure_llama_cpp(args.llama_python, args.build_llama_cpp):
+            print(f"llama.cpp: not found at {args.llama_python}; {BUILD_HINT}. Measuring the others.", file=sys.stderr)
+            args.engines = [e for e in args.engines if e != "llama.cpp"]
+    if any(e.startswith("transformers") for e in args.engines) and importlib.util.find_spec("transformers") is None:
+        print("transformers: not installed here (`bash scripts/install.sh --test` installs it). Measuring the others.",
+              file=sys.stderr)
+        args.engines = [e for e in args.engines if not e.startswith("transformers")]
     os.environ["GPT4_BENCH_MODEL"] = args.model  # the workers inherit it
     os.environ["GPT4_BENCH_WORK"] = json.dumps(workload(args.perplexity_tokens, args.long_context))
     results = {}

@@ -7,10 +7,11 @@ decoding, and EOS banned through logit_bias so that every request generates exac
 
     python benchmarks/bench_serving.py                      # both servers (llama.cpp if it is installed)
     python benchmarks/bench_serving.py --engines ours       # only ours
+    python benchmarks/bench_serving.py --build-llama-cpp    # building llama.cpp's first where it is missing
 
-llama.cpp reference (a separate venv, built from source; ~10 minutes on 2 cores):
-    python -m venv /work/llamacpp-venv && CMAKE_ARGS="-DGGML_NATIVE=ON" \
-        /work/llamacpp-venv/bin/pip install "llama-cpp-python[server]==0.3.*"
+llama.cpp's server comes from llama-cpp-python[server] built from source for this CPU in its own venv (--llama-python,
+default /work/llamacpp-venv/bin/python); --build-llama-cpp builds it there (benchmarks/references.py; about 10 minutes
+on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from references import BUILD_HINT, ensure_llama_cpp
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Write a short poem about the sea.", "Explain what a CPU does.", "Give me three tips for sleeping well.",
@@ -142,7 +144,10 @@ def main() -> None:
                         help="CPU threads of each server (use 1 on a machine busy with other work: torch's "
                              "threads spin-wait and collapse when the cores are oversubscribed)")
     parser.add_argument("--ours-flags", default="", help="more `gpt4 serve` flags, e.g. '--dtype bfloat16 --quant int4'")
-    parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
+    parser.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python",
+                        help="the interpreter of the venv holding llama-cpp-python[server]")
+    parser.add_argument("--build-llama-cpp", action="store_true",
+                        help="where --llama-python lacks llama-cpp-python, build it there first (~10 minutes)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = parser.parse_args()
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
@@ -152,14 +157,9 @@ def main() -> None:
     eos = GPT4LMHeadModel.from_pretrained(args.model).generation_config.eos_ids
     eos_bias = {str(i): -100 for i in eos}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if "llamacpp" in engines:
-        ok = os.access(args.llama_python, os.X_OK) and subprocess.run(
-            [args.llama_python, "-c", "import llama_cpp.server, uvicorn"], capture_output=True).returncode == 0
-        if not ok:
-            print(f"llama.cpp reference not found at {args.llama_python}; showing only ours. Install it with:\n"
-                  '  python -m venv /work/llamacpp-venv && CMAKE_ARGS="-DGGML_NATIVE=ON" '
-                  '/work/llamacpp-venv/bin/pip install "llama-cpp-python[server]==0.3.*"', file=sys.stderr)
-            engines.remove("llamacpp")
+    if "llamacpp" in engines and not ensure_llama_cpp(args.llama_python, args.build_llama_cpp):
+        print(f"llama.cpp: not found at {args.llama_python}; {BUILD_HINT}. Showing only ours.", file=sys.stderr)
+        engines.remove("llamacpp")
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, list[dict]] = {}
     for engine in engines:

@@ -272,21 +272,3 @@ def test_same_scores_through_the_server_as_through_the_python_api(default_model)
         assert a["pred"] == b["pred"]
         assert a["logliks"] == pytest.approx(b["logliks"], abs=2e-3)
 
-
-def test_the_kernel_benchmark_times_each_row_count_at_each_thread_count():
-    """benchmarks/bench_kernels.py --threads: one line per format, row count and thread count, in that order."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
-    run = subprocess.run([sys.executable, str(script), "--formats", "w4a8", "q8", "--shape", "32x64", "--rows", "1",
-                          "3", "--threads", "1", "2", "--repeats", "1"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| w4a8") or
-            line.startswith("| q8")]
-    assert [(f.strip(), int(r), int(t)) for f, r, t, *_ in rows] == [
-        (f, r, t) for f in ("w4a8", "q8") for r in (1, 3) for t in (1, 2)]
-    assert all(float(gmacs) > 0 for *_, gmacs, _ in rows)
-    refused = subprocess.run([sys.executable, str(script), "--threads", "0"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "--threads: counts of at least 1" in refused.stderr

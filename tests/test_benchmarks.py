@@ -1,0 +1,90 @@
+"""The benchmark scripts' own machinery: finding and building the llama.cpp reference, the kernel benchmark's table."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _references():
+    spec = importlib.util.spec_from_file_location("references", BENCHMARKS / "references.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _executable(path: Path, exit_code: int) -> Path:
+    path.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_llama_cpp_is_found_only_where_its_interpreter_imports_it(tmp_path):
+    references = _references()
+    assert not references.llama_cpp_found(tmp_path / "missing" / "bin" / "python")
+    assert references.llama_cpp_found(_executable(tmp_path / "imports", 0))
+    assert not references.llama_cpp_found(_executable(tmp_path / "lacks", 1))
+
+
+class Recorder:
+    """subprocess.run's stand-in: records each command and its environment, answers with the given exit codes."""
+
+    def __init__(self, *codes):
+        self.calls, self.codes = [], list(codes)
+
+    def __call__(self, cmd, env=None):
+        self.calls.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, self.codes.pop(0))
+
+
+def test_the_build_creates_the_venv_then_compiles_llama_cpp_for_this_cpu(tmp_path):
+    references = _references()
+    python = tmp_path / "venv" / "bin" / "python"
+    run = Recorder(0, 0)
+    references.build_llama_cpp(python, run=run)
+    (venv_cmd, _), (pip_cmd, env) = run.calls
+    assert venv_cmd == [sys.executable, "-m", "venv", str(tmp_path / "venv")]
+    assert pip_cmd == [str(python), "-m", "pip", "install", "--no-binary", "llama-cpp-python",
+                       references.LLAMA_CPP_REQUIREMENT]
+    assert env["CMAKE_ARGS"] == "-DGGML_NATIVE=ON"  # built for the CPU at hand, not a generic wheel
+    assert "[server]" in references.LLAMA_CPP_REQUIREMENT  # bench_serving.py runs its server
+
+
+def test_the_build_reuses_an_existing_venv_and_says_why_it_failed(tmp_path):
+    references = _references()
+    (tmp_path / "bin").mkdir()
+    python = _executable(tmp_path / "bin" / "python", 0)
+    run = Recorder(1)
+    with pytest.raises(SystemExit, match="needs a C\\+\\+ compiler and cmake"):
+        references.build_llama_cpp(python, run=run)
+    assert [cmd[1:4] for cmd, _ in run.calls] == [["-m", "pip", "install"]]  # no new venv over the existing one
+    with pytest.raises(SystemExit, match="VENV/bin/python"):
+        references.build_llama_cpp(tmp_path / "python", run=Recorder())
+
+
+def test_a_missing_reference_is_built_only_when_asked(tmp_path, monkeypatch):
+    references = _references()
+    python = tmp_path / "venv" / "bin" / "python"
+    builds = []
+    monkeypatch.setattr(references, "build_llama_cpp", lambda path: builds.append(path))
+    assert not references.ensure_llama_cpp(python, build=False) and builds == []
+    assert not references.ensure_llama_cpp(python, build=True)  # built, but (here) still not importable
+    assert builds == [python]
+
+
+def test_the_kernel_benchmark_times_each_row_count_at_each_thread_count():
+    """benchmarks/bench_kernels.py --threads: one line per format, row count and thread count, in that order."""
+    script = BENCHMARKS / "bench_kernels.py"
+    run = subprocess.run([sys.executable, str(script), "--formats", "w4a8", "q8", "--shape", "32x64", "--rows", "1",
+                          "3", "--threads", "1", "2", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith(("| w4a8", "| q8"))]
+    assert [(f.strip(), int(r), int(t)) for f, r, t, *_ in rows] == [
+        (f, r, t) for f in ("w4a8", "q8") for r in (1, 3) for t in (1, 2)]
+    assert all(float(gmacs) > 0 for *_, gmacs, _ in rows)
+    refused = subprocess.run([sys.executable, str(script), "--threads", "0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--threads: counts of at least 1" in refused.stderr
