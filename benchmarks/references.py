@@ -38,7 +38,9 @@ def build_llama_cpp(python: str | os.PathLike, run=subprocess.run) -> None:
             raise SystemExit(f"could not create the venv {venv}")
     print(f"building {LLAMA_CPP_REQUIREMENT} from source for this CPU into {venv} (about 10 minutes on 2 cores) ...",
           file=sys.stderr, flush=True)
-    build = run([str(python), "-m", "pip", "install", "--no-binary", "llama-cpp-python", LLAMA_CPP_REQUIREMENT],
+    # --no-binary and --no-cache-dir: compiled here, never a wheel built elsewhere or for another CPU, pip's cache too
+    build = run([str(python), "-m", "pip", "install", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+                 LLAMA_CPP_REQUIREMENT],
                 env=dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON"))
     if build.returncode != 0:
         raise SystemExit(f"building {LLAMA_CPP_REQUIREMENT} failed (pip's output above); it needs a C++ compiler "

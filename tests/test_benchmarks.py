@@ -48,8 +48,8 @@ def test_the_build_creates_the_venv_then_compiles_llama_cpp_for_this_cpu(tmp_pat
     references.build_llama_cpp(python, run=run)
     (venv_cmd, _), (pip_cmd, env) = run.calls
     assert venv_cmd == [sys.executable, "-m", "venv", str(tmp_path / "venv")]
-    assert pip_cmd == [str(python), "-m", "pip", "install", "--no-binary", "llama-cpp-python",
-                       references.LLAMA_CPP_REQUIREMENT]
+    assert pip_cmd == [str(python), "-m", "pip", "install", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+                       references.LLAMA_CPP_REQUIREMENT]  # compiled here, not a wheel from the index or pip's cache
     assert env["CMAKE_ARGS"] == "-DGGML_NATIVE=ON"  # built for the CPU at hand, not a generic wheel
     assert "[server]" in references.LLAMA_CPP_REQUIREMENT  # bench_serving.py runs its server
 
