@@ -271,4 +271,3 @@ def test_same_scores_through_the_server_as_through_the_python_api(default_model)
     for a, b in zip(via_server["records"], local["records"]):
         assert a["pred"] == b["pred"]
         assert a["logliks"] == pytest.approx(b["logliks"], abs=2e-3)
-
