@@ -29,8 +29,9 @@ chunks (llama.cpp's batches of 512 tokens, ours generation's), then 64 tokens de
         --long-context 4096   # and a 4096-token prompt; the last engine with an fp32 KV cache (fp16 by default)
 
 llama.cpp comes from llama-cpp-python built from source for this CPU in its own venv (--llama-python, default
-/work/llamacpp-venv/bin/python); `--build-llama-cpp` builds it there first where it is missing (benchmarks/references.py;
-about 10 minutes on 2 cores). transformers comes with this environment's test extra (`bash scripts/install.sh --test`).
+/work/llamacpp-venv/bin/python); `--build-llama-cpp` builds it there first where it is missing
+(benchmarks/references.py; about 10 minutes on 2 cores). transformers comes with this environment's test extra
+(`bash scripts/install.sh --test`).
 Writes benchmarks/results/inference.json and inference.png. The JSON also records the machine (CPU model, caches,
 the ISA extensions the engines use, library versions): the ratios depend on it. On a CPU whose last-level cache holds
 the whole model, llama.cpp decodes about twice as fast as on one whose cache does not (see the README).

@@ -11,8 +11,9 @@ arithmetic, and `--stream` the memory side: a decode step's worth of distinct la
     python benchmarks/bench_kernels.py --threads 1 2 --formats w4a8 q8 --shape 3072x576  # what a second thread adds
 
 Prints per format and row count the best time a call of --repeats, the products a second (GMAC/s) and the blocks'
-bytes a second; with several --threads, each row count at each thread count in turn (and the stream at each). To compare two versions of the kernel, run this in alternating processes (the build is cached per
-source): the VM's speed drifts by up to 2x within minutes.
+bytes a second; with several --threads, each row count at each thread count in turn (and the stream at each). To
+compare two versions of the kernel, run this in alternating processes (the build is cached per source): the VM's
+speed drifts by up to 2x within minutes.
 """
 
 from __future__ import annotations

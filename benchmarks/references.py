@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python[server]==0.3.36"  # [server]: bench_serving.py runs its OpenAI server
-DEFAULT_LLAMA_PYTHON = "/work/llamacpp-venv/bin/python"
 BUILD_HINT = "build it with --build-llama-cpp (about 10 minutes on 2 cores)"
 
 
@@ -48,10 +47,13 @@ def build_llama_cpp(python: str | os.PathLike, run=subprocess.run) -> None:
 
 
 def ensure_llama_cpp(python: str | os.PathLike, build: bool) -> bool:
-    """Whether llama.cpp is there at `python`, having built it first if asked to and missing."""
+    """Whether llama.cpp is there at `python`, having built it first if asked to and missing (SystemExit if that
+    build fails or leaves it unimportable)."""
     if llama_cpp_found(python):
         return True
     if not build:
         return False
     build_llama_cpp(python)
-    return llama_cpp_found(python)
+    if not llama_cpp_found(python):
+        raise SystemExit(f"{LLAMA_CPP_REQUIREMENT} was built, but {python} does not import llama_cpp.server")
+    return True

@@ -72,8 +72,11 @@ def test_a_missing_reference_is_built_only_when_asked(tmp_path, monkeypatch):
     builds = []
     monkeypatch.setattr(references, "build_llama_cpp", lambda path: builds.append(path))
     assert not references.ensure_llama_cpp(python, build=False) and builds == []
-    assert not references.ensure_llama_cpp(python, build=True)  # built, but (here) still not importable
+    with pytest.raises(SystemExit, match="was built, but .* does not import llama_cpp.server"):
+        references.ensure_llama_cpp(python, build=True)  # (the stand-in built nothing)
     assert builds == [python]
+    monkeypatch.setattr(references, "llama_cpp_found", lambda path: bool(builds))
+    assert references.ensure_llama_cpp(python, build=True) and builds == [python]  # found: not built again
 
 
 def test_the_kernel_benchmark_times_each_row_count_at_each_thread_count():
