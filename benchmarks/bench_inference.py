@@ -543,6 +543,8 @@ def main():
         print("transformers: not installed here (`bash scripts/install.sh --test` installs it). Measuring the others.",
               file=sys.stderr)
         args.engines = [e for e in args.engines if not e.startswith("transformers")]
+    if not args.engines:
+        sys.exit("no engine left to measure (--engines)")
     os.environ["GPT4_BENCH_MODEL"] = args.model  # the workers inherit it
     os.environ["GPT4_BENCH_WORK"] = json.dumps(workload(args.perplexity_tokens, args.long_context))
     results = {}

@@ -158,8 +158,10 @@ def main() -> None:
     eos_bias = {str(i): -100 for i in eos}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if "llamacpp" in engines and not ensure_llama_cpp(args.llama_python, args.build_llama_cpp):
-        print(f"llama.cpp: not found at {args.llama_python}; {BUILD_HINT}. Showing only ours.", file=sys.stderr)
+        print(f"llama.cpp: not found at {args.llama_python}; {BUILD_HINT}. Measuring the others.", file=sys.stderr)
         engines.remove("llamacpp")
+    if not engines:
+        sys.exit("no server left to measure (--engines ours,llamacpp)")
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, list[dict]] = {}
     for engine in engines:

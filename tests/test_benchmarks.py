@@ -91,3 +91,13 @@ def test_the_kernel_benchmark_times_each_row_count_at_each_thread_count():
     assert all(float(gmacs) > 0 for *_, gmacs, _ in rows)
     refused = subprocess.run([sys.executable, str(script), "--threads", "0"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--threads: counts of at least 1" in refused.stderr
+
+
+def test_the_inference_benchmark_without_its_reference_names_it_and_writes_nothing(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_inference.py"), "--engines", "llama.cpp",
+                          "--llama-python", str(tmp_path / "none" / "bin" / "python"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "not found at" in run.stderr and "--build-llama-cpp" in run.stderr
+    assert "no engine left to measure" in run.stderr
+    assert not (tmp_path / "out").exists()  # no empty results over earlier ones
