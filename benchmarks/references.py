@@ -31,6 +31,9 @@ def build_llama_cpp(python: str | os.PathLike, run=subprocess.run) -> None:
     if python.parent.name != "bin":
         raise SystemExit(f"--llama-python {python}: give a venv's interpreter, VENV/bin/python, for the build")
     venv = python.parent.parent
+    if python.exists() and not (venv / "pyvenv.cfg").is_file():  # never pip into a system's own interpreter
+        raise SystemExit(f"--llama-python {python} is not in a venv (no {venv / 'pyvenv.cfg'}); give a venv's "
+                         "interpreter, or one where a venv can be created")
     if not python.exists():
         print(f"creating the venv {venv} for llama.cpp ...", file=sys.stderr, flush=True)
         if run([sys.executable, "-m", "venv", str(venv)]).returncode != 0:

@@ -58,6 +58,9 @@ def test_the_build_reuses_an_existing_venv_and_says_why_it_failed(tmp_path):
     references = _references()
     (tmp_path / "bin").mkdir()
     python = _executable(tmp_path / "bin" / "python", 0)
+    with pytest.raises(SystemExit, match="is not in a venv"):  # a system's interpreter: never pip into it
+        references.build_llama_cpp(python, run=Recorder())
+    (tmp_path / "pyvenv.cfg").write_text("home = /usr/bin\n")
     run = Recorder(1)
     with pytest.raises(SystemExit, match="needs a C\\+\\+ compiler and cmake"):
         references.build_llama_cpp(python, run=run)
