@@ -21,7 +21,6 @@ import argparse
 import os
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gpt4 import GPT4LMHeadModel
