@@ -98,16 +98,19 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) ->
 
 
 def sampling_kwargs(args) -> dict:
-    sample = args.temperature is not None and args.temperature > 0
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=sample,
-                temperature=args.temperature if sample else 1.0, top_p=args.top_p, top_k=args.top_k,
+    # No --temperature: greedy. 0 is greedy too (GenerationConfig's convention), and below 0 it is refused there.
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None,
+                temperature=1.0 if args.temperature is None else args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 stop_strings=args.stop, prompt_lookup_num_tokens=args.prompt_lookup)
 
 
 def load(args):
+    from .generation import GenerationConfig
     from .model import GPT4LMHeadModel
 
+    if hasattr(args, "temperature"):  # a verb that generates: its settings checked before the model loads
+        GenerationConfig(**sampling_kwargs(args))
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = GPT4LMHeadModel.from_pretrained(args.model, dtype=args.dtype, quant=args.quant,
                                             compile=compile_mode(args))
@@ -168,7 +171,7 @@ def read_text_file(path: str | Path) -> str:
 def cmd_generate(args) -> None:
     import time
 
-    from .generation import stream
+    from .generation import check_prompts, stream
 
     prompt = read_text_argument(args.prompt, "prompt")
     model = load(args)
@@ -176,6 +179,8 @@ def cmd_generate(args) -> None:
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         ids = model.tokenizer.encode(prompt)
+    check_prompts(model, [ids])  # before the prompt is echoed: a refused one is not printed first
+    if not args.chat:
         print(prompt, end="", flush=True)
     start, pieces = time.perf_counter(), 0
     for piece in stream(model, ids, **sampling_kwargs(args)):

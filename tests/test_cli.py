@@ -58,6 +58,26 @@ def test_user_errors_are_one_clear_line_without_traceback(args, fragment):
     assert fragment in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", "hi", "--temperature", "-1"], "GenerationConfig.temperature=-1.0 must be >= 0"),
+    (["generate", "hi", "--max-new-tokens", "-3"], "GenerationConfig.max_new_tokens=-3 must be >= 0"),
+    (["chat", "--top-p", "1.5"], "GenerationConfig.top_p=1.5 must be in (0, 1]"),
+    (["translate", "hi", "--to", "fr", "--temperature", "-0.5"], "GenerationConfig.temperature=-0.5 must be >= 0"),
+])
+def test_bad_sampling_settings_are_refused_before_the_model_loads(args, fragment):
+    out = run(*args)
+    assert out.returncode == 1
+    assert fragment in out.stderr and "Traceback" not in out.stderr
+    assert "loading" not in out.stderr and out.stdout == ""
+
+
+def test_a_prompt_longer_than_the_context_is_refused_without_being_echoed():
+    out = run("generate", "--max-new-tokens", "3", input="word " * 9000)
+    assert out.returncode == 1
+    assert "this model's context is 8192 tokens" in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == ""
+
+
 def test_chat_keeps_history_resets_and_exits():
     script = "Hello!\nWhat is the capital of France?\n/reset\n/exit\n"
     out = run("chat", "--max-new-tokens", "24", input=script)

@@ -112,18 +112,25 @@ def _stop_string_hit(tokenizer, row: Row, stop_strings: list[str]) -> bool:
     return any(s in tail for s in stop_strings)
 
 
+def check_prompts(model, prompts: list[list[int]]) -> int:
+    """The longest prompt's length; GPT4Error where a prompt is empty or leaves no room in the model's context."""
+    if any(len(p) == 0 for p in prompts):
+        raise GPT4Error("Cannot generate from an empty prompt: give at least one token.")
+    context = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise GPT4Error(f"The prompt is {longest} tokens; this model's context is {context} tokens. "
+                        "Shorten the prompt.")
+    return longest
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompts: list[list[int]], config: GenerationConfig,
                     tokenizer=None) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of each row (None for rows already finished)."""
     rows = [Row(list(p)) for p in prompts]
-    if any(len(r.prompt) == 0 for r in rows):
-        raise GPT4Error("Cannot generate from an empty prompt: give at least one token.")
+    longest = check_prompts(model, prompts)
     context = model.config.max_position_embeddings
-    longest = max(len(r.prompt) for r in rows)
-    if longest >= context:
-        raise GPT4Error(f"The prompt is {longest} tokens; this model's context is {context} tokens. "
-                        "Shorten the prompt.")
     budget = config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or context) - longest
     budget = max(0, min(budget, context - longest))
     if budget == 0:
