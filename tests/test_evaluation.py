@@ -254,6 +254,25 @@ def test_cli_eval_unknown_task_is_a_clear_error(capsys):
     assert "Unknown task 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--task", "arc_easy", "--limit", "0"], "--limit 0: it must be at least 1."),
+    (["eval", "--task", "arc_easy", "--batch", "0"], "--batch 0: it must be at least 1."),
+    (["eval", "--task", "arc_easy", "--shots", "-1"], "--shots -1: it must be at least 0."),
+    (["eval", "--task", "arc_easy", "--timeout", "0"], "--timeout 0.0: it must be above 0."),
+])
+def test_cli_eval_refuses_bad_numbers_before_the_model_loads(args, message, capsys):
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "loading" not in err
+
+
+def test_cli_perplexity_of_an_empty_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert main(["perplexity", str(tmp_path / "empty.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "The text is empty" in err and "loading" not in err
+
+
 def test_same_scores_through_the_server_as_through_the_python_api(default_model):
     """ARC-Easy through `gpt4 serve`'s /v1/completions (echo + logprobs, max_tokens 0) = the Python API."""
     from gpt4.evaluation.scoring import ServerScorer

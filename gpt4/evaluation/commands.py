@@ -43,6 +43,12 @@ def cmd_eval(args) -> None:
         return
     if not args.task:
         raise GPT4Error(f"Name a task with --task (known: {', '.join(TASKS)}), or give --compare FILES.")
+    for flag, value, ok, rule in (("--limit", args.limit, args.limit is None or args.limit >= 1, "at least 1"),
+                                  ("--shots", args.shots, args.shots is None or args.shots >= 0, "at least 0"),
+                                  ("--batch", args.batch, args.batch >= 1, "at least 1"),
+                                  ("--timeout", args.timeout, args.timeout > 0, "above 0")):
+        if not ok:
+            raise GPT4Error(f"{flag} {value}: it must be {rule}.")
     tasks = [t for spec in args.task for t in spec.split(",") if t]
     for t in tasks:
         if t not in TASKS:
@@ -67,9 +73,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_perplexity(args) -> None:
-    from .perplexity import perplexity
+    from .perplexity import check_text, perplexity
 
-    text = read_text_file(args.file)
+    text = check_text(read_text_file(args.file))  # before the model loads
     r = perplexity(load(args), text, window=args.window, stride=args.stride)
     print(f"tokens {r['tokens']}  bytes {r['bytes']}  perplexity {r['ppl']:.3f}  bits/byte {r['bits_per_byte']:.4f}"
           f"  (window {r['window']}, stride {r['stride']})")

@@ -12,6 +12,13 @@ from tqdm import tqdm
 from ..errors import GPT4Error
 
 
+def check_text(text: str) -> str:
+    """The text, or GPT4Error where it has nothing to score."""
+    if not text.strip():
+        raise GPT4Error("The text is empty: there is nothing to score.")
+    return text
+
+
 @torch.inference_mode()
 def perplexity(model, text: str, window: int | None = None, stride: int | None = None,
                progress: bool = True) -> dict:
@@ -20,8 +27,7 @@ def perplexity(model, text: str, window: int | None = None, stride: int | None =
     Windows of `window` tokens advance by `stride`; only the tokens a window adds are scored, so each token
     after the first is predicted once, from up to window - 1 tokens of context (as in HF's perplexity guide).
     """
-    if not text.strip():
-        raise GPT4Error("The text is empty: there is nothing to score.")
+    check_text(text)
     window = min(window or model.config.max_position_embeddings, model.config.max_position_embeddings)
     stride = stride or max(1, window // 2)
     if not 0 < stride <= window:
