@@ -255,10 +255,10 @@ def test_cli_eval_unknown_task_is_a_clear_error(capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["eval", "--task", "arc_easy", "--limit", "0"], "--limit 0: it must be at least 1."),
-    (["eval", "--task", "arc_easy", "--batch", "0"], "--batch 0: it must be at least 1."),
-    (["eval", "--task", "arc_easy", "--shots", "-1"], "--shots -1: it must be at least 0."),
-    (["eval", "--task", "arc_easy", "--timeout", "0"], "--timeout 0.0: it must be above 0."),
+    (["eval", "--task", "arc_easy", "--limit", "0"], "--limit must be at least 1, got 0."),
+    (["eval", "--task", "arc_easy", "--batch", "0"], "--batch must be at least 1, got 0."),
+    (["eval", "--task", "arc_easy", "--shots", "-1"], "--shots must be at least 0, got -1."),
+    (["eval", "--task", "arc_easy", "--timeout", "0"], "--timeout must be above 0, got 0.0."),
 ])
 def test_cli_eval_refuses_bad_numbers_before_the_model_loads(args, message, capsys):
     assert main(args) == 1

@@ -112,6 +112,32 @@ def test_schedule_warmup_then_cosine():
     assert lr_at(55, cfg) == pytest.approx(0.55) and lr_at(100, cfg) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("settings,message", [
+    (dict(max_steps=0), "TrainConfig.max_steps=0 must be >= 1 (--steps)."),
+    (dict(batch_size=0), "TrainConfig.batch_size=0 must be >= 1 (--batch-size)."),
+    (dict(grad_accum=0), "TrainConfig.grad_accum=0 must be >= 1 (--grad-accum)."),
+    (dict(seq_len=0), "TrainConfig.seq_len=0 must be >= 1 (--seq-len)."),
+    (dict(lr=-1.0), "TrainConfig.lr=-1.0 must be > 0 (--lr)."),
+    (dict(lr=1e-3, min_lr=1e-2), "TrainConfig.min_lr=0.01 must be in [0, lr] (--min-lr)."),
+    (dict(eval_batches=0), "TrainConfig.eval_batches=0 must be >= 1 (--eval-batches)."),
+    (dict(beta2=1.0), "TrainConfig.beta2=1.0 must be in [0, 1)."),
+    (dict(precision="fp16"), "TrainConfig.precision='fp16' must be auto, bf16 or fp32 (--precision)."),
+])
+def test_train_config_refuses_settings_out_of_range(settings, message):
+    with pytest.raises(GPT4Error) as e:
+        TrainConfig(**settings)
+    assert str(e.value) == message
+
+
+def test_pretrain_cli_refuses_a_bad_setting_before_touching_the_output(data_dir, tmp_path, capsys):
+    from gpt4.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data_dir), "--preset", "tiny", "-o", str(out), "--batch-size", "0"]) == 1
+    assert "TrainConfig.batch_size=0 must be >= 1 (--batch-size)." in capsys.readouterr().err
+    assert not out.exists()
+
+
 class FixedBatch(Batches):
     def __init__(self, x):
         self.x = x

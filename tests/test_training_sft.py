@@ -47,6 +47,28 @@ def test_sft_rejects_bad_records(tmp_path):
         read_conversations([str(bad)])
 
 
+@pytest.mark.parametrize("settings,message", [
+    (dict(lora_rank=-1), "--lora-rank must be at least 1 for LoRA, or 0 for full fine-tuning, got -1."),
+    (dict(lora_rank=4, lora_alpha=-2.0), "--lora-alpha must be above 0 (default: twice the rank), got -2.0."),
+    (dict(val_fraction=1.5), "--val-fraction must be in [0, 1), got 1.5."),
+])
+def test_finetune_refuses_bad_settings_before_loading_anything(settings, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(GPT4LMHeadModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    with pytest.raises(GPT4Error) as e:
+        finetune("gpt4", [str(data)], TrainConfig(out_dir=str(tmp_path / "out")), **settings)
+    assert str(e.value) == message
+
+
+def test_finetune_reads_its_data_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(GPT4LMHeadModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": CONVERSATION}) + "\nnot json\n")
+    with pytest.raises(GPT4Error, match="bad.jsonl:2 is not valid JSON"):
+        finetune("gpt4", [str(bad)], TrainConfig(out_dir=str(tmp_path / "out")))
+
+
 class OneBatch(Batches):
     def __init__(self, x):
         self.x = x

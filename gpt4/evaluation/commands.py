@@ -48,7 +48,7 @@ def cmd_eval(args) -> None:
                                   ("--batch", args.batch, args.batch >= 1, "at least 1"),
                                   ("--timeout", args.timeout, args.timeout > 0, "above 0")):
         if not ok:
-            raise GPT4Error(f"{flag} {value}: it must be {rule}.")
+            raise GPT4Error(f"{flag} must be {rule}, got {value}.")
     tasks = [t for spec in args.task for t in spec.split(",") if t]
     for t in tasks:
         if t not in TASKS:

@@ -53,6 +53,37 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # (name, ok, rule): a bad value fails here, with its flag, instead of deep in the loop (a batch of 0 rows,
+        # an empty sequence, a NaN loss from 0 micro-batches, a division by 0 validation batches)
+        checks = [
+            ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("seq_len", self.seq_len >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("min_lr", self.min_lr is None or 0 <= self.min_lr <= self.lr, "must be in [0, lr]"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: off)"),
+            ("eval_interval", self.eval_interval >= 0, "must be >= 0 (0: no validation)"),
+            ("eval_batches", self.eval_batches >= 1, "must be >= 1"),
+            ("sample_interval", self.sample_interval >= 0, "must be >= 0"),
+            ("sample_tokens", self.sample_tokens >= 0, "must be >= 0"),
+            ("checkpoint_interval", self.checkpoint_interval >= 0, "must be >= 0 (0: only at the end)"),
+            ("keep_last", self.keep_last >= 0, "must be >= 0 (0: keep all)"),
+            ("precision", self.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
+            ("parallel", self.parallel in ("ddp", "fsdp"), "must be ddp or fsdp"),
+            ("stop_after", self.stop_after is None or self.stop_after >= 1, "must be >= 1"),
+        ]
+        flags = {"max_steps": " (--steps)", "beta1": "", "beta2": "", "sample_interval": ""}  # ("": Python only)
+        for name, ok, rule in checks:
+            if not ok:
+                flag = flags.get(name, f" (--{name.replace('_', '-')})")
+                raise GPT4Error(f"TrainConfig.{name}={getattr(self, name)!r} {rule}{flag}.")
+
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr

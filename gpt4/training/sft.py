@@ -96,6 +96,13 @@ def finetune(model_name: str, data: list[str], cfg: TrainConfig, lora_rank: int 
     from ..model import GPT4LMHeadModel
     from .lora import add_lora, lora_state_dict
 
+    if lora_rank < 0:
+        raise GPT4Error(f"--lora-rank must be at least 1 for LoRA, or 0 for full fine-tuning, got {lora_rank}.")
+    if lora_alpha is not None and lora_alpha <= 0:
+        raise GPT4Error(f"--lora-alpha must be above 0 (default: twice the rank), got {lora_alpha}.")
+    if not 0 <= val_fraction < 1:
+        raise GPT4Error(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    conversations = read_conversations(data)  # a bad file fails before the model loads
     info = init_distributed()
     log = print if info.is_main else (lambda *a, **k: None)
     try:
@@ -106,9 +113,8 @@ def finetune(model_name: str, data: list[str], cfg: TrainConfig, lora_rank: int 
         if tok.vocab_size > model.config.vocab_size:
             raise GPT4Error(f"The tokenizer of {model_name} has {tok.vocab_size} tokens but the model only "
                             f"{model.config.vocab_size} embeddings: they do not belong together.")
-        conversations = read_conversations(data)
         random.Random(cfg.seed).shuffle(conversations)
-        n_val = max(1, int(len(conversations) * val_fraction)) if len(conversations) > 1 else 0
+        n_val = max(1, int(len(conversations) * val_fraction)) if val_fraction and len(conversations) > 1 else 0
         encoded = [tokenize_conversation(tok, c, cfg.seq_len) for c in conversations]
         encoded = [e for e in encoded if any(y != IGNORE for y in e[1])]
         if not encoded:
