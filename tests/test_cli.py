@@ -50,7 +50,12 @@ def test_generate_reads_stdin_and_chat_flag():
     (["pull", "nope"], "Unknown model name 'nope'"),
     (["generate", "hi", "--top-p", "0"], "GenerationConfig.top_p=0.0 must be in (0, 1]"),
     (["generate", "hi", "--prompt-lookup", "-1"], "GenerationConfig.prompt_lookup_num_tokens=-1 must be >= 0"),
-    (["serve", "--prompt-lookup", "-1"], "--prompt-lookup must be at least 0"),
+    (["serve", "--prompt-lookup", "-1"], "--prompt-lookup must be at least 0, got -1."),
+    (["serve", "--port", "70000"], "--port must be in 0..65535, got 70000."),
+    (["serve", "--max-body-mb", "0"], "--max-body-mb must be above 0, got 0.0."),
+    (["serve", "--drain-timeout", "-5"], "--drain-timeout must be at least 0, got -5.0."),
+    (["serve", "--threads", "0"], "--threads must be at least 1, got 0."),
+    (["pretrain", "--data", "nowhere", "--threads", "0"], "--threads must be at least 1, got 0."),
 ])
 def test_user_errors_are_one_clear_line_without_traceback(args, fragment):
     out = run(*args)

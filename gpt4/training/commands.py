@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import GPT4Error
+
 
 def register(sub) -> None:
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files, folders or JSONL")
@@ -101,6 +103,8 @@ def train_config(args):
 
 
 def _threads(args) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise GPT4Error(f"--threads must be at least 1, got {args.threads}.")
     if args.threads:
         import torch
 
