@@ -104,3 +104,23 @@ def test_the_inference_benchmark_without_its_reference_names_it_and_writes_nothi
     assert "not found at" in run.stderr and "--build-llama-cpp" in run.stderr
     assert "no engine left to measure" in run.stderr
     assert not (tmp_path / "out").exists()  # no empty results over earlier ones
+
+
+def test_the_avx2_tile_probe_builds_and_prints_its_table(tmp_path):
+    """The command the docs give for avx2_tile_probe.cpp works (its timings are not checked: not a test's job)."""
+    import shutil
+
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
+    if shutil.which("g++") is None or not {"avx2", "fma", "f16c"} <= set(flags):
+        pytest.skip("needs g++ and a CPU with AVX2, FMA and F16C")
+    probe = tmp_path / "probe"
+    subprocess.run(["g++", "-O3", "-mavx2", "-mfma", "-mf16c", str(BENCHMARKS / "avx2_tile_probe.cpp"), "-o",
+                    str(probe)], check=True, capture_output=True)
+    out = subprocess.run([str(probe)], check=True, capture_output=True, text=True, timeout=120).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "GMAC" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| A: as the kernel"] * 2 + [
+        "| B: one broadcast, both parts", "| C: no broadcasts (bound)", "| D: no float epilogue (bound)",
+        "| E: products summed as a tree"]
+    assert all(float(row.split(" | ")[2]) > 0 for row in rows)
+    assert "vpmaddubsw alone:" in out
