@@ -21,7 +21,8 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 // ---- issue rates: 8 independent chains, so latency does not bound them
-#define KEEP8(p) asm volatile("" ::"x"(p##0), "x"(p##1), "x"(p##2), "x"(p##3), "x"(p##4), "x"(p##5), "x"(p##6), "x"(p##7))
+#define KEEP8(p) \
+  asm volatile("" ::"x"(p##0), "x"(p##1), "x"(p##2), "x"(p##3), "x"(p##4), "x"(p##5), "x"(p##6), "x"(p##7))
 // (distinct starting values: equal chains would be merged into one by the compiler)
 #define DECL8(p, v) \
   __m256i p##0 = v(0), p##1 = v(1), p##2 = v(2), p##3 = v(3), p##4 = v(4), p##5 = v(5), p##6 = v(6), p##7 = v(7)
