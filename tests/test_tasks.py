@@ -140,3 +140,17 @@ def test_cli_rejects_binary_files_and_empty_input(tmp_path, capsys):
     assert "binary" in capsys.readouterr().err
     assert main(["translate", "--to", "zh", ""]) == 1
     assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["code", " "], "The task is empty"),
+    (["ask", " "], "The question is empty"),
+    (["ask", "What?", "--context", "EMPTY"], "is empty"),
+])
+def test_cli_refuses_empty_input_before_the_model_loads(args, message, tmp_path, capsys, monkeypatch):
+    from gpt4 import GPT4LMHeadModel
+
+    monkeypatch.setattr(GPT4LMHeadModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main([str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]) == 1
+    assert message in capsys.readouterr().err

@@ -59,10 +59,10 @@ def cmd_summarize(args) -> None:
 
 
 def cmd_ask(args) -> None:
-    from . import ask
+    from . import _check_text, ask
 
-    question = read_text_argument(args.question, "question")
-    documents = [(f, read_text_file(f)) for f in args.context or []]
+    question = _check_text(read_text_argument(args.question, "question"), "question")  # before the model loads
+    documents = [(f, _check_text(read_text_file(f), f"document {f}")) for f in args.context or []]
     found, answer = ask(load(args), question, documents, n_passages=args.passages, **_gen(args))
     _print(answer)
     if found:
@@ -72,9 +72,9 @@ def cmd_ask(args) -> None:
 
 
 def cmd_code(args) -> None:
-    from . import check_syntax, code, extract_code, run_code
+    from . import _check_text, check_syntax, code, extract_code, run_code
 
-    task = read_text_argument(args.task, "task")
+    task = _check_text(read_text_argument(args.task, "task"), "task")  # before the model loads
     tests = read_text_file(args.tests) if args.tests else ""
     reply = _print(code(load(args), task, lang=args.lang, with_tests=args.test, **_gen(args)))
     source = extract_code(reply, args.lang)
