@@ -66,6 +66,7 @@ def test_user_errors_are_one_clear_line_without_traceback(args, fragment):
 @pytest.mark.parametrize("args,fragment", [
     (["generate", "hi", "--temperature", "-1"], "GenerationConfig.temperature=-1.0 must be >= 0"),
     (["generate", "hi", "--max-new-tokens", "-3"], "GenerationConfig.max_new_tokens=-3 must be >= 0"),
+    (["generate", "hi", "--stop", ""], "GenerationConfig.stop_strings=[''] must not contain an empty string."),
     (["chat", "--top-p", "1.5"], "GenerationConfig.top_p=1.5 must be in (0, 1]"),
     (["translate", "hi", "--to", "fr", "--temperature", "-0.5"], "GenerationConfig.temperature=-0.5 must be >= 0"),
 ])

@@ -220,3 +220,12 @@ def test_a_prompt_goes_through_in_the_models_prefill_chunks(monkeypatch):
     assert blocks.prefill_chunk == 256
     monkeypatch.setattr(quant, "bf16_matmul_is_native", lambda: True)
     assert blocks.prefill_chunk == 512
+
+
+def test_an_empty_stop_string_is_refused_as_it_would_stop_every_text_at_once():
+    from gpt4.generation import GenerationConfig
+
+    for stops in ("", ["</s>", ""]):
+        with pytest.raises(ValueError, match="must not contain an empty string"):
+            GenerationConfig(stop_strings=stops)
+    assert GenerationConfig(stop_strings="\n\n").stop_strings == ["\n\n"]

@@ -62,6 +62,9 @@ class GenerationConfig:
                 raise GenerationSettingError(f"GenerationConfig.{name}={getattr(self, name)!r} {rule}.")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
+        if self.stop_strings and any(not s for s in self.stop_strings):  # "" is in every text: nothing would come out
+            raise GenerationSettingError(f"GenerationConfig.stop_strings={self.stop_strings!r} must not contain an "
+                                         "empty string.")
         if self.temperature == 0:  # OpenAI convention: temperature 0 means greedy
             self.do_sample, self.temperature = False, 1.0
 
