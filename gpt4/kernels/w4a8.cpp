@@ -377,6 +377,18 @@ struct QuantizedRows {
 
 constexpr int TILE = LANES == 16 ? 8 : 4;  // token rows sharing one unpacking of the weights (in registers)
 
+// How far ahead, in groups, a block row's first pass (part 0 of the first tile) asks for the lines it will read: the
+// hardware prefetchers alone left one-row decoding at ~0.8 of a plain read's pace on the AVX2 EPYC; these requests
+// made the default model's one-row steps 1.11x faster and 8-row ones 1.05x (docs/performance.md, run 28). Whole block
+// rows ahead (earlier sessions) were slower.
+constexpr int64_t PREFETCH_GROUPS = 8;
+template <typename Block>
+struct Unpacked;
+template <typename Block>
+constexpr bool streamed = true;  // blocks read from the model's weights, not from an unpacked copy in L1
+template <typename Block>
+constexpr bool streamed<Unpacked<Block>> = false;
+
 // ROWS token rows from t0 times one part of a row of blocks, written to out (row t at out + t N). ROWS is a constant
 // so that the accumulators stay in registers: in memory, each group's additions to them would wait for the last
 // group's stores (a single row's chain of store, reload and two multiply-adds bounded its speed).
@@ -384,7 +396,12 @@ template <typename Block, int ROWS, typename T>
 inline void tile(const QuantizedRows& a, int64_t t0, const uint8_t* block_row, int part, T* out, int64_t N) {
   Vf acc[ROWS], offsets[ROWS];  // the m terms (Q6: the second half's) in sums of their own: two shorter chains
   for (int t = 0; t < ROWS; ++t) acc[t] = offsets[t] = vzero();
+  const bool first_pass = streamed<Block> && part == 0 && t0 == 0;
   for (int64_t g = 0; g < a.G; ++g) {
+    if (first_pass) {  // (past the tensor's end near its last rows: a prefetch never faults)
+      const char* ahead = reinterpret_cast<const char*>(block_row + (g + PREFETCH_GROUPS) * Block::BYTES);
+      for (int64_t line = 0; line < Block::BYTES; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
     Vi q[8];
     Vf dv, mv;
     Block::unpack(block_row + g * Block::BYTES, part, q, dv, mv);
