@@ -379,8 +379,8 @@ constexpr int TILE = LANES == 16 ? 8 : 4;  // token rows sharing one unpacking o
 
 // How far ahead, in groups, a block row's first pass (part 0 of the first tile) asks for the lines it will read: the
 // hardware prefetchers alone left one-row decoding at ~0.8 of a plain read's pace on the AVX2 EPYC; these requests
-// made the default model's one-row steps 1.11x faster and 8-row ones 1.05x (docs/performance.md, run 28). Whole block
-// rows ahead (earlier sessions) were slower.
+// made the default model's one-row decoding 1.06-1.11x faster and 8 rows' 1.06-1.08x (docs/performance.md, run 28).
+// Whole block rows ahead (earlier sessions) were slower.
 constexpr int64_t PREFETCH_GROUPS = 8;
 template <typename Block>
 struct Unpacked;
