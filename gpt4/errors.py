@@ -13,5 +13,12 @@ class ModelFileError(GPT4Error):
     """A model file that is truncated, corrupted, of an unsupported kind, or that does not match its config."""
 
 
+def check_flags(*checks: tuple[str, object, bool, str]) -> None:
+    """GPT4Error for the first (flag, value, ok, rule) that is not ok: "{flag} must be {rule}, got {value}."."""
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise GPT4Error(f"{flag} must be {rule}, got {value}.")
+
+
 class GenerationSettingError(GPT4Error, ValueError):
     """A generation setting out of its range (a ValueError too, as transformers raises for these)."""

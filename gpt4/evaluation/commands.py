@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_model_flags, load, read_text_file
-from ..errors import GPT4Error
+from ..errors import GPT4Error, check_flags
 
 
 def _fmt(v) -> str:
@@ -43,12 +43,10 @@ def cmd_eval(args) -> None:
         return
     if not args.task:
         raise GPT4Error(f"Name a task with --task (known: {', '.join(TASKS)}), or give --compare FILES.")
-    for flag, value, ok, rule in (("--limit", args.limit, args.limit is None or args.limit >= 1, "at least 1"),
-                                  ("--shots", args.shots, args.shots is None or args.shots >= 0, "at least 0"),
-                                  ("--batch", args.batch, args.batch >= 1, "at least 1"),
-                                  ("--timeout", args.timeout, args.timeout > 0, "above 0")):
-        if not ok:
-            raise GPT4Error(f"{flag} must be {rule}, got {value}.")
+    check_flags(("--limit", args.limit, args.limit is None or args.limit >= 1, "at least 1"),
+                ("--shots", args.shots, args.shots is None or args.shots >= 0, "at least 0"),
+                ("--batch", args.batch, args.batch >= 1, "at least 1"),
+                ("--timeout", args.timeout, args.timeout > 0, "above 0"))
     tasks = [t for spec in args.task for t in spec.split(",") if t]
     for t in tasks:
         if t not in TASKS:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..cli import add_aot_flag, add_dtype_and_quant_flags, compile_mode, report_auto_choices, set_kv_dtype
-from ..errors import GPT4Error
+from ..errors import GPT4Error, check_flags
 
 
 def register(sub) -> None:
@@ -55,16 +55,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise GPT4Error(f"Serving needs the 'serve' extra ({e.name} is missing): pip install 'gpt4[serve]'.")
     import torch
 
-    for flag, value, ok, rule in (("--max-batch", args.max_batch, args.max_batch >= 1, "at least 1"),
-                                  ("--max-queue", args.max_queue, args.max_queue >= 1, "at least 1"),
-                                  ("--port", args.port, 0 <= args.port <= 65535, "in 0..65535"),
-                                  ("--prompt-lookup", args.prompt_lookup, args.prompt_lookup >= 0, "at least 0"),
-                                  ("--max-body-mb", args.max_body_mb, args.max_body_mb > 0, "above 0"),
-                                  ("--drain-timeout", args.drain_timeout, args.drain_timeout >= 0, "at least 0"),
-                                  ("--threads", args.threads, args.threads is None or args.threads >= 1,
-                                   "at least 1")):
-        if not ok:
-            raise GPT4Error(f"{flag} must be {rule}, got {value}.")
+    check_flags(("--max-batch", args.max_batch, args.max_batch >= 1, "at least 1"),
+                ("--max-queue", args.max_queue, args.max_queue >= 1, "at least 1"),
+                ("--port", args.port, 0 <= args.port <= 65535, "in 0..65535"),
+                ("--prompt-lookup", args.prompt_lookup, args.prompt_lookup >= 0, "at least 0"),
+                ("--max-body-mb", args.max_body_mb, args.max_body_mb > 0, "above 0"),
+                ("--drain-timeout", args.drain_timeout, args.drain_timeout >= 0, "at least 0"),
+                ("--threads", args.threads, args.threads is None or args.threads >= 1, "at least 1"))
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.model or ["gpt4"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import GPT4Error
+from ..errors import check_flags
 
 
 def register(sub) -> None:
@@ -103,8 +103,7 @@ def train_config(args):
 
 
 def _threads(args) -> None:
-    if args.threads is not None and args.threads < 1:
-        raise GPT4Error(f"--threads must be at least 1, got {args.threads}.")
+    check_flags(("--threads", args.threads, args.threads is None or args.threads >= 1, "at least 1"))
     if args.threads:
         import torch
 

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import GPT4Error
+from ..errors import GPT4Error, check_flags
 
 TEXT_SUFFIXES_SKIP = {".pyc", ".so", ".o", ".a", ".png", ".jpg", ".gif", ".gz", ".zip", ".bin", ".exe", ".pdf"}
 
@@ -119,8 +119,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, val_fraction: 
     tok_file = tok_dir / "tokenizer.json" if tok_dir.is_dir() else tok_dir
     if not tok_file.is_file():
         raise GPT4Error(f"No tokenizer at {tokenizer_path}; run `gpt4 train-tokenizer` first or give a model folder.")
-    if not 0 <= val_fraction < 1:
-        raise GPT4Error(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    check_flags(("--val-fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"))
     files = list_files(inputs)
     backend = Backend.from_file(str(tok_file))
     vocab_size = backend.get_vocab_size()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GPT4Error
+from ..errors import GPT4Error, check_flags
 from . import checkpoint as ckpt
 from .data import jsonl_records
 from .distributed import broadcast_object, close_distributed, init_distributed
@@ -96,12 +96,9 @@ def finetune(model_name: str, data: list[str], cfg: TrainConfig, lora_rank: int 
     from ..model import GPT4LMHeadModel
     from .lora import add_lora, lora_state_dict
 
-    if lora_rank < 0:
-        raise GPT4Error(f"--lora-rank must be at least 1 for LoRA, or 0 for full fine-tuning, got {lora_rank}.")
-    if lora_alpha is not None and lora_alpha <= 0:
-        raise GPT4Error(f"--lora-alpha must be above 0 (default: twice the rank), got {lora_alpha}.")
-    if not 0 <= val_fraction < 1:
-        raise GPT4Error(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    check_flags(("--lora-rank", lora_rank, lora_rank >= 0, "at least 1 for LoRA, or 0 for full fine-tuning"),
+                ("--lora-alpha", lora_alpha, lora_alpha is None or lora_alpha > 0, "above 0 (default: twice the rank)"),
+                ("--val-fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"))
     conversations = read_conversations(data)  # a bad file fails before the model loads
     info = init_distributed()
     log = print if info.is_main else (lambda *a, **k: None)
