@@ -9,7 +9,8 @@ docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0 groups (g
 file's 5-bit and 6-bit groups (gpt4.quant.Q5Linear, Q6Linear; runs 19-20), and a decode step's attention
 (gpt4.model.Attention.use_decode_kernel), which w4a8 models use too. decode_layers runs a whole decode step's layers
 of such a model in one call, these kernels back to back with the norms, rotations and activations between them
-(gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19). The AVX2 build: run 21.
+(gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19), and prefill_layers a prompt chunk's (run 29). The AVX2 build:
+run 21.
 """
 
 from __future__ import annotations

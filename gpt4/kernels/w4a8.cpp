@@ -479,7 +479,10 @@ void matmul(const T* x, int64_t rows_total, int64_t K, const uint8_t* blocks, in
   int8_t* XQ = xq_buffer.data();
   float *S = scale_buffer.data(), *SS = S + rows_total * G;
   int32_t *GS = sums.data(), *HS = GS + rows_total * G;
-  quantize_groups(x, rows_total * G, XQ, S, SS, GS);
+  // A prompt chunk's rows are quantized by every thread (a decode step's few on the caller's: below the grain).
+  at::parallel_for(0, rows_total * G, 2048, [&](int64_t begin, int64_t end) {
+    quantize_groups(x + begin * 32, end - begin, XQ + begin * 32, S + begin, SS + begin, GS + begin);
+  });
   if constexpr (Block::HALVES) {
     for (int64_t h = 0; h < 2 * rows_total * G; ++h) HS[h] = sum16_int8(XQ + 16 * h);
   }
@@ -999,18 +1002,91 @@ void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, co
 }
 
 // A linear layer's blocks (either kind) for an (N, K) weight, and its bias.
-void check_layer(const at::Tensor& blocks, const std::optional<at::Tensor>& bias, int64_t N, int64_t K,
-                 at::ScalarType dtype, int64_t layer) {
+void check_layer(const char* op, const at::Tensor& blocks, const std::optional<at::Tensor>& bias, int64_t N,
+                 int64_t K, at::ScalarType dtype, int64_t layer) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 3 &&
                   (blocks.size(2) == Q4Block::BYTES || blocks.size(2) == Q5Block::BYTES ||
                    blocks.size(2) == Q5MBlock::BYTES || blocks.size(2) == Q6Block::BYTES ||
                    blocks.size(2) == Q8Block::BYTES) &&
                   blocks.size(0) * 16 == N && blocks.size(1) * 32 == K,
-              "decode_layers: layer ", layer, " has blocks of shape ", blocks.sizes(), " where (", N / 16, ", ",
+              op, ": layer ", layer, " has blocks of shape ", blocks.sizes(), " where (", N / 16, ", ",
               K / 32, ", ", Q4Block::BYTES, ", ", Q5Block::BYTES, ", ", Q5MBlock::BYTES, ", ", Q6Block::BYTES, " or ",
               Q8Block::BYTES, ") uint8 were expected");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == N),
-              "decode_layers: layer ", layer, " has a bias that is not ", N, " values of x's dtype");
+              op, ": layer ", layer, " has a bias that is not ", N, " values of x's dtype");
+}
+
+// Checks shared by decode_layers and prefill_layers (`op`): L layers' caches for B rows of x's hidden size H in dtype,
+// their weights, biases and rotation frequencies. Returns the MLP's width.
+int64_t check_layers(const char* op, at::ScalarType dtype, int64_t B, int64_t H, at::TensorList keys,
+                     at::TensorList values, int64_t kv_length, at::TensorList weights,
+                     const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& inv_freq, int64_t n_heads) {
+  const int64_t layers = keys.size();
+  TORCH_CHECK(layers >= 1 && values.size() == keys.size() && weights.size() == 6 * keys.size() &&
+                  biases.size() == 4 * keys.size(),
+              op, ": each layer needs a key cache, a value cache, 6 weights and 4 biases (or None)");
+  TORCH_CHECK(keys[0].dim() == 4, op, ": caches must be (B, KV heads, slots, head size)");
+  const int64_t Hkv = keys[0].size(1), D = keys[0].size(3);
+  const at::ScalarType kv_dtype = keys[0].scalar_type();
+  TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16 || (kv_dtype == at::kHalf && dtype == at::kFloat),
+              op, ": caches must be float32 or bfloat16, or float16 for a float32 x");
+  TORCH_CHECK(Hkv >= 1 && n_heads % Hkv == 0 && n_heads / Hkv <= MAX_ROWS && D % 32 == 0 && D <= MAX_DIM,
+              op, ": at most ", MAX_ROWS, " query heads per KV head, and a head size that is a multiple of 32 up to ",
+              MAX_DIM);
+  TORCH_CHECK(kv_length >= 1, op, ": kv_length must be positive");
+  for (const at::TensorList caches : {keys, values}) {
+    for (const at::Tensor& cache : caches) {
+      TORCH_CHECK(cache.dim() == 4 && cache.size(0) >= B && cache.size(1) == Hkv && cache.size(2) >= kv_length &&
+                      cache.size(3) == D && cache.stride(3) == 1 && cache.scalar_type() == kv_dtype,
+                  op, ": every cache must be (at least ", B, " rows, ", Hkv, ", at least ", kv_length, ", ", D,
+                  ") of one dtype, rows contiguous");
+    }
+  }
+  TORCH_CHECK(weights[4].dim() == 3 && weights[4].size(0) % 4 == 0, op, ": up's blocks must be 3-d");
+  const int64_t I = weights[4].size(0) * 8;
+  TORCH_CHECK(I % 32 == 0, op, ": the MLP's width must be a multiple of 32");
+  for (int64_t l = 0; l < layers; ++l) {
+    for (const int i : {0, 3}) {
+      const at::Tensor& norm = weights[6 * l + i];
+      TORCH_CHECK(norm.scalar_type() == dtype && norm.is_contiguous() && norm.numel() == H,
+                  op, ": layer ", l, "'s norms must be ", H, " values of x's dtype");
+    }
+    check_layer(op, weights[6 * l + 1], biases.get(4 * l), (n_heads + 2 * Hkv) * D, H, dtype, l);
+    check_layer(op, weights[6 * l + 2], biases.get(4 * l + 1), H, n_heads * D, dtype, l);
+    check_layer(op, weights[6 * l + 4], biases.get(4 * l + 2), 2 * I, H, dtype, l);
+    check_layer(op, weights[6 * l + 5], biases.get(4 * l + 3), H, I, dtype, l);
+  }
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2,
+              op, ": inv_freq must be ", D / 2, " contiguous float32 values");
+  return I;
+}
+
+// positions (count int64), each a slot below kv_length: (one outside the cache would be written out of bounds).
+const int64_t* checked_positions(const char* op, const at::Tensor& positions, int64_t count, int64_t kv_length) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == count && positions.is_contiguous(),
+              op, ": positions must be ", count, " contiguous int64 values");
+  const int64_t* position = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < count; ++t) {
+    TORCH_CHECK(position[t] >= 0 && position[t] < kv_length, op, ": position ", position[t], " is outside the ",
+                kv_length, " slots attended");
+  }
+  return position;
+}
+
+// run(T{}, KV{}) for the model's dtype T and the cache's KV (the pairs check_layers admits).
+template <typename Run>
+void with_types(at::ScalarType dtype, at::ScalarType kv_dtype, const Run& run) {
+  if (dtype == at::kFloat) {
+    if (kv_dtype == at::kFloat) {
+      run(float{}, float{});
+    } else if (kv_dtype == at::kHalf) {
+      run(float{}, at::Half{});
+    } else {
+      run(float{}, at::BFloat16{});
+    }
+  } else {
+    kv_dtype == at::kFloat ? run(at::BFloat16{}, float{}) : run(at::BFloat16{}, at::BFloat16{});
+  }
 }
 
 // A decode step through all L layers: x (B, hidden), the new tokens' embeddings, float32 or bfloat16 (the model's
@@ -1027,52 +1103,10 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   x.size(1) % 32 == 0,
               "decode_layers: x must be (B, hidden) float32 or bfloat16, hidden a multiple of 32");
-  const int64_t B = x.size(0), H = x.size(1), layers = keys.size();
-  const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(layers >= 1 && values.size() == keys.size() && weights.size() == 6 * keys.size() &&
-                  biases.size() == 4 * keys.size(),
-              "decode_layers: each layer needs a key cache, a value cache, 6 weights and 4 biases (or None)");
-  TORCH_CHECK(keys[0].dim() == 4, "decode_layers: caches must be (B, KV heads, slots, head size)");
-  const int64_t Hkv = keys[0].size(1), D = keys[0].size(3);
-  const at::ScalarType kv_dtype = keys[0].scalar_type();
-  TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16 || (kv_dtype == at::kHalf && dtype == at::kFloat),
-              "decode_layers: caches must be float32 or bfloat16, or float16 for a float32 x");
-  TORCH_CHECK(Hkv >= 1 && n_heads % Hkv == 0 && n_heads / Hkv <= MAX_ROWS && D % 32 == 0 && D <= MAX_DIM,
-              "decode_layers: at most ", MAX_ROWS, " query heads per KV head, and a head size that is a multiple of 32 "
-              "up to ", MAX_DIM);
-  TORCH_CHECK(kv_length >= 1, "decode_layers: kv_length must be positive");
-  for (const at::TensorList caches : {keys, values}) {
-    for (const at::Tensor& cache : caches) {
-      TORCH_CHECK(cache.dim() == 4 && cache.size(0) >= B && cache.size(1) == Hkv && cache.size(2) >= kv_length &&
-                      cache.size(3) == D && cache.stride(3) == 1 && cache.scalar_type() == kv_dtype,
-                  "decode_layers: every cache must be (at least ", B, " rows, ", Hkv, ", at least ", kv_length, ", ", D,
-                  ") of one dtype, rows contiguous");
-    }
-  }
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == B,
-              "decode_layers: positions must be B int64 values");
+  const int64_t B = x.size(0), H = x.size(1);
+  check_layers("decode_layers", x.scalar_type(), B, H, keys, values, kv_length, weights, biases, inv_freq, n_heads);
   const at::Tensor rows_positions = positions.contiguous();
-  const int64_t* position = rows_positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {  // (a slot outside the cache would be written out of bounds)
-    TORCH_CHECK(position[b] >= 0 && position[b] < kv_length, "decode_layers: position ", position[b],
-                " is outside the ", kv_length, " slots attended");
-  }
-  TORCH_CHECK(weights[4].dim() == 3 && weights[4].size(0) % 4 == 0, "decode_layers: up's blocks must be 3-d");
-  const int64_t I = weights[4].size(0) * 8;
-  TORCH_CHECK(I % 32 == 0, "decode_layers: the MLP's width must be a multiple of 32");
-  for (int64_t l = 0; l < layers; ++l) {
-    for (const int i : {0, 3}) {
-      const at::Tensor& norm = weights[6 * l + i];
-      TORCH_CHECK(norm.scalar_type() == dtype && norm.is_contiguous() && norm.numel() == H,
-                  "decode_layers: layer ", l, "'s norms must be ", H, " values of x's dtype");
-    }
-    check_layer(weights[6 * l + 1], biases.get(4 * l), (n_heads + 2 * Hkv) * D, H, dtype, l);
-    check_layer(weights[6 * l + 2], biases.get(4 * l + 1), H, n_heads * D, dtype, l);
-    check_layer(weights[6 * l + 4], biases.get(4 * l + 2), 2 * I, H, dtype, l);
-    check_layer(weights[6 * l + 5], biases.get(4 * l + 3), H, I, dtype, l);
-  }
-  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2,
-              "decode_layers: inv_freq must be ", D / 2, " contiguous float32 values");
+  const int64_t* position = checked_positions("decode_layers", rows_positions, B, kv_length);
   const bool* mask_data = nullptr;
   int64_t mask_batch = 0, mask_slot = 0;
   if (mask.has_value()) {
@@ -1085,24 +1119,137 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const
     mask_slot = m.stride(3);
   }
   at::Tensor hidden = x.clone(at::MemoryFormat::Contiguous);
-  const auto run = [&](auto model_type, auto cache_type) {
+  with_types(x.scalar_type(), keys[0].scalar_type(), [&](auto model_type, auto cache_type) {
     using T = decltype(model_type);
     using KV = decltype(cache_type);
     decode_layers_impl<T, KV>(hidden.data_ptr<T>(), B, H, position, mask_data, mask_batch, mask_slot, keys, values,
                               kv_length, weights, biases, inv_freq.data_ptr<float>(), n_heads,
                               static_cast<float>(eps));
-  };
-  if (dtype == at::kFloat) {
-    if (kv_dtype == at::kFloat) {
-      run(float{}, float{});
-    } else if (kv_dtype == at::kHalf) {
-      run(float{}, at::Half{});
-    } else {
-      run(float{}, at::BFloat16{});
+  });
+  return hidden;
+}
+
+// body(begin, end) over ranges of `rows` on every thread: a prompt chunk's rows (the grain keeps a few on the caller's).
+template <typename Body>
+void for_rows(int64_t rows, const Body& body) {
+  at::parallel_for(0, rows, 16, body);
+}
+
+// prefill_layers' work, the eager layers' operations in their order (Block.forward, Attention.forward) on X (B S rows
+// of H, T), the matmuls through our kernels and the attention through PyTorch's SDPA, as the eager chunk's.
+template <typename T, typename KV>
+void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std::optional<at::Tensor>& mask,
+                         at::TensorList keys, at::TensorList values, int64_t kv_length, at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& biases, const float* inv_freq, int64_t Hq,
+                         int64_t I, float eps) {
+  const int64_t B = hidden.size(0), S = hidden.size(1), H = hidden.size(2), rows = B * S;
+  const int64_t Hkv = keys[0].size(1), D = keys[0].size(3), half = D / 2;
+  const int64_t NQ = Hq * D, NQKV = (Hq + 2 * Hkv) * D;
+  const at::ScalarType dtype = hidden.scalar_type(), kv_dtype = keys[0].scalar_type();
+  T* X = hidden.data_ptr<T>();
+  std::vector<float> cos(rows * half), sin(rows * half);  // each row's angles, as decode_layers_impl's
+  for_rows(rows, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(positions[t]) * inv_freq[i];
+        cos[t * half + i] = static_cast<float>(static_cast<T>(std::cos(angle)));
+        sin[t * half + i] = static_cast<float>(static_cast<T>(std::sin(angle)));
+      }
     }
-  } else {
-    kv_dtype == at::kFloat ? run(at::BFloat16{}, float{}) : run(at::BFloat16{}, at::BFloat16{});
+  });
+  const at::TensorOptions options = hidden.options();
+  const at::Tensor h = at::empty({rows, H}, options), qkv = at::empty({B, S, NQKV}, options),
+                   out = at::empty({rows, H}, options), up = at::empty({rows, 2 * I}, options),
+                   act = at::empty({rows, I}, options);
+  // (B, Hq + 2 Hkv, S, D): the heads of qkv's rows, as Attention.forward views them
+  const at::Tensor heads = qkv.view({B, S, Hq + 2 * Hkv, D}).transpose(1, 2);
+  const auto norm = [&](const at::Tensor& weight) {
+    for_rows(rows, [&](int64_t begin, int64_t end) {
+      rms_norm(X + begin * H, end - begin, H, weight.data_ptr<T>(), eps, h.data_ptr<T>() + begin * H);
+    });
+  };
+  const auto add_out = [&] {  // the residual stream: X += out
+    for_rows(rows, [&](int64_t begin, int64_t end) {
+      add_into(X + begin * H, out.data_ptr<T>() + begin * H, (end - begin) * H);
+    });
+  };
+  for (int64_t l = 0; l < static_cast<int64_t>(keys.size()); ++l) {
+    const at::Tensor* w = &weights[6 * l];  // attention norm, qkv, o, MLP norm, up (gate and up), down
+    norm(w[0]);
+    blocks_linear(h.data_ptr<T>(), rows, w[1], biases.get(4 * l), qkv.data_ptr<T>());
+    const at::Tensor& key_cache = keys[l];
+    const at::Tensor& value_cache = values[l];
+    for_rows(rows, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {  // rotate q and k; KVCache.update: slot positions[t] of row t / S
+        T* row = qkv.data_ptr<T>() + t * NQKV;
+        rotate(row, Hq + Hkv, D, cos.data() + t * half, sin.data() + t * half);
+        const int64_t b = t / S;
+        for (int64_t kv = 0; kv < Hkv; ++kv) {
+          convert(row + NQ + kv * D, D, key_cache.data_ptr<KV>() + b * key_cache.stride(0) +
+                                            kv * key_cache.stride(1) + positions[t] * key_cache.stride(2));
+          convert(row + NQ + (Hkv + kv) * D, D, value_cache.data_ptr<KV>() + b * value_cache.stride(0) +
+                                                    kv * value_cache.stride(1) + positions[t] * value_cache.stride(2));
+        }
+      }
+    });
+    at::Tensor q = heads.narrow(1, 0, Hq), k, v;
+    if (mask.has_value()) {  // the cache's first kv_length slots
+      k = key_cache.narrow(0, 0, B).narrow(2, 0, kv_length);
+      v = value_cache.narrow(0, 0, B).narrow(2, 0, kv_length);
+      if (kv_dtype == at::kHalf) k = k.to(dtype), v = v.to(dtype);  // a half cache: SDPA in the model's dtype
+    } else {  // a prompt's first chunk: causal over its own keys and values, in T (see Attention.forward)
+      k = heads.narrow(1, Hq, Hkv);
+      v = heads.narrow(1, Hq + Hkv, Hkv);
+    }
+    const at::Tensor y = at::scaled_dot_product_attention(q.to(k.scalar_type()), k, v, mask, 0.0,
+                                                          !mask.has_value(), std::nullopt, Hkv != Hq)
+                             .to(dtype)
+                             .transpose(1, 2)
+                             .contiguous();  // (B, S, Hq, D)
+    blocks_linear(y.data_ptr<T>(), rows, w[2], biases.get(4 * l + 1), out.data_ptr<T>());
+    add_out();
+    norm(w[3]);
+    blocks_linear(h.data_ptr<T>(), rows, w[4], biases.get(4 * l + 2), up.data_ptr<T>());
+    for_rows(rows, [&](int64_t begin, int64_t end) {
+      swiglu(up.data_ptr<T>() + begin * 2 * I, end - begin, I, act.data_ptr<T>() + begin * I);
+    });
+    blocks_linear(act.data_ptr<T>(), rows, w[5], biases.get(4 * l + 3), out.data_ptr<T>());
+    add_out();
   }
+}
+
+// A prompt chunk through all L layers, as the eager layers take it: x (B, S, hidden), its tokens' embeddings, float32
+// or bfloat16; positions (B, S) int64, each below kv_length, where each token's key and value go; mask None (a
+// prompt's first chunk, every row at slots 0..S-1: causal attention over the chunk itself) or bool (B or 1, 1, S,
+// kv_length) over the cache's first kv_length slots; keys, values, weights, biases, inv_freq, n_heads and eps as
+// decode_layers'. Returns the hidden states after the last layer, (B, S, hidden) in x's dtype.
+at::Tensor prefill_layers(const at::Tensor& x, const at::Tensor& positions, const std::optional<at::Tensor>& mask,
+                          at::TensorList keys, at::TensorList values, int64_t kv_length, at::TensorList weights,
+                          const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& inv_freq,
+                          int64_t n_heads, double eps) {
+  TORCH_CHECK(x.dim() == 3 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.size(2) % 32 == 0,
+              "prefill_layers: x must be (B, S, hidden) float32 or bfloat16, hidden a multiple of 32");
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2);
+  const int64_t I = check_layers("prefill_layers", x.scalar_type(), B, H, keys, values, kv_length, weights, biases,
+                                 inv_freq, n_heads);
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B, "prefill_layers: positions must be (B, S)");
+  const at::Tensor rows_positions = positions.contiguous();
+  const int64_t* position = checked_positions("prefill_layers", rows_positions, B * S, kv_length);
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == B) &&
+                    m.size(1) == 1 && m.size(2) == S && m.size(3) == kv_length,
+                "prefill_layers: mask must be bool (B or 1, 1, S, kv_length)");
+  } else {
+    TORCH_CHECK(kv_length == S, "prefill_layers: without a mask the chunk is a prompt's first, kv_length == S");
+  }
+  at::Tensor hidden = x.clone(at::MemoryFormat::Contiguous);
+  with_types(x.scalar_type(), keys[0].scalar_type(), [&](auto model_type, auto cache_type) {
+    prefill_layers_impl<decltype(model_type), decltype(cache_type)>(hidden, position, mask, keys, values, kv_length,
+                                                                    weights, biases, inv_freq.data_ptr<float>(),
+                                                                    n_heads, I, static_cast<float>(eps));
+  });
   return hidden;
 }
 
@@ -1124,6 +1271,9 @@ TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def(
       "decode_layers(Tensor x, Tensor positions, Tensor? mask, Tensor(a!)[] keys, Tensor(b!)[] values, int kv_length, "
       "Tensor[] weights, Tensor?[] biases, Tensor inv_freq, int n_heads, float eps) -> Tensor");
+  lib.def(
+      "prefill_layers(Tensor x, Tensor positions, Tensor? mask, Tensor(a!)[] keys, Tensor(b!)[] values, "
+      "int kv_length, Tensor[] weights, Tensor?[] biases, Tensor inv_freq, int n_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
@@ -1140,4 +1290,5 @@ TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("q8_rows", &q8_rows);
   lib.impl("decode_attention", &decode_attention);
   lib.impl("decode_layers", &decode_layers);
+  lib.impl("prefill_layers", &prefill_layers);
 }
