@@ -951,6 +951,20 @@ void add_into(T* x, const T* y, int64_t count) {  // the residual stream: x + y,
   for (int64_t i = 0; i < count; i += LANES) vstore(x + i, vadd(vload(x + i), vload(y + i)));
 }
 
+// Rows begin..end-1's rotation angles (rope_cos_sin): position * inverse frequency in float32, cos and sin (half
+// each a row) rounded to T.
+template <typename T>
+void rotation_angles(const int64_t* positions, int64_t begin, int64_t end, const float* inv_freq, int64_t half,
+                     float* cos, float* sin) {
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(positions[t]) * inv_freq[i];
+      cos[t * half + i] = static_cast<float>(static_cast<T>(std::cos(angle)));
+      sin[t * half + i] = static_cast<float>(static_cast<T>(std::sin(angle)));
+    }
+  }
+}
+
 template <typename T, typename KV>
 void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, const bool* mask, int64_t mask_batch,
                         int64_t mask_slot, at::TensorList keys, at::TensorList values, int64_t kv_length,
@@ -958,15 +972,8 @@ void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, co
                         const float* inv_freq, int64_t Hq, float eps) {
   const int64_t layers = keys.size(), Hkv = keys[0].size(1), D = keys[0].size(3), half = D / 2;
   const int64_t NQ = Hq * D, NQKV = (Hq + 2 * Hkv) * D, I = weights[4].size(0) * 8;
-  // Each row's rotation angles (rope_cos_sin): position * inverse frequency in float32, cos and sin rounded to T.
   std::vector<float> cos(B * half), sin(B * half);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = static_cast<float>(positions[b]) * inv_freq[i];
-      cos[b * half + i] = static_cast<float>(static_cast<T>(std::cos(angle)));
-      sin[b * half + i] = static_cast<float>(static_cast<T>(std::sin(angle)));
-    }
-  }
+  rotation_angles<T>(positions, 0, B, inv_freq, half, cos.data(), sin.data());
   std::vector<T> h(B * H), qkv(B * NQKV), y(B * NQ), out(B * H), up(B * 2 * I), act(B * I);
   std::vector<Query<KV>> q_kv(B * NQ), y_kv(B * NQ);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
@@ -1147,15 +1154,9 @@ void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std
   const int64_t NQ = Hq * D, NQKV = (Hq + 2 * Hkv) * D;
   const at::ScalarType dtype = hidden.scalar_type(), kv_dtype = keys[0].scalar_type();
   T* X = hidden.data_ptr<T>();
-  std::vector<float> cos(rows * half), sin(rows * half);  // each row's angles, as decode_layers_impl's
+  std::vector<float> cos(rows * half), sin(rows * half);
   for_rows(rows, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = static_cast<float>(positions[t]) * inv_freq[i];
-        cos[t * half + i] = static_cast<float>(static_cast<T>(std::cos(angle)));
-        sin[t * half + i] = static_cast<float>(static_cast<T>(std::sin(angle)));
-      }
-    }
+    rotation_angles<T>(positions, begin, end, inv_freq, half, cos.data(), sin.data());
   });
   const at::TensorOptions options = hidden.options();
   const at::Tensor h = at::empty({rows, H}, options), qkv = at::empty({B, S, NQKV}, options),
