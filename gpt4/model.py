@@ -21,7 +21,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import GPT4Config
-from .quant import BlocksLinear, Int8Linear, dequantizes_prompt_chunks
+from .quant import BlocksLinear, Int8Linear, blocks_kernel_multiplies, dequantizes_prompt_chunks
 
 # Compiled decode steps (compile_decode): torch.compile in inductor's default mode, or with the weights frozen into
 # the graph and autotuned C++ GEMM templates; or compiled ahead of time by AOTInductor and cached on disk (gpt4.aot).
@@ -558,9 +558,11 @@ class GPT4LMHeadModel(nn.Module):
 
     def _run(self, input_ids, positions, mask, cache, kv_length) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, S, H)
-        if self._fused_decode is not None and cache is not None and input_ids.shape[1] > 1 and not self.training:
+        if (self._fused_decode is not None and cache is not None and input_ids.shape[1] > 1 and not self.training
+                and blocks_kernel_multiplies(input_ids.numel())):
             # A prompt chunk through every layer in one call too (see use_fused_decode): the same operations, the
             # norms, rotations, SiLU and cache writes on every thread, without ~20 operators' dispatch per layer.
+            # (Where bf16 is native the eager layers multiply long chunks by dequantized weights, faster there.)
             weights, biases, inv_freq = self._fused_decode
             x = torch.ops.gpt4_kernels.prefill_layers(
                 x, positions, mask, cache.keys, cache.values, kv_length, weights, biases, inv_freq,

@@ -310,6 +310,12 @@ class Int4Linear(nn.Module):
         return w_t.view(in_features, out_features)
 
 
+def blocks_kernel_multiplies(rows: int) -> bool:
+    """Whether a BlocksLinear multiplies `rows` rows in our kernel, rather than by its weights dequantized (prompt
+    chunks where bf16 is native)."""
+    return rows < DEQUANTIZE_ROWS or not bf16_matmul_is_native()
+
+
 class BlocksLinear(nn.Module):
     """A linear layer held as one stream of blocks, each 16 output rows x a group of 32 inputs, that our kernel
     (gpt4/kernels/w4a8.cpp, AVX-512 VNNI or AVX2) multiplies by activations quantized to int8 in the same groups of 32.
@@ -330,7 +336,7 @@ class BlocksLinear(nn.Module):
     def forward(self, x):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1])  # (N, in)
-        if x.shape[0] >= DEQUANTIZE_ROWS and bf16_matmul_is_native():
+        if not blocks_kernel_multiplies(x.shape[0]):
             y = x.to(self.dtype) @ self.dequantized_t()
         else:  # in x's dtype, float32 or bfloat16
             y = getattr(torch.ops.gpt4_kernels, f"{self.kind}_matmul")(x, self.blocks)

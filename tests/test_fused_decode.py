@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt4.quant
 from gpt4 import GPT4LMHeadModel
 from gpt4.cache import KVCache
 from gpt4.model import attention_mask_for
-from gpt4.quant import bf16_matmul_is_native, quantize_
+from gpt4.quant import DEQUANTIZE_ROWS, bf16_matmul_is_native, blocks_kernel_multiplies, quantize_
 
 from .conftest import skip_without_w4a8, tiny_model
 
@@ -104,6 +105,13 @@ def test_a_drafts_check_runs_fused_as_rows_that_share_a_cache_row(family):
         assert torch.equal(got[1], old[1])  # the other row untouched
 
 
+def count_fused_prompt_chunks(monkeypatch) -> list:
+    """A list that gets an item at each call of gpt4_kernels.prefill_layers from now on."""
+    calls, prefill_layers = [], torch.ops.gpt4_kernels.prefill_layers
+    monkeypatch.setattr(torch.ops.gpt4_kernels, "prefill_layers", lambda *args: calls.append(1) or prefill_layers(*args))
+    return calls
+
+
 @pytest.mark.parametrize("dtype,cache_dtype", [
     (torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
     (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
@@ -116,9 +124,7 @@ def test_fused_prompt_chunks_equal_the_eager_layers(family, overrides, dtype, ca
     layers' hidden states (measured: bf16 bit for bit, fp32 within 2e-7 of the largest value but where an int8
     rounding boundary is crossed, 1.4e-3) and cache writes, each row's slots and no others."""
     model = fused_model(family, dtype, **overrides)
-    calls = []
-    prefill_layers = torch.ops.gpt4_kernels.prefill_layers
-    monkeypatch.setattr(torch.ops.gpt4_kernels, "prefill_layers", lambda *args: calls.append(1) or prefill_layers(*args))
+    calls = count_fused_prompt_chunks(monkeypatch)
     ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(19).expand(2, 19)
     cache = random_cache(model, 3, 24, cache_dtype)  # a row and slots more than the prompt's
@@ -138,6 +144,21 @@ def test_fused_prompt_chunks_equal_the_eager_layers(family, overrides, dtype, ca
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
         written = (got != old).any(-1).any(1)  # (B, T)
         assert [written[row].nonzero().flatten().tolist() for row in range(3)] == [list(range(19))] * 2 + [[]]
+
+
+def test_where_bf16_is_native_long_prompt_chunks_run_through_the_eager_layers(monkeypatch):
+    """There the eager layers multiply chunks of DEQUANTIZE_ROWS rows or more by dequantized weights (AMX's bf16
+    matmuls beat our integer kernel); shorter ones still run fused."""
+    model = fused_model("llama-gqa-untied", torch.float32)
+    calls = count_fused_prompt_chunks(monkeypatch)
+    monkeypatch.setattr(gpt4.quant, "bf16_matmul_is_native", lambda: True)
+    ids = torch.randint(0, model.config.vocab_size, (1, DEQUANTIZE_ROWS + 8))
+    cache = model.new_cache(1, DEQUANTIZE_ROWS + 8)
+    with torch.inference_mode():
+        model.hidden_states(ids[:, :DEQUANTIZE_ROWS], torch.arange(DEQUANTIZE_ROWS)[None], cache)
+        assert calls == []
+        model.hidden_states(ids[:, DEQUANTIZE_ROWS:], torch.arange(DEQUANTIZE_ROWS, DEQUANTIZE_ROWS + 8)[None], cache)
+        assert calls == [1]
 
 
 def test_the_fused_prefill_refuses_what_it_cannot_compute():
@@ -219,6 +240,8 @@ def test_fused_float32_default_model_scores_a_prompt_as_the_eager_layers():
     equal, but the next-token predictions agree (measured here: 96-97.5% over eight windows) and so does the text's
     likelihood (within 0.35%); a wrong slot, mask or rotation moves both far."""
     skip_without_w4a8()
+    if not blocks_kernel_multiplies(256):
+        pytest.skip("bf16 is native here: prompt chunks of 256 multiply dequantized weights, in the eager layers")
     from pydoc_data.topics import topics
 
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="float32", quant="w4a8")
