@@ -7,9 +7,11 @@ once, then they take turns, generation after generation, so drift reaches all al
     python benchmarks/bench_ab.py --quant int4 w4a8 [--compile default|max-autotune|aot] [--rows 1 8]
                                   [--tokens 48] [--rounds 8]
     python benchmarks/bench_ab.py --quant w4a8 w4a8:layers w4a8:aot    # a decode mode per model
+    python benchmarks/bench_ab.py --dtype float32 --quant w4a8 w4a8:layers --prompt 512 --rounds 12  # prompts
 
 A mode after the quantization overrides --compile for that model: default, max-autotune or aot (compile_decode), or
-"layers": eager decoding through the model's layers, without the fused step (use_fused_decode(False)).
+"layers": eager decoding and prompts through the model's layers, without the fused calls (use_fused_decode(False)).
+--prompt N times a prompt of N tokens of pydoc's topics instead (in the model's chunks, as generation prefills it).
 """
 
 from __future__ import annotations
@@ -32,17 +34,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="sequences generated together")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16", help="the models' dtype (float32 is the default where bf16 "
+                                                          "is not native)")
+    parser.add_argument("--prompt", type=int, default=0, help="time prompts of this many tokens, not generation")
     args = parser.parse_args()
     models, labels = {}, {}
     for spec in args.quant:
         quant, _, mode = spec.partition(":")
         mode = mode or args.compile
         labels[spec] = f"{quant} {mode or 'eager'}"
-        models[spec] = model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="bfloat16", quant=quant)
+        models[spec] = model = GPT4LMHeadModel.from_pretrained("gpt4", dtype=args.dtype, quant=quant)
         if mode == "layers":
             model.use_fused_decode(enabled=False)
         elif mode:
             model.compile_decode(mode)
+    if args.prompt:
+        compare_prompts(models, labels, args.quant[0], args.prompt, args.rounds)
+        return
     prompt = models[args.quant[0]].tokenizer.encode(PROMPT)
     for rows in args.rows:
         ids = torch.tensor([prompt] * rows)
@@ -54,11 +62,42 @@ def main() -> None:
                 start = time.perf_counter()
                 out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, eos_token_id=None)
                 speeds[quant].append(rows * (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
-        base = statistics.median(speeds[args.quant[0]])
-        for quant, values in speeds.items():
-            median = statistics.median(values)
-            print(f"{rows} sequence(s), {labels[quant]}: median {median:.1f} tokens/s, best {max(values):.1f} "
-                  f"({median / base:.2f}x {labels[args.quant[0]]})")
+        report(f"{rows} sequence(s)", speeds, labels, args.quant[0])
+
+
+def compare_prompts(models: dict, labels: dict, first: str, length: int, rounds: int) -> None:
+    """Prompts of `length` tokens of real text through each model in turns, in its chunks, into a fresh cache."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[key] for key in sorted(topics))
+    ids = torch.tensor([models[first].tokenizer.encode(text[:12 * length])[:length]])
+    if ids.shape[1] < length:
+        raise SystemExit(f"--prompt {length}: pydoc's topics gave only {ids.shape[1]} tokens here")
+    positions = torch.arange(length)[None]
+
+    def prefill(model) -> float:
+        cache, chunk = model.new_cache(1, length), model.prefill_chunk
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, length, chunk):
+                model.hidden_states(ids[:, s:s + chunk], positions[:, s:s + chunk], cache)
+        return time.perf_counter() - start
+
+    for model in models.values():  # warm-up: the allocator, the kernels' buffers
+        prefill(model)
+    speeds = {spec: [] for spec in models}
+    for _ in range(rounds):
+        for spec, model in models.items():
+            speeds[spec].append(length / prefill(model))
+    report(f"a {length}-token prompt", speeds, labels, first)
+
+
+def report(what: str, speeds: dict, labels: dict, first: str) -> None:
+    base = statistics.median(speeds[first])
+    for spec, values in speeds.items():
+        median = statistics.median(values)
+        print(f"{what}, {labels[spec]}: median {median:.1f} tokens/s, best {max(values):.1f} "
+              f"({median / base:.2f}x {labels[first]})")
 
 
 if __name__ == "__main__":

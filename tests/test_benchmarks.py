@@ -96,6 +96,20 @@ def test_the_kernel_benchmark_times_each_row_count_at_each_thread_count():
     assert refused.returncode == 2 and "--threads: counts of at least 1" in refused.stderr
 
 
+def test_the_ab_benchmark_times_a_prompt_through_each_mode_in_turns():
+    """benchmarks/bench_ab.py --prompt: fused and eager-layer prompts of real text in one process, a line per mode."""
+    from .conftest import skip_without_w4a8
+
+    skip_without_w4a8()
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_ab.py"), "--dtype", "float32", "--quant", "w4a8",
+                          "w4a8:layers", "--prompt", "40", "--rounds", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.startswith("a 40-token prompt")]
+    assert [line.split(":")[0] for line in lines] == ["a 40-token prompt, w4a8 eager", "a 40-token prompt, w4a8 layers"]
+    assert all(float(line.split("median ")[1].split()[0]) > 0 for line in lines)
+
+
 def test_the_inference_benchmark_without_its_reference_names_it_and_writes_nothing(tmp_path):
     run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_inference.py"), "--engines", "llama.cpp",
                           "--llama-python", str(tmp_path / "none" / "bin" / "python"), "--out", str(tmp_path / "out")],
