@@ -2,8 +2,9 @@
 
     tokens -> embeddings (+ learned positions) -> N x [x + Attn(Norm(x)); x + MLP(Norm(x))] -> Norm -> LM head
 
-Attention is softmax(Q K^T / sqrt(d_k)) V, computed by torch's scaled_dot_product_attention, causal, with
-rotary or learned positions and optional grouped-query attention. The switches in GPT4Config choose between the
+Attention is softmax(Q K^T / sqrt(d_k)) V, computed by torch's scaled_dot_product_attention (over a KV cache, in
+w4a8 models, by our C++ kernels: Attention.use_attention_kernels), causal, with rotary or learned positions and
+optional grouped-query attention. The switches in GPT4Config choose between the
 GPT-2 and Llama-family variants; nothing here knows foreign weight names (see gpt4/weights).
 """
 
@@ -105,16 +106,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.output_bias)
         self.split_sizes = (q_out + kv_out, kv_out)  # (q and k: rotated together, v)
         self.dropout = config.dropout
-        self.decode_kernel = False  # decode steps' attention through our C++ kernel (see use_decode_kernel)
+        self.attention_kernels = False  # attention over a cache through our C++ kernels (use_attention_kernels)
 
-    def use_decode_kernel(self) -> bool:
-        """From now on a decode step's attention runs through gpt4_kernels.decode_attention (loaded with the w4a8
-        kernel: quantize_ switches it on in w4a8 mode), where its shapes allow; returns whether it does. One pass
-        over the cache per KV head, split across threads in chunks of slots: 30 layers of the default model over 512
-        slots 0.93 ms against SDPA's 1.32, over 16 slots 0.26 against 0.45."""
+    def use_attention_kernels(self) -> bool:
+        """From now on attention over a KV cache runs through our kernels (loaded with the w4a8 kernel: quantize_
+        switches them on in w4a8 mode), where its shapes allow; returns whether it does. A decode step's through
+        gpt4_kernels.decode_attention: one pass over the cache per KV head, split across threads in chunks of slots
+        (30 layers of the default model over 512 slots 0.93 ms against SDPA's 1.32, over 16 slots 0.26 against
+        0.45). A prompt chunk's float32 queries through gpt4_kernels.prefill_attention: flash attention per KV head
+        that skips the blocks of keys a block of queries may not see (PyTorch's computes a causal chunk's masked
+        half while it has at most 512 keys)."""
         query_rows = self.n_heads // self.n_kv_heads
-        self.decode_kernel = query_rows <= 16 and self.head_dim % 16 == 0 and self.head_dim <= 256
-        return self.decode_kernel
+        self.attention_kernels = query_rows <= 16 and self.head_dim % 16 == 0 and self.head_dim <= 256
+        return self.attention_kernels
 
     def forward(self, x, rope, mask, cache, positions, kv_length):
         B, S, _ = x.shape
@@ -131,9 +135,12 @@ class Attention(nn.Module):
             # causal bf16 SDPA on AMX, 2.8x faster per layer than fp32 under a mask). The cache still holds them.
             if mask is not None or S == 1:
                 k, v = cached_k, cached_v
-        kernel = S == 1 and cache is not None and self.decode_kernel and not self.training
-        if k.dtype == torch.float16 and not kernel:  # a half cache (see GPT4LMHeadModel._cache_dtype): SDPA in the
-            k, v = k.to(q.dtype), v.to(q.dtype)      # model's dtype, as without a cache
+        kernels = cache is not None and self.attention_kernels and not self.training
+        decode_kernel = kernels and S == 1
+        # A prompt chunk's float32 queries (a bf16 model's keep SDPA: AMX's where the CPU has it); no gradients.
+        prefill_kernel = kernels and S > 1 and q.dtype == torch.float32 and not q.requires_grad
+        if k.dtype == torch.float16 and not (decode_kernel or prefill_kernel):  # a half cache (see
+            k, v = k.to(q.dtype), v.to(q.dtype)  # GPT4LMHeadModel._cache_dtype): SDPA in the model's dtype
         shared_kv = self.n_kv_heads != self.n_heads  # SDPA pairs each KV head with several query heads
         if S == 1 and shared_kv:
             # One query per row (a decode step): the query heads sharing a KV head become that head's query rows,
@@ -141,9 +148,11 @@ class Attention(nn.Module):
             # rather than per query head: 1.5-2x faster here for 8 rows (8 x 9 heads over 80 slots: 49 -> 29 us
             # a layer), up to 1.5x for one row at 576 slots, never slower.
             q, shared_kv = q.reshape(B, self.n_kv_heads, -1, self.head_dim), False  # (B, Hkv, Hq / Hkv, D)
-        if kernel:  # (over a half cache, float32 queries: only the cached keys and values are rounded)
+        if decode_kernel:  # (over a half cache, float32 queries: only the cached keys and values are rounded)
             q = q.to(torch.float32 if k.dtype == torch.float16 else k.dtype)
             y = torch.ops.gpt4_kernels.decode_attention(q, k, v, mask, self.head_dim ** -0.5)
+        elif prefill_kernel:  # (B, Hq, S, D), a view of (B, S, Hq, D): the transpose below is free
+            y = torch.ops.gpt4_kernels.prefill_attention(q, k, v, mask, self.head_dim ** -0.5)
         else:  # (without a mask: a whole causal sequence, S == T, or one query that sees every cached slot)
             y = F.scaled_dot_product_attention(
                 q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and S > 1,
@@ -316,7 +325,7 @@ class GPT4LMHeadModel(nn.Module):
         if self.device.type != "cpu":
             return self.dtype
         if self.dtype == torch.float32:
-            eager_kernel = self._compiled_decode is None and all(layer.attn.decode_kernel for layer in self.layers)
+            eager_kernel = self._compiled_decode is None and all(layer.attn.attention_kernels for layer in self.layers)
             return torch.float16 if eager_kernel else torch.float32
         eager_on_amx = torch.cpu._is_amx_tile_supported() and self._compiled_decode is None
         return self.dtype if self.dtype == torch.bfloat16 and eager_on_amx else torch.float32
@@ -416,7 +425,7 @@ class GPT4LMHeadModel(nn.Module):
                 and config.head_dim % 32 == 0 and self.dtype in (torch.float32, torch.bfloat16)
                 and all(isinstance(m, BlocksLinear) for m in linears)
                 and all(norm.weight.dtype == self.dtype for norm in norms)
-                and all(layer.attn.decode_kernel for layer in self.layers))
+                and all(layer.attn.attention_kernels for layer in self.layers))
         self._fused_decode = None
         if fits and enabled:
             weights = [t for layer in self.layers for t in (

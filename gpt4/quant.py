@@ -786,8 +786,8 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
             setattr(parent, name, new)
     if mode == "w4a8":  # our kernels are loaded: decode steps' attention goes through them too
         for module in model.modules():
-            if hasattr(module, "use_decode_kernel"):  # (gpt4.model.Attention)
-                module.use_decode_kernel()
+            if hasattr(module, "use_attention_kernels"):  # (gpt4.model.Attention)
+                module.use_attention_kernels()
         if hasattr(model, "use_fused_decode"):  # (gpt4.model.GPT4LMHeadModel) and whole eager decode steps
             model.use_fused_decode()
     model.quant = mode

@@ -67,16 +67,16 @@ def test_w4a8_models_decode_through_it_with_sdpas_tokens():
     lengths: a mask over the cache) gives the tokens of SDPA."""
     skip_without_w4a8()
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="float32", quant="w4a8")
-    assert all(layer.attn.decode_kernel for layer in model.layers)
+    assert all(layer.attn.attention_kernels for layer in model.layers)
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="float32")  # exact weights: no int8 activations to amplify
     for layer in model.layers:
-        assert layer.attn.use_decode_kernel()
+        assert layer.attn.use_attention_kernels()
     tok = model.tokenizer
     prompts = ["The capital of France is", "Water boils at a temperature of one hundred degrees"]
     outputs = {}
     for kernel in (True, False):
         for layer in model.layers:
-            layer.attn.decode_kernel = kernel
+            layer.attn.attention_kernels = kernel
         outputs[kernel] = [model.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
         outputs[kernel].append(model.generate(prompts, max_new_tokens=24, do_sample=False))  # a batch, padded
     assert outputs[True] == outputs[False]

@@ -6,8 +6,8 @@ blocks by Q8 activations (`--quant w4a8`, auto's choice where it runs; gpt4.quan
 dequantized for prompt chunks. On the default model a decode step's 4-bit matmuls take 1.3-2.1x less time than
 with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows (benchmarks/bench_int4_vnni_kernel.py;
 docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0 groups (gpt4.quant.Q8Linear, run 18) and a
-file's 5-bit and 6-bit groups (gpt4.quant.Q5Linear, Q6Linear; runs 19-20), and a decode step's attention
-(gpt4.model.Attention.use_decode_kernel), which w4a8 models use too. decode_layers runs a whole decode step's layers
+file's 5-bit and 6-bit groups (gpt4.quant.Q5Linear, Q6Linear; runs 19-20), and attention over a KV cache, a decode
+step's and a prompt chunk's (gpt4.model.Attention.use_attention_kernels), which w4a8 models use too. decode_layers runs a whole decode step's layers
 of such a model in one call, these kernels back to back with the norms, rotations and activations between them
 (gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19), and prefill_layers a prompt chunk's (run 29). The AVX2 build:
 run 21.
@@ -124,6 +124,7 @@ def load_w4a8() -> None:
         torch.library.register_fake(f"gpt4_kernels::{kind}_dequantize")(_dequantize_shape)
     torch.library.register_fake("gpt4_kernels::q8_rows")(_rows_shape)
     torch.library.register_fake("gpt4_kernels::decode_attention")(_attention_shape)
+    torch.library.register_fake("gpt4_kernels::prefill_attention")(_prefill_attention_shape)
 
 
 def _matmul_shape(x, blocks):
@@ -140,3 +141,7 @@ def _rows_shape(blocks, ids, dtype):
 
 def _attention_shape(q, k, v, mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _prefill_attention_shape(q, k, v, mask, scale):  # (B, Hq, S, D), a view of a contiguous (B, S, Hq, D)
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])).transpose(1, 2)

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <type_traits>
@@ -42,6 +43,9 @@ inline Vf vfnmadd(Vf a, Vf b, Vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c 
 inline Vf vabs(Vf a) { return _mm512_abs_ps(a); }
 inline float vsum(Vf a) { return _mm512_reduce_add_ps(a); }
 inline float vmaxval(Vf a) { return _mm512_reduce_max_ps(a); }
+inline void vsum4(const Vf a[4], float* out) {  // out[j] = the sum of a[j]'s lanes
+  for (int j = 0; j < 4; ++j) out[j] = _mm512_reduce_add_ps(a[j]);
+}
 inline Vf vfloat(Vi a) { return _mm512_cvtepi32_ps(a); }
 inline Vi vround_int(Vf a) { return _mm512_cvtps_epi32(a); }
 inline Vf vround(Vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -130,6 +134,10 @@ inline float vmaxval(Vf a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline void vsum4(const Vf a[4], float* out) {  // out[j] = the sum of a[j]'s lanes, in three horizontal adds
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // 4 sums a half
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
 }
 inline Vf vfloat(Vi a) { return _mm256_cvtepi32_ps(a); }
 inline Vi vround_int(Vf a) { return _mm256_cvtps_epi32(a); }
@@ -866,6 +874,299 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// prefill_attention: a prompt chunk's attention in float32, flash style (one pass over the keys in blocks, the
+// softmax kept online), per KV head with the query heads that share it stacked as its query rows. PyTorch's CPU flash
+// kernel computes a causal chunk's masked half whenever it has at most 512 keys and multiplies small blocks through
+// sgemm calls; here a block of keys none of a task's queries may see is skipped, and the products run in register
+// tiles: the default model's 512-token prompt spent 118 ms of 560 in SDPA.
+
+constexpr int64_t PREFILL_QUERIES = 16;  // query positions a task takes (times the G query heads of its KV head)
+constexpr int64_t PREFILL_KEYS = 64;     // keys a block (a multiple of 2 LANES)
+
+enum class Visible : uint8_t { NONE, ALL, SOME };  // which of a block's keys its query rows may see
+
+// One prompt chunk's attention (see prefill_attention): the tensors as pointers and strides (in elements).
+template <typename KV>
+struct PrefillArgs {
+  int64_t B, Hq, Hkv, S, T, D;
+  const float* q;                                // (B, Hq, S, D), rows contiguous
+  int64_t q_batch, q_head, q_row;
+  const KV *k, *v;                               // (B, Hkv, T, D), rows contiguous
+  int64_t k_batch, k_head, k_slot, v_batch, v_head, v_slot;
+  const bool* mask;                              // nullptr: causal (S == T), else (1 or B, 1, S, T)
+  int64_t mask_rows, mask_batch, mask_row, mask_slot;
+  float scale;
+  float* y;                                      // (B, S, Hq, D) contiguous
+};
+
+// Scores of ROWS query rows (q, rows of D) against 2 LANES keys (keys_t: D rows of them, `keys` floats apart), into
+// out[r * stride + 0..2 LANES - 1].
+template <int ROWS>
+inline void score_tile(const float* q, const float* keys_t, int64_t keys, int64_t D, float* out, int64_t stride) {
+  Vf acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = vzero(), acc[r][1] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    const Vf low = vload(keys_t + d * keys), high = vload(keys_t + d * keys + LANES);
+    for (int r = 0; r < ROWS; ++r) {
+      const Vf query = vset(q[r * D + d]);
+      acc[r][0] = vfmadd(query, low, acc[r][0]);
+      acc[r][1] = vfmadd(query, high, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) vstore(out + r * stride, acc[r][0]), vstore(out + r * stride + LANES, acc[r][1]);
+}
+
+// o[r] = o[r] * correction[r] + sum over n keys of p[r][t] v[t], for ROWS rows and CV vectors of columns from col.
+template <int ROWS, int CV>
+inline void value_tile(const float* p, int64_t p_stride, const float* values, int64_t n, int64_t D,
+                       const float* correction, float* o) {
+  Vf acc[ROWS][CV];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int c = 0; c < CV; ++c) acc[r][c] = vmul(vload(o + r * D + c * LANES), vset(correction[r]));
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    Vf value[CV];
+    for (int c = 0; c < CV; ++c) value[c] = vload(values + t * D + c * LANES);
+    for (int r = 0; r < ROWS; ++r) {
+      const Vf weight = vset(p[r * p_stride + t]);
+      for (int c = 0; c < CV; ++c) acc[r][c] = vfmadd(weight, value[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int c = 0; c < CV; ++c) vstore(o + r * D + c * LANES, acc[r][c]);
+  }
+}
+
+// Which keys of each block (PREFILL_KEYS of them) the query rows of each task's positions (PREFILL_QUERIES) may see:
+// (mask rows, query blocks, key blocks); the same for every head (and, in prefill_layers, every layer).
+template <typename KV>
+std::vector<Visible> visible_blocks(const PrefillArgs<KV>& a) {
+  const int64_t query_blocks = (a.S + PREFILL_QUERIES - 1) / PREFILL_QUERIES;
+  const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS;
+  std::vector<Visible> kinds(a.mask_rows * query_blocks * key_blocks);
+  for (int64_t m = 0; m < a.mask_rows; ++m) {
+    for (int64_t qb = 0; qb < query_blocks; ++qb) {
+      const int64_t s0 = qb * PREFILL_QUERIES, s1 = std::min(a.S, s0 + PREFILL_QUERIES);
+      for (int64_t kb = 0; kb < key_blocks; ++kb) {
+        const int64_t t0 = kb * PREFILL_KEYS, t1 = std::min(a.T, t0 + PREFILL_KEYS);
+        int64_t seen = 0;
+        if (a.mask == nullptr) {  // causal: position s sees keys 0..s
+          for (int64_t s = s0; s < s1; ++s) seen += std::clamp(s + 1 - t0, int64_t{0}, t1 - t0);
+        } else {
+          for (int64_t s = s0; s < s1; ++s) {
+            const bool* row = a.mask + m * a.mask_batch + s * a.mask_row;
+            for (int64_t t = t0; t < t1; ++t) seen += row[t * a.mask_slot];
+          }
+        }
+        kinds[(m * query_blocks + qb) * key_blocks + kb] =
+            seen == 0 ? Visible::NONE : seen == (s1 - s0) * (t1 - t0) ? Visible::ALL : Visible::SOME;
+      }
+    }
+  }
+  return kinds;
+}
+
+// A task's buffers: its rows' scaled queries, weighted values, running maxima, sums and corrections, a block's scores.
+struct PrefillScratch {
+  std::vector<float> q, o, max, sum, correction, scores;
+  void resize(int64_t rows, int64_t D) {
+    q.resize(rows * D), o.resize(rows * D), max.resize(rows), sum.resize(rows), correction.resize(rows);
+    scores.resize(rows * PREFILL_KEYS);
+  }
+};
+
+// Rows 0..rows-1 in tiles of TILE rows, then the rest one at a time: tile(first row, std::integral_constant<ROWS>).
+template <int TILE, typename Body>
+inline void in_row_tiles(int64_t rows, const Body& tile) {
+  int64_t r = 0;
+  for (; r + TILE <= rows; r += TILE) tile(r, std::integral_constant<int, TILE>{});
+  for (; r < rows; ++r) tile(r, std::integral_constant<int, 1>{});
+}
+
+// One task: the G query heads of KV head h at positions s0..s0 + QUERIES - 1 of row b, over every key block they may
+// see (kinds: the task's row of visible_blocks). keys_t: the head's keys transposed (D rows of `keys` floats, zeros
+// past T), values: its values (T rows of D), both float32. Rows r = i G + g (position s0 + i, query head h G + g).
+template <typename KV, int CV>
+void prefill_task(const PrefillArgs<KV>& a, const Visible* kinds, const float* keys_t, int64_t keys,
+                  const float* values, int64_t b, int64_t h, int64_t qb, PrefillScratch& w) {
+  const int64_t G = a.Hq / a.Hkv, D = a.D, s0 = qb * PREFILL_QUERIES;
+  const int64_t positions = std::min(a.S - s0, PREFILL_QUERIES), rows = positions * G;
+  const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS;
+  float *Q = w.q.data(), *O = w.o.data(), *P = w.scores.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* query = a.q + b * a.q_batch + (h * G + r % G) * a.q_head + (s0 + r / G) * a.q_row;
+    for (int64_t d = 0; d < D; d += LANES) {
+      vstore(Q + r * D + d, vmul(vload(query + d), vset(a.scale)));
+      vstore(O + r * D + d, vzero());
+    }
+    w.max[r] = -INFINITY, w.sum[r] = 0.f;
+  }
+  const bool* mask = a.mask == nullptr ? nullptr : a.mask + (a.mask_rows == 1 ? 0 : b * a.mask_batch);
+  for (int64_t kb = 0; kb < key_blocks; ++kb) {
+    const Visible kind = kinds[kb];
+    if (kind == Visible::NONE) continue;
+    const int64_t t0 = kb * PREFILL_KEYS, n = std::min(a.T - t0, PREFILL_KEYS);
+    in_row_tiles<6>(rows, [&](int64_t r, auto tile_rows) {
+      for (int64_t t = 0; t < PREFILL_KEYS; t += 2 * LANES) {
+        score_tile<decltype(tile_rows)::value>(Q + r * D, keys_t + t0 + t, keys, D, P + r * PREFILL_KEYS + t,
+                                               PREFILL_KEYS);
+      }
+    });
+    for (int64_t r = 0; r < rows; ++r) {  // the online softmax: each row's maximum so far, its weights, their sum
+      float* score = P + r * PREFILL_KEYS;
+      const int64_t s = s0 + r / G;
+      if (kind == Visible::SOME || n < PREFILL_KEYS) {
+        for (int64_t t = 0; t < PREFILL_KEYS; ++t) {
+          const bool seen = t < n && (mask == nullptr ? t0 + t <= s : mask[s * a.mask_row + (t0 + t) * a.mask_slot]);
+          if (!seen) score[t] = -INFINITY;
+        }
+      }
+      Vf top = vload(score);
+      for (int64_t t = LANES; t < PREFILL_KEYS; t += LANES) top = vmax(top, vload(score + t));
+      const float block_max = vmaxval(top), previous = w.max[r];
+      if (block_max == -INFINITY) {  // no key of this block for this row: weights 0, nothing rescaled
+        w.correction[r] = 1.f;
+        for (int64_t t = 0; t < PREFILL_KEYS; t += LANES) vstore(score + t, vzero());
+        continue;
+      }
+      const float now = std::max(previous, block_max);
+      w.correction[r] = previous == -INFINITY ? 0.f : std::exp(previous - now);
+      Vf total = vzero();
+      for (int64_t t = 0; t < PREFILL_KEYS; t += LANES) {
+        const Vf e = exp_nonpositive(vsub(vload(score + t), vset(now)));
+        vstore(score + t, e);
+        total = vadd(total, e);
+      }
+      w.max[r] = now, w.sum[r] = w.sum[r] * w.correction[r] + vsum(total);
+    }
+    for (int64_t c = 0; c < D; c += CV * LANES) {
+      in_row_tiles<6>(rows, [&](int64_t r, auto tile_rows) {
+        value_tile<decltype(tile_rows)::value, CV>(P + r * PREFILL_KEYS, PREFILL_KEYS, values + t0 * D + c, n, D,
+                                                   w.correction.data() + r, O + r * D + c);
+      });
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // y = o / sum (no key seen at all: zeros, as decode_attention's)
+    const Vf inverse = vset(w.sum[r] > 0.f ? 1.f / w.sum[r] : 0.f);
+    float* out = a.y + ((b * a.S + s0 + r / G) * a.Hq + h * G + r % G) * D;
+    for (int64_t d = 0; d < D; d += LANES) vstore(out + d, vmul(vload(O + r * D + d), inverse));
+  }
+}
+
+template <typename KV>
+void prefill_attention_impl(const PrefillArgs<KV>& a) {
+  const int64_t G = a.Hq / a.Hkv, D = a.D, query_blocks = (a.S + PREFILL_QUERIES - 1) / PREFILL_QUERIES;
+  const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS, keys = key_blocks * PREFILL_KEYS;
+  const std::vector<Visible> kinds = visible_blocks(a);
+  // Each KV head's keys transposed (D rows of `keys`) and its values (T rows of D), in float32, once for all the
+  // tasks that read them: the score tiles then multiply a query by 2 LANES keys at once, with no sums across lanes.
+  std::vector<float> keys_buffer(a.B * a.Hkv * D * keys), values_buffer(a.B * a.Hkv * a.T * D);
+  float *keys_t = keys_buffer.data(), *values = values_buffer.data();
+  at::parallel_for(0, a.B * a.Hkv * key_blocks, 1, [&](int64_t begin, int64_t end) {
+    float block[PREFILL_KEYS * MAX_DIM];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / key_blocks, b = bh / a.Hkv, h = bh % a.Hkv, t0 = task % key_blocks * PREFILL_KEYS;
+      const int64_t n = std::min(a.T - t0, PREFILL_KEYS);
+      const KV* key = a.k + b * a.k_batch + h * a.k_head + t0 * a.k_slot;
+      const KV* value = a.v + b * a.v_batch + h * a.v_head + t0 * a.v_slot;
+      for (int64_t t = 0; t < PREFILL_KEYS; ++t) {
+        for (int64_t d = 0; d < D; d += LANES) {
+          vstore(block + t * D + d, t < n ? vload(key + t * a.k_slot + d) : vzero());
+          if (t < n) vstore(values + (bh * a.T + t0 + t) * D + d, vload(value + t * a.v_slot + d));
+        }
+      }
+      float* out = keys_t + bh * D * keys + t0;
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t t = 0; t < PREFILL_KEYS; ++t) out[d * keys + t] = block[t * D + d];
+      }
+    }
+  });
+  // Tasks (b, KV head, query block), the costliest first (by visible key blocks), handed to threads as they ask: a
+  // causal chunk's last queries see all its keys, its first ones a block.
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (-cost, (b Hkv + h) query_blocks + qb)
+  for (int64_t b = 0; b < a.B; ++b) {
+    for (int64_t qb = 0; qb < query_blocks; ++qb) {
+      const Visible* row = kinds.data() + ((a.mask_rows == 1 ? 0 : b) * query_blocks + qb) * key_blocks;
+      const int64_t cost = key_blocks - std::count(row, row + key_blocks, Visible::NONE);
+      for (int64_t h = 0; h < a.Hkv; ++h) tasks.emplace_back(-cost, (b * a.Hkv + h) * query_blocks + qb);
+    }
+  }
+  std::sort(tasks.begin(), tasks.end());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks.size()), 1, [&](int64_t, int64_t) {
+    thread_local PrefillScratch scratch;
+    scratch.resize(PREFILL_QUERIES * G, D);
+    for (int64_t i = next++; i < static_cast<int64_t>(tasks.size()); i = next++) {
+      const int64_t task = tasks[i].second, qb = task % query_blocks, bh = task / query_blocks;
+      const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
+      const Visible* row = kinds.data() + ((a.mask_rows == 1 ? 0 : b) * query_blocks + qb) * key_blocks;
+      const float* head_keys = keys_t + bh * D * keys;
+      const float* head_values = values + bh * a.T * D;
+      if ((D / LANES) % 2 == 0) {
+        prefill_task<KV, 2>(a, row, head_keys, keys, head_values, b, h, qb, scratch);
+      } else {
+        prefill_task<KV, 1>(a, row, head_keys, keys, head_values, b, h, qb, scratch);
+      }
+    }
+  });
+}
+
+template <typename KV>
+void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& mask, float scale, at::Tensor& y) {
+  PrefillArgs<KV> a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
+                    q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2),
+                    k.data_ptr<KV>(), v.data_ptr<KV>(), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2),
+                    nullptr, 1, 0, 0, 0, scale, y.data_ptr<float>()};
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    a.mask = m.data_ptr<bool>();
+    a.mask_rows = m.size(0), a.mask_batch = m.stride(0), a.mask_row = m.stride(2), a.mask_slot = m.stride(3);
+  }
+  prefill_attention_impl(a);
+}
+
+// A prompt chunk's attention: q (B, Hq, S, D) float32, k and v (B, Hkv, T, D) float32, float16 or bfloat16 (a
+// cache's first T slots, or the chunk's own keys and values), Hq a multiple of Hkv (query head j uses KV head
+// j / (Hq / Hkv)), each tensor's rows contiguous (any other strides); mask None (causal: query s sees keys 0..s, S ==
+// T) or bool (B or 1, 1, S, T), true where a key may be attended. softmax(q k^T * scale) v in float32, returned as
+// (B, Hq, S, D): a view of a contiguous (B, S, Hq, D), the layout the output projection reads. A query that may see
+// no key gets zeros (SDPA's would be NaN).
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(3) == k.size(3) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "prefill_attention: q must be (B, Hq, S, D) and k, v (B, Hkv, T, D), Hq a multiple of Hkv");
+  const at::ScalarType kv_dtype = k.scalar_type();
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v.scalar_type() == kv_dtype &&
+                  (kv_dtype == at::kFloat || kv_dtype == at::kHalf || kv_dtype == at::kBFloat16),
+              "prefill_attention: q must be float32 and k, v float32, float16 or bfloat16");
+  const int64_t S = q.size(2), D = q.size(3), T = k.size(2);
+  TORCH_CHECK(D % 16 == 0 && D <= MAX_DIM && S >= 1 && T >= 1,
+              "prefill_attention: a head size that is a multiple of 16 up to ", MAX_DIM, ", a query and a key");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "prefill_attention: q, k and v rows must be contiguous");
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == q.size(0)) &&
+                    m.size(1) == 1 && m.size(2) == S && m.size(3) == T,
+                "prefill_attention: mask must be bool (B or 1, 1, S, T)");
+  } else {
+    TORCH_CHECK(S == T, "prefill_attention: without a mask (causal) S must equal T");
+  }
+  at::Tensor y = at::empty({q.size(0), S, q.size(1), D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (kv_dtype == at::kFloat) {
+    prefill_attention_of_tensors<float>(q, k, v, mask, static_cast<float>(scale), y);
+  } else if (kv_dtype == at::kHalf) {
+    prefill_attention_of_tensors<at::Half>(q, k, v, mask, static_cast<float>(scale), y);
+  } else {
+    prefill_attention_of_tensors<at::BFloat16>(q, k, v, mask, static_cast<float>(scale), y);
+  }
+  return y.transpose(1, 2);
+}
+
 
 // ---------------------------------------------------------------------------------------------------------------
 // decode_layers: one decode step through every layer of a model in blocks (w4a8's 4-bit layers, Q5, Q8 ones) of the
@@ -1143,7 +1444,8 @@ void for_rows(int64_t rows, const Body& body) {
 }
 
 // prefill_layers' work, the eager layers' operations in their order (Block.forward, Attention.forward) on X (B S rows
-// of H, T), the matmuls through our kernels and the attention through PyTorch's SDPA, as the eager chunk's.
+// of H, T), the matmuls through our kernels and the attention as the eager chunk's: prefill_attention in float32,
+// PyTorch's SDPA in bf16.
 template <typename T, typename KV>
 void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std::optional<at::Tensor>& mask,
                          at::TensorList keys, at::TensorList values, int64_t kv_length, at::TensorList weights,
@@ -1193,20 +1495,24 @@ void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std
         }
       }
     });
-    at::Tensor q = heads.narrow(1, 0, Hq), k, v;
+    at::Tensor q = heads.narrow(1, 0, Hq), k, v, y;
     if (mask.has_value()) {  // the cache's first kv_length slots
       k = key_cache.narrow(0, 0, B).narrow(2, 0, kv_length);
       v = value_cache.narrow(0, 0, B).narrow(2, 0, kv_length);
-      if (kv_dtype == at::kHalf) k = k.to(dtype), v = v.to(dtype);  // a half cache: SDPA in the model's dtype
     } else {  // a prompt's first chunk: causal over its own keys and values, in T (see Attention.forward)
       k = heads.narrow(1, Hq, Hkv);
       v = heads.narrow(1, Hq + Hkv, Hkv);
     }
-    const at::Tensor y = at::scaled_dot_product_attention(q.to(k.scalar_type()), k, v, mask, 0.0,
-                                                          !mask.has_value(), std::nullopt, Hkv != Hq)
-                             .to(dtype)
-                             .transpose(1, 2)
-                             .contiguous();  // (B, S, Hq, D)
+    if constexpr (std::is_same_v<T, float>) {  // as Attention.forward: float32 queries through prefill_attention
+      y = prefill_attention(q, k, v, mask, 1.0 / std::sqrt(static_cast<double>(D))).transpose(1, 2);
+    } else {  // bf16: SDPA (AMX's where the CPU has it)
+      if (kv_dtype == at::kHalf) k = k.to(dtype), v = v.to(dtype);  // a half cache: SDPA in the model's dtype
+      y = at::scaled_dot_product_attention(q.to(k.scalar_type()), k, v, mask, 0.0, !mask.has_value(), std::nullopt,
+                                           Hkv != Hq)
+              .to(dtype)
+              .transpose(1, 2)
+              .contiguous();
+    }  // y: (B, S, Hq, D)
     blocks_linear(y.data_ptr<T>(), rows, w[2], biases.get(4 * l + 1), out.data_ptr<T>());
     add_out();
     norm(w[3]);
@@ -1269,6 +1575,7 @@ TORCH_LIBRARY(gpt4_kernels, lib) {
   lib.def("q8_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   lib.def("q8_rows(Tensor blocks, Tensor ids, ScalarType dtype) -> Tensor");
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  lib.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   lib.def(
       "decode_layers(Tensor x, Tensor positions, Tensor? mask, Tensor(a!)[] keys, Tensor(b!)[] values, int kv_length, "
       "Tensor[] weights, Tensor?[] biases, Tensor inv_freq, int n_heads, float eps) -> Tensor");
@@ -1290,6 +1597,7 @@ TORCH_LIBRARY_IMPL(gpt4_kernels, CPU, lib) {
   lib.impl("q8_dequantize", &q8_dequantize);
   lib.impl("q8_rows", &q8_rows);
   lib.impl("decode_attention", &decode_attention);
+  lib.impl("prefill_attention", &prefill_attention);
   lib.impl("decode_layers", &decode_layers);
   lib.impl("prefill_layers", &prefill_layers);
 }
