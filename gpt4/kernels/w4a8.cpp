@@ -881,7 +881,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // sgemm calls; here a block of keys none of a task's queries may see is skipped, and the products run in register
 // tiles: the default model's 512-token prompt spent 118 ms of 560 in SDPA.
 
-constexpr int64_t PREFILL_QUERIES = 16;  // query positions a task takes (times the G query heads of its KV head)
+constexpr int64_t PREFILL_ROWS = 48;  // query rows a task takes: 48 / G positions of the G query heads of a KV head
 constexpr int64_t PREFILL_KEYS = 64;     // keys a block (a multiple of 2 LANES)
 
 enum class Visible : uint8_t { NONE, ALL, SOME };  // which of a block's keys its query rows may see
@@ -890,6 +890,7 @@ enum class Visible : uint8_t { NONE, ALL, SOME };  // which of a block's keys it
 template <typename KV>
 struct PrefillArgs {
   int64_t B, Hq, Hkv, S, T, D;
+  int64_t positions;                             // query positions a task takes (PREFILL_ROWS / G, at least 1)
   const float* q;                                // (B, Hq, S, D), rows contiguous
   int64_t q_batch, q_head, q_row;
   const KV *k, *v;                               // (B, Hkv, T, D), rows contiguous
@@ -938,16 +939,16 @@ inline void value_tile(const float* p, int64_t p_stride, const float* values, in
   }
 }
 
-// Which keys of each block (PREFILL_KEYS of them) the query rows of each task's positions (PREFILL_QUERIES) may see:
+// Which keys of each block (PREFILL_KEYS of them) the query rows of each task's positions (a.positions) may see:
 // (mask rows, query blocks, key blocks); the same for every head (and, in prefill_layers, every layer).
 template <typename KV>
 std::vector<Visible> visible_blocks(const PrefillArgs<KV>& a) {
-  const int64_t query_blocks = (a.S + PREFILL_QUERIES - 1) / PREFILL_QUERIES;
+  const int64_t query_blocks = (a.S + a.positions - 1) / a.positions;
   const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS;
   std::vector<Visible> kinds(a.mask_rows * query_blocks * key_blocks);
   for (int64_t m = 0; m < a.mask_rows; ++m) {
     for (int64_t qb = 0; qb < query_blocks; ++qb) {
-      const int64_t s0 = qb * PREFILL_QUERIES, s1 = std::min(a.S, s0 + PREFILL_QUERIES);
+      const int64_t s0 = qb * a.positions, s1 = std::min(a.S, s0 + a.positions);
       for (int64_t kb = 0; kb < key_blocks; ++kb) {
         const int64_t t0 = kb * PREFILL_KEYS, t1 = std::min(a.T, t0 + PREFILL_KEYS);
         int64_t seen = 0;
@@ -984,14 +985,14 @@ inline void in_row_tiles(int64_t rows, const Body& tile) {
   for (; r < rows; ++r) tile(r, std::integral_constant<int, 1>{});
 }
 
-// One task: the G query heads of KV head h at positions s0..s0 + QUERIES - 1 of row b, over every key block they may
+// One task: the G query heads of KV head h at positions s0..s0 + a.positions - 1 of row b, over every key block they may
 // see (kinds: the task's row of visible_blocks). keys_t: the head's keys transposed (D rows of `keys` floats, zeros
 // past T), values: its values (T rows of D), both float32. Rows r = i G + g (position s0 + i, query head h G + g).
 template <typename KV, int CV>
 void prefill_task(const PrefillArgs<KV>& a, const Visible* kinds, const float* keys_t, int64_t keys,
                   const float* values, int64_t b, int64_t h, int64_t qb, PrefillScratch& w) {
-  const int64_t G = a.Hq / a.Hkv, D = a.D, s0 = qb * PREFILL_QUERIES;
-  const int64_t positions = std::min(a.S - s0, PREFILL_QUERIES), rows = positions * G;
+  const int64_t G = a.Hq / a.Hkv, D = a.D, s0 = qb * a.positions;
+  const int64_t rows = std::min(a.S - s0, a.positions) * G;
   const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS;
   float *Q = w.q.data(), *O = w.o.data(), *P = w.scores.data();
   for (int64_t r = 0; r < rows; ++r) {
@@ -1056,7 +1057,7 @@ void prefill_task(const PrefillArgs<KV>& a, const Visible* kinds, const float* k
 
 template <typename KV>
 void prefill_attention_impl(const PrefillArgs<KV>& a) {
-  const int64_t G = a.Hq / a.Hkv, D = a.D, query_blocks = (a.S + PREFILL_QUERIES - 1) / PREFILL_QUERIES;
+  const int64_t G = a.Hq / a.Hkv, D = a.D, query_blocks = (a.S + a.positions - 1) / a.positions;
   const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS, keys = key_blocks * PREFILL_KEYS;
   const std::vector<Visible> kinds = visible_blocks(a);
   // Each KV head's keys transposed (D rows of `keys`) and its values (T rows of D), in float32, once for all the
@@ -1096,7 +1097,7 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks.size()), 1, [&](int64_t, int64_t) {
     thread_local PrefillScratch scratch;
-    scratch.resize(PREFILL_QUERIES * G, D);
+    scratch.resize(a.positions * G, D);
     for (int64_t i = next++; i < static_cast<int64_t>(tasks.size()); i = next++) {
       const int64_t task = tasks[i].second, qb = task % query_blocks, bh = task / query_blocks;
       const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
@@ -1115,8 +1116,9 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
 template <typename KV>
 void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& mask, float scale, at::Tensor& y) {
+  const int64_t G = q.size(1) / k.size(1);
   PrefillArgs<KV> a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
-                    q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2),
+                    std::max<int64_t>(1, PREFILL_ROWS / G), q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2),
                     k.data_ptr<KV>(), v.data_ptr<KV>(), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2),
                     nullptr, 1, 0, 0, 0, scale, y.data_ptr<float>()};
