@@ -32,6 +32,18 @@ def skip_without_w4a8() -> None:
         pytest.skip(reason)
 
 
+def greedy_with_and_without_attention_kernels(model, prompts: list[str], max_new_tokens: int) -> dict:
+    """{True: ..., False: ...}: the greedy generations of each prompt and of all of them as one padded batch, with the
+    model's attention kernels (Attention.use_attention_kernels) switched on and off."""
+    outputs = {}
+    for on in (True, False):
+        for layer in model.layers:
+            layer.attn.attention_kernels = on
+        outputs[on] = [model.generate(p, max_new_tokens=max_new_tokens, do_sample=False) for p in prompts]
+        outputs[on].append(model.generate(prompts, max_new_tokens=max_new_tokens, do_sample=False))
+    return outputs
+
+
 def tiny_config(family: str, **overrides) -> GPT4Config:
     return GPT4Config(**{**FAMILIES[family], **overrides})
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel
 
-from .conftest import skip_without_w4a8
+from .conftest import greedy_with_and_without_attention_kernels, skip_without_w4a8
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,6 @@ def test_w4a8_models_decode_through_it_with_sdpas_tokens():
     model = GPT4LMHeadModel.from_pretrained("gpt4", dtype="float32")  # exact weights: no int8 activations to amplify
     for layer in model.layers:
         assert layer.attn.use_attention_kernels()
-    tok = model.tokenizer
     prompts = ["The capital of France is", "Water boils at a temperature of one hundred degrees"]
-    outputs = {}
-    for kernel in (True, False):
-        for layer in model.layers:
-            layer.attn.attention_kernels = kernel
-        outputs[kernel] = [model.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
-        outputs[kernel].append(model.generate(prompts, max_new_tokens=24, do_sample=False))  # a batch, padded
+    outputs = greedy_with_and_without_attention_kernels(model, prompts, max_new_tokens=24)  # (and a padded batch)
     assert outputs[True] == outputs[False]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel
 
-from .conftest import skip_without_w4a8
+from .conftest import greedy_with_and_without_attention_kernels, skip_without_w4a8
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +95,7 @@ def test_w4a8_models_prefill_through_it_with_sdpas_tokens(prefill_attention, mon
     story = "The history of the Roman Empire spans many centuries, from the founding of the city to its fall. "
     prompts = [story * 14 + "Its first emperor was", "Water boils at a temperature of"]
     assert len(model.tokenizer.encode(prompts[0])) > model.prefill_chunk
-    outputs = {}
-    for on in (True, False):
-        for layer in model.layers:
-            layer.attn.attention_kernels = on
-        outputs[on] = [model.generate(p, max_new_tokens=12, do_sample=False) for p in prompts]
-        outputs[on].append(model.generate(prompts, max_new_tokens=12, do_sample=False))  # a batch, padded
-        if on:
-            assert False in masks and True in masks  # causal first chunks, masked ones after and in the batch
+    outputs = greedy_with_and_without_attention_kernels(model, prompts, max_new_tokens=12)  # (and a padded batch)
+    assert False in masks and True in masks  # causal first chunks, masked ones after them and in the batch
     assert outputs[True] == outputs[False]
     assert len(masks) == 5 * len(model.layers)  # none with the kernels off; with them on 2 + 1 chunks, the batch 2
