@@ -918,9 +918,10 @@ inline void score_tile(const float* q, const float* keys_t, int64_t keys, int64_
   for (int r = 0; r < ROWS; ++r) vstore(out + r * stride, acc[r][0]), vstore(out + r * stride + LANES, acc[r][1]);
 }
 
-// o[r] = o[r] * correction[r] + sum over n keys of p[r][t] v[t], for ROWS rows and CV vectors of columns from col.
+// o[r] = o[r] * correction[r] + sum over n keys of p[r][t] v[t] (values: rows `stride` floats apart), for ROWS rows
+// and CV vectors of columns.
 template <int ROWS, int CV>
-inline void value_tile(const float* p, int64_t p_stride, const float* values, int64_t n, int64_t D,
+inline void value_tile(const float* p, int64_t p_stride, const float* values, int64_t stride, int64_t n, int64_t D,
                        const float* correction, float* o) {
   Vf acc[ROWS][CV];
   for (int r = 0; r < ROWS; ++r) {
@@ -928,7 +929,7 @@ inline void value_tile(const float* p, int64_t p_stride, const float* values, in
   }
   for (int64_t t = 0; t < n; ++t) {
     Vf value[CV];
-    for (int c = 0; c < CV; ++c) value[c] = vload(values + t * D + c * LANES);
+    for (int c = 0; c < CV; ++c) value[c] = vload(values + t * stride + c * LANES);
     for (int r = 0; r < ROWS; ++r) {
       const Vf weight = vset(p[r * p_stride + t]);
       for (int c = 0; c < CV; ++c) acc[r][c] = vfmadd(weight, value[c], acc[r][c]);
@@ -987,10 +988,11 @@ inline void in_row_tiles(int64_t rows, const Body& tile) {
 
 // One task: the G query heads of KV head h at positions s0..s0 + a.positions - 1 of row b, over every key block they may
 // see (kinds: the task's row of visible_blocks). keys_t: the head's keys transposed (D rows of `keys` floats, zeros
-// past T), values: its values (T rows of D), both float32. Rows r = i G + g (position s0 + i, query head h G + g).
+// past T), values: its values (T rows of D, `value_stride` floats apart), both float32. Rows r = i G + g (position
+// s0 + i, query head h G + g).
 template <typename KV, int CV>
 void prefill_task(const PrefillArgs<KV>& a, const Visible* kinds, const float* keys_t, int64_t keys,
-                  const float* values, int64_t b, int64_t h, int64_t qb, PrefillScratch& w) {
+                  const float* values, int64_t value_stride, int64_t b, int64_t h, int64_t qb, PrefillScratch& w) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, s0 = qb * a.positions;
   const int64_t rows = std::min(a.S - s0, a.positions) * G;
   const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS;
@@ -1043,8 +1045,8 @@ void prefill_task(const PrefillArgs<KV>& a, const Visible* kinds, const float* k
     }
     for (int64_t c = 0; c < D; c += CV * LANES) {
       in_row_tiles<6>(rows, [&](int64_t r, auto tile_rows) {
-        value_tile<decltype(tile_rows)::value, CV>(P + r * PREFILL_KEYS, PREFILL_KEYS, values + t0 * D + c, n, D,
-                                                   w.correction.data() + r, O + r * D + c);
+        value_tile<decltype(tile_rows)::value, CV>(P + r * PREFILL_KEYS, PREFILL_KEYS, values + t0 * value_stride + c,
+                                                   value_stride, n, D, w.correction.data() + r, O + r * D + c);
       });
     }
   }
@@ -1060,9 +1062,11 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, query_blocks = (a.S + a.positions - 1) / a.positions;
   const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS, keys = key_blocks * PREFILL_KEYS;
   const std::vector<Visible> kinds = visible_blocks(a);
-  // Each KV head's keys transposed (D rows of `keys`) and its values (T rows of D), in float32, once for all the
-  // tasks that read them: the score tiles then multiply a query by 2 LANES keys at once, with no sums across lanes.
-  std::vector<float> keys_buffer(a.B * a.Hkv * D * keys), values_buffer(a.B * a.Hkv * a.T * D);
+  // Each KV head's keys transposed (D rows of `keys`) and, unless they are float32 already, its values (T rows of
+  // D) in float32, once for all the tasks that read them: the score tiles then multiply a query by 2 LANES keys at
+  // once, with no sums across lanes.
+  constexpr bool convert_values = !std::is_same_v<KV, float>;
+  std::vector<float> keys_buffer(a.B * a.Hkv * D * keys), values_buffer(convert_values ? a.B * a.Hkv * a.T * D : 0);
   float *keys_t = keys_buffer.data(), *values = values_buffer.data();
   at::parallel_for(0, a.B * a.Hkv * key_blocks, 1, [&](int64_t begin, int64_t end) {
     float block[PREFILL_KEYS * MAX_DIM];
@@ -1074,7 +1078,7 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
       for (int64_t t = 0; t < PREFILL_KEYS; ++t) {
         for (int64_t d = 0; d < D; d += LANES) {
           vstore(block + t * D + d, t < n ? vload(key + t * a.k_slot + d) : vzero());
-          if (t < n) vstore(values + (bh * a.T + t0 + t) * D + d, vload(value + t * a.v_slot + d));
+          if (convert_values && t < n) vstore(values + (bh * a.T + t0 + t) * D + d, vload(value + t * a.v_slot + d));
         }
       }
       float* out = keys_t + bh * D * keys + t0;
@@ -1103,11 +1107,13 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
       const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
       const Visible* row = kinds.data() + ((a.mask_rows == 1 ? 0 : b) * query_blocks + qb) * key_blocks;
       const float* head_keys = keys_t + bh * D * keys;
-      const float* head_values = values + bh * a.T * D;
+      const float* head_values = convert_values ? values + bh * a.T * D
+                                                : reinterpret_cast<const float*>(a.v + b * a.v_batch + h * a.v_head);
+      const int64_t value_stride = convert_values ? D : a.v_slot;
       if ((D / LANES) % 2 == 0) {
-        prefill_task<KV, 2>(a, row, head_keys, keys, head_values, b, h, qb, scratch);
+        prefill_task<KV, 2>(a, row, head_keys, keys, head_values, value_stride, b, h, qb, scratch);
       } else {
-        prefill_task<KV, 1>(a, row, head_keys, keys, head_values, b, h, qb, scratch);
+        prefill_task<KV, 1>(a, row, head_keys, keys, head_values, value_stride, b, h, qb, scratch);
       }
     }
   });
