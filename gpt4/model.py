@@ -4,8 +4,8 @@
 
 Attention is softmax(Q K^T / sqrt(d_k)) V, computed by torch's scaled_dot_product_attention (over a KV cache, in
 w4a8 models, by our C++ kernels: Attention.use_attention_kernels), causal, with rotary or learned positions and
-optional grouped-query attention. The switches in GPT4Config choose between the
-GPT-2 and Llama-family variants; nothing here knows foreign weight names (see gpt4/weights).
+optional grouped-query attention. The switches in GPT4Config choose between the GPT-2 and Llama-family variants;
+nothing here knows foreign weight names (see gpt4/weights).
 """
 
 from __future__ import annotations

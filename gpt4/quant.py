@@ -784,7 +784,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, exact_int4=None
                 if mode == "w4a8" and group == 32 and W4A8Linear.fits(*new.scales_zeros()):
                     new = W4A8Linear.from_int4(new)
             setattr(parent, name, new)
-    if mode == "w4a8":  # our kernels are loaded: decode steps' attention goes through them too
+    if mode == "w4a8":  # our kernels are loaded: attention over the KV cache goes through them too
         for module in model.modules():
             if hasattr(module, "use_attention_kernels"):  # (gpt4.model.Attention)
                 module.use_attention_kernels()

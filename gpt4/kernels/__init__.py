@@ -7,10 +7,10 @@ dequantized for prompt chunks. On the default model a decode step's 4-bit matmul
 with PyTorch's int4 kernel at one row and 2-2.6x less at 8-16 rows (benchmarks/bench_int4_vnni_kernel.py;
 docs/performance.md, runs 16-17). The same for an LM head's 8-bit Q8_0 groups (gpt4.quant.Q8Linear, run 18) and a
 file's 5-bit and 6-bit groups (gpt4.quant.Q5Linear, Q6Linear; runs 19-20), and attention over a KV cache, a decode
-step's and a prompt chunk's (gpt4.model.Attention.use_attention_kernels), which w4a8 models use too. decode_layers runs a whole decode step's layers
-of such a model in one call, these kernels back to back with the norms, rotations and activations between them
-(gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19), and prefill_layers a prompt chunk's (run 29). The AVX2 build:
-run 21.
+step's and a prompt chunk's (gpt4.model.Attention.use_attention_kernels; run 30 for prompts), which w4a8 models use
+too. decode_layers runs a whole decode step's layers of such a model in one call, these kernels back to back with
+the norms, rotations and activations between them (gpt4.model.GPT4LMHeadModel.use_fused_decode, run 19), and
+prefill_layers a prompt chunk's (run 29). The AVX2 build: run 21.
 """
 
 from __future__ import annotations

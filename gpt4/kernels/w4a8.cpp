@@ -5,7 +5,8 @@
 // q8: the same for 8-bit weights (w = d * q, q in -128..127, GGUF's Q8_0 groups: an LM head), gpt4_kernels::q8_matmul;
 // q5 for GGUF's Q5_0 groups (w = d * (q - 16), q in 0..31), gpt4_kernels::q5_matmul; q5k for Q5_K's sub-blocks of 32
 // (w = d * q + m), gpt4_kernels::q5k_matmul; q6 for Q6_K's, gpt4_kernels::q6_matmul.
-// decode_attention: one decode step's attention over the KV cache, which w4a8 models use with them.
+// decode_attention: one decode step's attention over the KV cache, which w4a8 models use with them; prefill_attention
+// a prompt chunk's.
 // One source for both instruction sets: the kernels work on vectors of LANES floats or int32 (one register: 16 lanes
 // with AVX-512, 8 with AVX2), and on a block's 16 rows in PARTS parts of LANES rows.
 #include <ATen/ATen.h>
@@ -43,9 +44,6 @@ inline Vf vfnmadd(Vf a, Vf b, Vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c 
 inline Vf vabs(Vf a) { return _mm512_abs_ps(a); }
 inline float vsum(Vf a) { return _mm512_reduce_add_ps(a); }
 inline float vmaxval(Vf a) { return _mm512_reduce_max_ps(a); }
-inline void vsum4(const Vf a[4], float* out) {  // out[j] = the sum of a[j]'s lanes
-  for (int j = 0; j < 4; ++j) out[j] = _mm512_reduce_add_ps(a[j]);
-}
 inline Vf vfloat(Vi a) { return _mm512_cvtepi32_ps(a); }
 inline Vi vround_int(Vf a) { return _mm512_cvtps_epi32(a); }
 inline Vf vround(Vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -134,10 +132,6 @@ inline float vmaxval(Vf a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-inline void vsum4(const Vf a[4], float* out) {  // out[j] = the sum of a[j]'s lanes, in three horizontal adds
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // 4 sums a half
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
 }
 inline Vf vfloat(Vi a) { return _mm256_cvtepi32_ps(a); }
 inline Vi vround_int(Vf a) { return _mm256_cvtps_epi32(a); }
@@ -882,7 +876,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // tiles: the default model's 512-token prompt spent 118 ms of 560 in SDPA.
 
 constexpr int64_t PREFILL_ROWS = 48;  // query rows a task takes: 48 / G positions of the G query heads of a KV head
-constexpr int64_t PREFILL_KEYS = 64;     // keys a block (a multiple of 2 LANES)
+constexpr int64_t PREFILL_KEYS = 64;  // keys a block (a multiple of 2 LANES)
 
 enum class Visible : uint8_t { NONE, ALL, SOME };  // which of a block's keys its query rows may see
 
@@ -986,10 +980,10 @@ inline void in_row_tiles(int64_t rows, const Body& tile) {
   for (; r < rows; ++r) tile(r, std::integral_constant<int, 1>{});
 }
 
-// One task: the G query heads of KV head h at positions s0..s0 + a.positions - 1 of row b, over every key block they may
-// see (kinds: the task's row of visible_blocks). keys_t: the head's keys transposed (D rows of `keys` floats, zeros
-// past T), values: its values (T rows of D, `value_stride` floats apart), both float32. Rows r = i G + g (position
-// s0 + i, query head h G + g).
+// One task: the G query heads of KV head h at positions s0..s0 + a.positions - 1 of row b, over every key block they
+// may see (kinds: the task's row of visible_blocks). keys_t: the head's keys transposed (D rows of `keys` floats,
+// zeros past T), values: its values (T rows of D, `value_stride` floats apart), both float32. Rows r = i G + g
+// (position s0 + i, query head h G + g).
 template <typename KV, int CV>
 void prefill_task(const PrefillArgs<KV>& a, const Visible* kinds, const float* keys_t, int64_t keys,
                   const float* values, int64_t value_stride, int64_t b, int64_t h, int64_t qb, PrefillScratch& w) {
@@ -1069,7 +1063,7 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
   std::vector<float> keys_buffer(a.B * a.Hkv * D * keys), values_buffer(convert_values ? a.B * a.Hkv * a.T * D : 0);
   float *keys_t = keys_buffer.data(), *values = values_buffer.data();
   at::parallel_for(0, a.B * a.Hkv * key_blocks, 1, [&](int64_t begin, int64_t end) {
-    float block[PREFILL_KEYS * MAX_DIM];
+    std::vector<float> block(PREFILL_KEYS * D);  // a block's keys as rows, then transposed into keys_t
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / key_blocks, b = bh / a.Hkv, h = bh % a.Hkv, t0 = task % key_blocks * PREFILL_KEYS;
       const int64_t n = std::min(a.T - t0, PREFILL_KEYS);
@@ -1077,7 +1071,7 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
       const KV* value = a.v + b * a.v_batch + h * a.v_head + t0 * a.v_slot;
       for (int64_t t = 0; t < PREFILL_KEYS; ++t) {
         for (int64_t d = 0; d < D; d += LANES) {
-          vstore(block + t * D + d, t < n ? vload(key + t * a.k_slot + d) : vzero());
+          vstore(block.data() + t * D + d, t < n ? vload(key + t * a.k_slot + d) : vzero());
           if (convert_values && t < n) vstore(values + (bh * a.T + t0 + t) * D + d, vload(value + t * a.v_slot + d));
         }
       }
