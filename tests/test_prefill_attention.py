@@ -62,8 +62,8 @@ def test_a_query_that_sees_no_key_gets_zeros(prefill_attention):
     mask = torch.ones(1, 1, 3, 100, dtype=torch.bool)
     mask[..., 1, :] = False
     got = prefill_attention(q, k, k, mask, 0.125)
-    assert (got[:, :, 1] == 0).all()
-    torch.testing.assert_close(got[:, :, ::2], sdpa(q, k, k, mask)[:, :, ::2], atol=1e-5, rtol=1e-5)
+    assert (got[:, :, 1] == 0).all()  # (not NaN, as the softmax of no score would be: SDPA on CPU gives zeros too)
+    torch.testing.assert_close(got, sdpa(q, k, k, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_attention_refuses_what_it_cannot_compute(prefill_attention):

@@ -1135,7 +1135,7 @@ void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, cons
 // j / (Hq / Hkv)), each tensor's rows contiguous (any other strides); mask None (causal: query s sees keys 0..s, S ==
 // T) or bool (B or 1, 1, S, T), true where a key may be attended. softmax(q k^T * scale) v in float32, returned as
 // (B, Hq, S, D): a view of a contiguous (B, S, Hq, D), the layout the output projection reads. A query that may see
-// no key gets zeros (SDPA's would be NaN).
+// no key gets zeros, as from SDPA on CPU.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
