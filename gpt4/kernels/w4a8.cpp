@@ -1052,10 +1052,9 @@ void prefill_task(const PrefillArgs<KV>& a, const Visible* kinds, const float* k
 }
 
 template <typename KV>
-void prefill_attention_impl(const PrefillArgs<KV>& a) {
+void prefill_attention_impl(const PrefillArgs<KV>& a, const std::vector<Visible>& kinds) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, query_blocks = (a.S + a.positions - 1) / a.positions;
   const int64_t key_blocks = (a.T + PREFILL_KEYS - 1) / PREFILL_KEYS, keys = key_blocks * PREFILL_KEYS;
-  const std::vector<Visible> kinds = visible_blocks(a);
   // Each KV head's keys transposed (D rows of `keys`) and, unless they are float32 already, its values (T rows of
   // D) in float32, once for all the tasks that read them: the score tiles then multiply a query by 2 LANES keys at
   // once, with no sums across lanes.
@@ -1115,7 +1114,8 @@ void prefill_attention_impl(const PrefillArgs<KV>& a) {
 
 template <typename KV>
 void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const std::optional<at::Tensor>& mask, float scale, at::Tensor& y) {
+                                  const std::optional<at::Tensor>& mask, float scale, at::Tensor& y,
+                                  std::vector<Visible>& kinds) {
   const int64_t G = q.size(1) / k.size(1);
   PrefillArgs<KV> a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
                     std::max<int64_t>(1, PREFILL_ROWS / G), q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2),
@@ -1127,7 +1127,8 @@ void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, cons
     a.mask = m.data_ptr<bool>();
     a.mask_rows = m.size(0), a.mask_batch = m.stride(0), a.mask_row = m.stride(2), a.mask_slot = m.stride(3);
   }
-  prefill_attention_impl(a);
+  if (kinds.empty()) kinds = visible_blocks(a);
+  prefill_attention_impl(a, kinds);
 }
 
 // A prompt chunk's attention: q (B, Hq, S, D) float32, k and v (B, Hkv, T, D) float32, float16 or bfloat16 (a
@@ -1135,9 +1136,11 @@ void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, cons
 // j / (Hq / Hkv)), each tensor's rows contiguous (any other strides); mask None (causal: query s sees keys 0..s, S ==
 // T) or bool (B or 1, 1, S, T), true where a key may be attended. softmax(q k^T * scale) v in float32, returned as
 // (B, Hq, S, D): a view of a contiguous (B, S, Hq, D), the layout the output projection reads. A query that may see
-// no key gets zeros, as from SDPA on CPU.
-at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& mask, double scale) {
+// no key gets zeros, as from SDPA on CPU. kinds: visible_blocks of an earlier call with the same S, T, Hq / Hkv and
+// mask (prefill_layers' layers), or empty, then filled.
+at::Tensor prefill_attention_reusing(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::optional<at::Tensor>& mask, double scale,
+                                     std::vector<Visible>& kinds) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(3) == k.size(3) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
               "prefill_attention: q must be (B, Hq, S, D) and k, v (B, Hkv, T, D), Hq a multiple of Hkv");
@@ -1160,13 +1163,19 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   }
   at::Tensor y = at::empty({q.size(0), S, q.size(1), D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (kv_dtype == at::kFloat) {
-    prefill_attention_of_tensors<float>(q, k, v, mask, static_cast<float>(scale), y);
+    prefill_attention_of_tensors<float>(q, k, v, mask, static_cast<float>(scale), y, kinds);
   } else if (kv_dtype == at::kHalf) {
-    prefill_attention_of_tensors<at::Half>(q, k, v, mask, static_cast<float>(scale), y);
+    prefill_attention_of_tensors<at::Half>(q, k, v, mask, static_cast<float>(scale), y, kinds);
   } else {
-    prefill_attention_of_tensors<at::BFloat16>(q, k, v, mask, static_cast<float>(scale), y);
+    prefill_attention_of_tensors<at::BFloat16>(q, k, v, mask, static_cast<float>(scale), y, kinds);
   }
   return y.transpose(1, 2);
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, double scale) {
+  std::vector<Visible> kinds;
+  return prefill_attention_reusing(q, k, v, mask, scale, kinds);
 }
 
 
@@ -1478,6 +1487,7 @@ void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std
       add_into(X + begin * H, out.data_ptr<T>() + begin * H, (end - begin) * H);
     });
   };
+  std::vector<Visible> visible;  // the blocks of keys each block of queries sees: the same in every layer
   for (int64_t l = 0; l < static_cast<int64_t>(keys.size()); ++l) {
     const at::Tensor* w = &weights[6 * l];  // attention norm, qkv, o, MLP norm, up (gate and up), down
     norm(w[0]);
@@ -1506,7 +1516,7 @@ void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std
       v = heads.narrow(1, Hq + Hkv, Hkv);
     }
     if constexpr (std::is_same_v<T, float>) {  // as Attention.forward: float32 queries through prefill_attention
-      y = prefill_attention(q, k, v, mask, 1.0 / std::sqrt(static_cast<double>(D))).transpose(1, 2);
+      y = prefill_attention_reusing(q, k, v, mask, 1.0 / std::sqrt(static_cast<double>(D)), visible).transpose(1, 2);
     } else {  // bf16: SDPA (AMX's where the CPU has it)
       if (kv_dtype == at::kHalf) k = k.to(dtype), v = v.to(dtype);  // a half cache: SDPA in the model's dtype
       y = at::scaled_dot_product_attention(q.to(k.scalar_type()), k, v, mask, 0.0, !mask.has_value(), std::nullopt,
