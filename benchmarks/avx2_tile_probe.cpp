@@ -1,8 +1,9 @@
 // What bounds the AVX2 4-bit tile (gpt4/kernels/w4a8.cpp's tile<Q4Block>, the 8-row and prompt matmuls) on a CPU:
 // the issue rates of its instructions alone, then the tile's inner loop rebuilt alone and altered one way at a time.
-// Single-threaded, everything in L1/L2, so only the core's instruction issue is measured. Variants C and D compute
-// wrong sums on purpose: they time a loop without an instruction class, as bounds (docs/performance.md, "What the
-// AVX2 tile's instructions cost").
+// Single-threaded, everything in L1/L2, so only the core's instruction issue is measured. Variants C, D, F and G
+// compute wrong sums on purpose: they time a loop without an instruction class, as bounds (docs/performance.md, "What
+// the AVX2 tile's instructions cost"). G and H time the epilogue of a format with integer group scales (as GGUF's
+// K-quants have under a float scale per super-block), which would need one activation scale per 9 groups.
 //
 //     g++ -O3 -mavx2 -mfma -mf16c benchmarks/avx2_tile_probe.cpp -o /tmp/probe && /tmp/probe
 #include <immintrin.h>
@@ -67,6 +68,7 @@ constexpr int G = 18, K = 32 * G, T = 64;  // the default model's 576 inputs
 struct Group {  // one part's group of 32 inputs as the kernel unpacks it: q[j] lane r = row r's inputs 4j..4j+3
   __m256i q[8];
   __m256 d, m;
+  __m256i scale;  // (G, H) each row's scale as an integer, twice in each 32-bit lane
 };
 alignas(64) Group W[2][G];
 alignas(64) int8_t X[T * K];
@@ -80,7 +82,8 @@ inline __m256i broadcast4(const int8_t* p) {
 }
 
 // A: the kernel's structure. B: one broadcast for both parts. C: no broadcasts. D: no float epilogue.
-// E: the eight products summed as a tree instead of a chain.
+// E: the eight products summed as a tree instead of a chain. F: no m term. G: integer scales (vpmaddwd by each row's
+// scale instead of by ones, int32 sums turned to float once per 9 groups), no m term. H: G with the m term in float.
 template <char V, int R>
 void tile(int t0, int part) {
   __m256 acc[R], off[R];
@@ -108,6 +111,15 @@ void tile(int t0, int part) {
       if (V == 'B') {
         for (int j = 1; j < 8; ++j) pairs2 = _mm256_add_epi16(pairs2, m2[j]);
       }
+      if (V == 'G' || V == 'H') {
+        iacc[t] = _mm256_add_epi32(iacc[t], _mm256_madd_epi16(pairs, w.scale));
+        if (V == 'H') off[t] = _mm256_fmadd_ps(w.m, _mm256_set1_ps(SS[i]), off[t]);
+        if (g % 9 == 8) {
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[t]), _mm256_mul_ps(w.d, _mm256_set1_ps(S[i])), acc[t]);
+          iacc[t] = _mm256_setzero_si256();
+        }
+        continue;
+      }
       const __m256i dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
       if (V == 'D') {
         iacc[t] = _mm256_add_epi32(iacc[t], dot);
@@ -115,7 +127,7 @@ void tile(int t0, int part) {
       }
       const __m256 s = _mm256_set1_ps(S[i]), ss = _mm256_set1_ps(SS[i]);
       acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), w.d), s, acc[t]);
-      off[t] = _mm256_fmadd_ps(w.m, ss, off[t]);
+      if (V != 'F') off[t] = _mm256_fmadd_ps(w.m, ss, off[t]);
       if (V == 'B') {  // the second part's sums, in the first part's second accumulator
         const __m256i dot2 = _mm256_madd_epi16(pairs2, _mm256_set1_epi16(1));
         off[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot2), w2.d), s, _mm256_fmadd_ps(w2.m, ss, off[t]));
@@ -155,7 +167,7 @@ int main(int argc, char**) {
     for (Group& w : part) {
       auto* bytes = reinterpret_cast<uint8_t*>(w.q);
       for (int k = 0; k < 256; ++k) bytes[k] = rand() & 15;
-      w.d = _mm256_set1_ps(0.01f), w.m = _mm256_set1_ps(-0.05f);
+      w.d = _mm256_set1_ps(0.01f), w.m = _mm256_set1_ps(-0.05f), w.scale = _mm256_set1_epi16(1000);
     }
   }
   for (int i = 0; i < T * K; ++i) X[i] = static_cast<int8_t>(rand() % 255 - 127);
@@ -180,6 +192,11 @@ int main(int argc, char**) {
       {"A: as the kernel", 4, tile_rate<'A', 4>},       {"A: as the kernel", 2, tile_rate<'A', 2>},
       {"B: one broadcast, both parts", 2, tile_rate<'B', 2>}, {"C: no broadcasts (bound)", 4, tile_rate<'C', 4>},
       {"D: no float epilogue (bound)", 4, tile_rate<'D', 4>}, {"E: products summed as a tree", 4, tile_rate<'E', 4>},
+      {"F: no m term (bound)", 4, tile_rate<'F', 4>},        {"F: no m term (bound)", 2, tile_rate<'F', 2>},
+      {"G: integer scales, no m term (bound)", 4, tile_rate<'G', 4>},
+      {"G: integer scales, no m term (bound)", 2, tile_rate<'G', 2>},
+      {"H: integer scales, m term in float", 4, tile_rate<'H', 4>},
+      {"H: integer scales, m term in float", 2, tile_rate<'H', 2>},
   };
   for (const auto& v : variants) {
     const double macs = v.rate();

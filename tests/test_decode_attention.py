@@ -21,9 +21,11 @@ def decode_attention():
 
 
 # (batch, KV heads, query rows a KV head, head size, slots): one and several chunks of 64, a partial last chunk,
-# the largest row count and head size, one slot.
+# the largest row count and head size, one slot. The kernel's register tiles take 3 query rows (then 2 or 1) by 4
+# keys (a chunk's last tile reads past it) and by 4 vectors of the head (then 2 or 1): 7 rows with a head of 48
+# leave one row and, with AVX2, 2 vectors over; 2 rows with a head of 80, 2 vectors (AVX-512: 1).
 SHAPES = [(1, 3, 3, 64, 512), (2, 3, 3, 64, 70), (3, 2, 1, 32, 1), (1, 1, 16, 256, 200), (4, 2, 4, 64, 64),
-          (2, 2, 4, 128, 100)]  # (head sizes 64 and 128 have their own instantiations, the others a general one)
+          (2, 2, 4, 128, 100), (1, 2, 7, 48, 131), (2, 1, 2, 80, 67)]
 
 
 # (query dtype, cache dtype, tolerance): a float16 cache's queries stay float32, its keys and values alone rounded.

@@ -43,6 +43,14 @@ inline Vf vfmadd(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }    // a 
 inline Vf vfnmadd(Vf a, Vf b, Vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 inline Vf vabs(Vf a) { return _mm512_abs_ps(a); }
 inline float vsum(Vf a) { return _mm512_reduce_add_ps(a); }
+inline __m256 vsum_halves(Vf a) {  // lanes i and i + 8 added
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+inline __m128 vsum4(Vf a, Vf b, Vf c, Vf d) {  // the four vectors' sums, as AVX2's vsum4 gives them
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(vsum_halves(a), vsum_halves(b)),
+                                     _mm256_hadd_ps(vsum_halves(c), vsum_halves(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
 inline float vmaxval(Vf a) { return _mm512_reduce_max_ps(a); }
 inline Vf vfloat(Vi a) { return _mm512_cvtepi32_ps(a); }
 inline Vi vround_int(Vf a) { return _mm512_cvtps_epi32(a); }
@@ -127,6 +135,12 @@ inline float vsum(Vf a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// The four vectors' sums (a, b, c, d) at once: in each 128-bit half, a pair of hadds leaves the half's four sums; the
+// halves are then added (5 instructions for 4 sums, against vsum's 6 for one).
+inline __m128 vsum4(Vf a, Vf b, Vf c, Vf d) {
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
 }
 inline float vmaxval(Vf a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -687,37 +701,110 @@ constexpr int64_t MAX_ROWS = 16, MAX_DIM = 256;
 
 // One task: G query rows (q, float32, scaled) of one KV head over slots start..stop-1. Writes the rows' maxima of
 // the scores, their sums of exp(score - max), and (G, D) sums of exp(score - max) * v over the unmasked slots.
-// V: D / LANES where the head size is one of the common ones (64, 128), else 0 (read from D). A constant count
-// keeps a key's and a row's weighted values in registers; counted at run time they were kept in memory (the default
-// model's 30 layers over 512 slots took 1.9-2.9 ms a step instead of 1.5-2.5 on the AVX2 EPYC).
-template <typename KV, int V>
+// Both products run in register tiles of up to 3 query rows, so that a key's or a value's vectors are loaded (and a
+// half or bf16 cache's converted) once for 3 rows rather than once a row: scores 3 rows x 4 keys (their sums
+// reduced 4 at a time by vsum4), weighted values 3 rows x 4 vectors of D. Against one row and one key at a time,
+// the default model's 30 layers (fp16 cache, 3 KV heads of 3 rows) in one process, alternating: 1.13x over 512
+// slots in cache, no faster from memory; with the values' prefetch (below) 1.05-1.14x over 512 slots and 1.16-1.20x
+// over 4096 (docs/performance.md, "Decode attention in tiles").
+template <typename KV, int ROWS>
+inline void score_tile(const float* q, int64_t D, const KV* const key[4], float* const out[ROWS]) {
+  Vf acc[ROWS][4];
+  for (int g = 0; g < ROWS; ++g) {
+    for (int i = 0; i < 4; ++i) acc[g][i] = vzero();
+  }
+  for (int64_t j = 0; j < D; j += LANES) {
+    Vf k[4];
+    for (int i = 0; i < 4; ++i) k[i] = vload(key[i] + j);
+    for (int g = 0; g < ROWS; ++g) {
+      const Vf qv = vload(q + g * D + j);
+      for (int i = 0; i < 4; ++i) acc[g][i] = vfmadd(qv, k[i], acc[g][i]);
+    }
+  }
+  for (int g = 0; g < ROWS; ++g) _mm_storeu_ps(out[g], vsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+}
+
+// out[g][j] (VECTORS vectors of D from j0 on, for ROWS rows) = sum over the n slots of weight[g][i] * value_i.
+template <typename KV, int ROWS, int VECTORS>
+inline void value_tile(const float* const weight[ROWS], const KV* v, int64_t v_stride, int64_t n, int64_t j0,
+                       float* const out[ROWS]) {
+  Vf acc[ROWS][VECTORS];
+  for (int g = 0; g < ROWS; ++g) {
+    for (int j = 0; j < VECTORS; ++j) acc[g][j] = vzero();
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    Vf w[ROWS];
+    for (int g = 0; g < ROWS; ++g) w[g] = vset(weight[g][i]);  // 0 for a masked slot
+    for (int j = 0; j < VECTORS; ++j) {
+      const Vf value = vload(v + i * v_stride + j0 + LANES * j);
+      for (int g = 0; g < ROWS; ++g) acc[g][j] = vfmadd(w[g], value, acc[g][j]);
+    }
+  }
+  for (int g = 0; g < ROWS; ++g) {
+    for (int j = 0; j < VECTORS; ++j) vstore(out[g] + j0 + LANES * j, acc[g][j]);
+  }
+}
+
+// f(R) for R = rows, 1 to 3, as a type (std::integral_constant): a tile's rows, a constant.
+template <typename F>
+inline void with_rows(int64_t rows, const F& f) {
+  if (rows == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else if (rows == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename KV>
 void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v, int64_t k_stride, int64_t v_stride,
                   const bool* mask, int64_t mask_stride, int64_t start, int64_t stop, float* max, float* sum,
                   float* acc) {
-  const int64_t n = stop - start, vectors = V > 0 ? V : D / LANES;
-  float scores[MAX_ROWS][SLOTS_PER_CHUNK];
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = start + i;
-    if (mask != nullptr && !mask[t * mask_stride]) {
-      for (int64_t g = 0; g < G; ++g) scores[g][i] = -INFINITY;
-      continue;
+  const int64_t n = stop - start;
+  // (4 columns to spare: a tile of 4 keys stores 4 scores, past n in the last one)
+  alignas(64) float scores[MAX_ROWS][SLOTS_PER_CHUNK + 4];
+  for (int64_t i = 0; i < n; i += 4) {
+    const int64_t end = std::min(i + 4, n);
+    if (mask != nullptr) {
+      bool visible = false;
+      for (int64_t slot = i; slot < end; ++slot) visible |= mask[(start + slot) * mask_stride];
+      if (!visible) continue;  // (their scores are set to -inf below)
     }
-    Vf key[V > 0 ? V : MAX_DIM / LANES];
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < vectors; ++j) key[j] = vload(k + t * k_stride + LANES * j);
-    for (int64_t g = 0; g < G; ++g) {
-      Vf dot = vmul(vload(q + g * D), key[0]);
-#pragma GCC unroll 16
-      for (int64_t j = 1; j < vectors; ++j) dot = vfmadd(vload(q + g * D + LANES * j), key[j], dot);
-      scores[g][i] = vsum(dot);
+    const KV* key[4];  // past the chunk's last slot, its last key again (scores beyond n are never read)
+    for (int c = 0; c < 4; ++c) key[c] = k + (start + std::min(i + c, n - 1)) * k_stride;
+    // The values of these slots are asked for now, while the scores are computed, so that they arrive alongside the
+    // keys instead of after them (1.08-1.19x over 512 to 4096 slots that are not in cache).
+    for (int64_t slot = i; slot < end; ++slot) {
+      const char* row = reinterpret_cast<const char*>(v + (start + slot) * v_stride);
+      for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(KV)); line += 64) {
+        _mm_prefetch(row + line, _MM_HINT_T0);
+      }
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += 3) {
+      with_rows(std::min<int64_t>(3, G - g0), [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        float* out[R];
+        for (int g = 0; g < R; ++g) out[g] = scores[g0 + g] + i;
+        score_tile<KV, R>(q + g0 * D, D, key, out);
+      });
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
+  if (mask != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!mask[(start + i) * mask_stride]) {
+        for (int64_t g = 0; g < G; ++g) scores[g][i] = -INFINITY;
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {  // the softmax's weights in place of the scores
     float top = -INFINITY;
     for (int64_t i = 0; i < n; ++i) top = std::max(top, scores[g][i]);
     max[g] = top;
     Vf total = vzero();
-    if (top != -INFINITY) {  // (-inf: every slot of the chunk is masked, and every weight 0)
+    if (top == -INFINITY) {  // every slot of the chunk is masked: every weight 0
+      std::fill_n(scores[g], n, 0.f);
+    } else {
       for (int64_t i = 0; i < n; i += LANES) {
         const Vf s = vload_first(scores[g] + i, n - i);
         const Vf e = vkeep_first(exp_nonpositive(vsub(s, vset(top))), n - i);
@@ -726,21 +813,19 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
       }
     }
     sum[g] = vsum(total);
-    // The weighted values, D / LANES accumulators (in registers where V is a constant); the chunk's values (16 KB
-    // for D = 64 in fp32) stay in L1 from one query row to the next.
-    Vf out[V > 0 ? V : MAX_DIM / LANES];
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < vectors; ++j) out[j] = vzero();
-    if (top != -INFINITY) {
-      for (int64_t i = 0; i < n; ++i) {
-        const Vf weight = vset(scores[g][i]);  // 0 for a masked slot
-        const KV* value = v + (start + i) * v_stride;
-#pragma GCC unroll 16
-        for (int64_t j = 0; j < vectors; ++j) out[j] = vfmadd(weight, vload(value + LANES * j), out[j]);
-      }
-    }
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < vectors; ++j) vstore(acc + g * D + LANES * j, out[j]);
+  }
+  const int64_t vectors = D / LANES;
+  for (int64_t g0 = 0; g0 < G; g0 += 3) {
+    with_rows(std::min<int64_t>(3, G - g0), [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const float* weight[R];
+      float* out[R];
+      for (int g = 0; g < R; ++g) weight[g] = scores[g0 + g], out[g] = acc + (g0 + g) * D;
+      int64_t j = 0;  // (the chunk's values, 8 KB for D = 64 in fp16, stay in L1 from one tile to the next)
+      for (; j + 4 <= vectors; j += 4) value_tile<KV, R, 4>(weight, v + start * v_stride, v_stride, n, LANES * j, out);
+      for (; j + 2 <= vectors; j += 2) value_tile<KV, R, 2>(weight, v + start * v_stride, v_stride, n, LANES * j, out);
+      for (; j < vectors; ++j) value_tile<KV, R, 1>(weight, v + start * v_stride, v_stride, n, LANES * j, out);
+    });
   }
 }
 
@@ -778,19 +863,9 @@ void decode_attention_impl(const AttentionArgs<KV>& a) {
         vstore(queries + e, vmul(vload(a.q + bh * G * D + e), vset(a.scale)));
       }
       float* part = partials + task * G * (D + 2);
-      const auto attend = [&](auto vectors) {  // (vectors: attend_chunk's V, as a type)
-        attend_chunk<KV, decltype(vectors)::value>(
-            queries, G, D, a.k + b * a.k_batch + h * a.k_head, a.v + b * a.v_batch + h * a.v_head, a.k_slot, a.v_slot,
-            a.mask == nullptr ? nullptr : a.mask + b * a.mask_batch, a.mask_slot, c * SLOTS_PER_CHUNK,
-            std::min(slots, (c + 1) * SLOTS_PER_CHUNK), part, part + G, part + 2 * G);
-      };
-      if (D == 64) {
-        attend(std::integral_constant<int, 64 / LANES>{});
-      } else if (D == 128) {
-        attend(std::integral_constant<int, 128 / LANES>{});
-      } else {
-        attend(std::integral_constant<int, 0>{});
-      }
+      attend_chunk<KV>(queries, G, D, a.k + b * a.k_batch + h * a.k_head, a.v + b * a.v_batch + h * a.v_head,
+                       a.k_slot, a.v_slot, a.mask == nullptr ? nullptr : a.mask + b * a.mask_batch, a.mask_slot,
+                       c * SLOTS_PER_CHUNK, std::min(slots, (c + 1) * SLOTS_PER_CHUNK), part, part + G, part + 2 * G);
     }
   });
   for (int64_t bh = 0; bh < B * H; ++bh) {  // merge the chunks: the softmax over all slots
