@@ -5,9 +5,13 @@ model. Random bytes with small float16 scales (the speed of a block does not dep
 weights stay in cache when they fit (a 4864 x 896 layer of 5-bit blocks is 3 MB), so this measures the kernel's
 arithmetic, and `--stream` the memory side: a decode step's worth of distinct layers (96 MB, the default model's
 4-bit layers and its 8-bit head, as 60 layers of 3072 x 576 and one of 49152 x 576), one row, over and over.
+`--attention` times the decode step's attention kernel (decode_attention) over the default model's 30 layers of
+float16 KV cache (3 KV heads of 3 query rows, head size 64) at each number of slots: with the caches in cache where
+they fit (30 layers of 512 slots are 12 MB) and read from memory (128 MB written between steps), as in a step.
 
     python benchmarks/bench_kernels.py [--formats w4a8 q5 q5k q6 q8] [--shape 4864x896] [--rows 1 8 64 512]
     python benchmarks/bench_kernels.py --stream
+    python benchmarks/bench_kernels.py --attention 512 4096
     python benchmarks/bench_kernels.py --threads 1 2 --formats w4a8 q8 --shape 3072x576  # what a second thread adds
 
 Prints per format and row count the best time a call of --repeats, the products a second (GMAC/s) and the blocks'
@@ -49,6 +53,35 @@ def best_seconds(fn, repeats: int, work: float) -> float:
     return best
 
 
+def time_attention(slot_counts: list[int], thread_counts: list[int], repeats: int, generator) -> None:
+    """decode_attention over 30 layers' fp16 caches (1, 3, slots, 64) of 3 query rows: one step's 30 calls, the
+    median of 5 steps, best of `repeats`, with the caches where the last step left them and read from memory."""
+    evict = torch.zeros(32 * 2**20)  # 128 MB, written between steps: more than the last-level cache
+    print("| slots | threads | warm ms a step | from memory ms a step | cache GB/s from memory |")
+    print("|---:|---:|---:|---:|---:|")
+    for slots in slot_counts:
+        caches = [torch.randn(2, 1, 3, slots, 64, generator=generator).half() for _ in range(30)]
+        q = torch.randn(1, 3, 3, 64, generator=generator)
+
+        def step_ms(cold: bool) -> float:
+            times = []
+            for _ in range(5):
+                if cold:
+                    evict.add_(1)
+                start = time.perf_counter()
+                for cache in caches:
+                    torch.ops.gpt4_kernels.decode_attention(q, cache[0], cache[1], None, 0.125)
+                times.append(time.perf_counter() - start)
+            return sorted(times)[2] * 1e3
+
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            step_ms(False)
+            warm, cold = (min(step_ms(cold) for _ in range(repeats)) for cold in (False, True))
+            megabytes = sum(c.numel() * c.element_size() for c in caches) / 1e6
+            print(f"| {slots} | {threads} | {warm:.3f} | {cold:.3f} | {megabytes / cold:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", nargs="+", default=list(BLOCK_LAYOUTS), choices=list(BLOCK_LAYOUTS))
@@ -56,14 +89,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 512])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--stream", action="store_true", help="a decode step's 96 MB of distinct layers, one row")
+    parser.add_argument("--attention", type=int, nargs="+", metavar="SLOTS",
+                        help="time decode attention over 30 layers' fp16 caches of these many slots instead")
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="intra-op thread counts, taken in turn (default: PyTorch's)")
     args = parser.parse_args()
     if min(args.threads) < 1:
         parser.error("--threads: counts of at least 1")
+    if args.attention and min(args.attention) < 1:
+        parser.error("--attention: slot counts of at least 1")
     load_w4a8()
     ops, generator = torch.ops.gpt4_kernels, torch.Generator().manual_seed(0)
 
+    if args.attention:
+        time_attention(args.attention, args.threads, args.repeats, generator)
+        return
     if args.stream:
         layers = [random_blocks("w4a8", 3072, 576, generator) for _ in range(60)]
         head = random_blocks("q8", 49152, 576, generator)

@@ -96,6 +96,19 @@ def test_the_kernel_benchmark_times_each_row_count_at_each_thread_count():
     assert refused.returncode == 2 and "--threads: counts of at least 1" in refused.stderr
 
 
+def test_the_kernel_benchmark_times_decode_attention_at_each_slot_count():
+    """benchmarks/bench_kernels.py --attention: a line per slot count, warm and from memory, in that order."""
+    script = BENCHMARKS / "bench_kernels.py"
+    run = subprocess.run([sys.executable, str(script), "--attention", "8", "70", "--threads", "1", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(slots), int(threads)) for slots, threads, *_ in rows] == [(8, 1), (70, 1)]
+    assert all(float(value) > 0 for row in rows for value in row[2:])
+    refused = subprocess.run([sys.executable, str(script), "--attention", "0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--attention: slot counts of at least 1" in refused.stderr
+
+
 def test_the_ab_benchmark_times_a_prompt_through_each_mode_in_turns():
     """benchmarks/bench_ab.py --prompt: fused and eager-layer prompts of real text in one process, a line per mode."""
     from .conftest import skip_without_w4a8
