@@ -148,6 +148,7 @@ def test_the_avx2_tile_probe_builds_and_prints_its_table(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "GMAC" not in line]
     assert [row.split(" | ")[0] for row in rows] == ["| A: as the kernel"] * 2 + [
         "| B: one broadcast, both parts", "| C: no broadcasts (bound)", "| D: no float epilogue (bound)",
-        "| E: products summed as a tree"]
+        "| E: products summed as a tree"] + ["| F: no m term (bound)"] * 2 + [
+        "| G: integer scales, no m term (bound)"] * 2 + ["| H: integer scales, m term in float"] * 2
     assert all(float(row.split(" | ")[2]) > 0 for row in rows)
     assert "vpmaddubsw alone:" in out
