@@ -706,7 +706,7 @@ constexpr int64_t MAX_ROWS = 16, MAX_DIM = 256;
 // reduced 4 at a time by vsum4), weighted values 3 rows x 4 vectors of D. Against one row and one key at a time,
 // the default model's 30 layers (fp16 cache, 3 KV heads of 3 rows) in one process, alternating: 1.13x over 512
 // slots in cache, no faster from memory; with the values' prefetch (below) 1.05-1.14x over 512 slots and 1.16-1.20x
-// over 4096 (docs/performance.md, "Decode attention in tiles").
+// over 4096 (docs/performance.md, run 31).
 template <typename KV, int ROWS>
 inline void score_tile(const float* q, int64_t D, const KV* const key[4], float* const out[ROWS]) {
   Vf acc[ROWS][4];
@@ -774,7 +774,8 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
     const KV* key[4];  // past the chunk's last slot, its last key again (scores beyond n are never read)
     for (int c = 0; c < 4; ++c) key[c] = k + (start + std::min(i + c, n - 1)) * k_stride;
     // The values of these slots are asked for now, while the scores are computed, so that they arrive alongside the
-    // keys instead of after them (1.08-1.19x over 512 to 4096 slots that are not in cache).
+    // keys instead of after them (over 512 / 4096 slots read from memory, the tiles alone ran 0.99x / 1.04-1.06x the
+    // previous kernel's pace, with this 1.08-1.14x / 1.16-1.20x).
     for (int64_t slot = i; slot < end; ++slot) {
       const char* row = reinterpret_cast<const char*>(v + (start + slot) * v_stride);
       for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(KV)); line += 64) {
