@@ -416,8 +416,9 @@ class GPT4LMHeadModel(nn.Module):
         without Python and operator dispatch around ~20 operators a layer, and the same tokens: the default model
         3.5x faster (3.2 ms a step instead of 11.3; docs/performance.md, run 19). Prompt lookup's checks of drafts
         run fused too, and prompt chunks through gpt4_kernels.prefill_layers (the eager chunk's operations, its
-        attention as Attention.forward's: a 512-token prompt 1.15x faster, run 29). Returns whether it does (enabled=False:
-        the eager layers again). Like compile_decode, it assumes that the layers' modules stay as they are."""
+        attention as Attention.forward's: a 512-token prompt 1.15x faster, run 29). Returns whether it does
+        (enabled=False: the eager layers again). Like compile_decode, it assumes that the layers' modules stay as
+        they are."""
         config = self.config
         linears = self._linears()
         norms = [norm for layer in self.layers for norm in (layer.attn_norm, layer.mlp_norm)]

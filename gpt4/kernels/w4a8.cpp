@@ -25,6 +25,14 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Vectors: Vf holds LANES floats, Vi LANES int32 (or 4 LANES bytes, 4 a lane).
+
+// The sums of four 8-float vectors at once: in each 128-bit half, a pair of hadds leaves the half's four sums; the
+// halves are then added (5 instructions for 4 sums, against 6 for one sum alone). Both ISAs' vsum4.
+inline __m128 sums_of_4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
 #if defined(__AVX512F__)
 constexpr int LANES = 16;
 using Vf = __m512;
@@ -46,10 +54,8 @@ inline float vsum(Vf a) { return _mm512_reduce_add_ps(a); }
 inline __m256 vsum_halves(Vf a) {  // lanes i and i + 8 added
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
-inline __m128 vsum4(Vf a, Vf b, Vf c, Vf d) {  // the four vectors' sums, as AVX2's vsum4 gives them
-  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(vsum_halves(a), vsum_halves(b)),
-                                     _mm256_hadd_ps(vsum_halves(c), vsum_halves(d)));
-  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+inline __m128 vsum4(Vf a, Vf b, Vf c, Vf d) {  // the four vectors' sums
+  return sums_of_4(vsum_halves(a), vsum_halves(b), vsum_halves(c), vsum_halves(d));
 }
 inline float vmaxval(Vf a) { return _mm512_reduce_max_ps(a); }
 inline Vf vfloat(Vi a) { return _mm512_cvtepi32_ps(a); }
@@ -136,12 +142,7 @@ inline float vsum(Vf a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-// The four vectors' sums (a, b, c, d) at once: in each 128-bit half, a pair of hadds leaves the half's four sums; the
-// halves are then added (5 instructions for 4 sums, against vsum's 6 for one).
-inline __m128 vsum4(Vf a, Vf b, Vf c, Vf d) {
-  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
-}
+inline __m128 vsum4(Vf a, Vf b, Vf c, Vf d) { return sums_of_4(a, b, c, d); }  // the four vectors' sums
 inline float vmaxval(Vf a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -708,7 +709,7 @@ constexpr int64_t MAX_ROWS = 16, MAX_DIM = 256;
 // slots in cache, no faster from memory; with the values' prefetch (below) 1.05-1.14x over 512 slots and 1.16-1.20x
 // over 4096 (docs/performance.md, run 31).
 template <typename KV, int ROWS>
-inline void score_tile(const float* q, int64_t D, const KV* const key[4], float* const out[ROWS]) {
+inline void slot_score_tile(const float* q, int64_t D, const KV* const key[4], float* const out[ROWS]) {
   Vf acc[ROWS][4];
   for (int g = 0; g < ROWS; ++g) {
     for (int i = 0; i < 4; ++i) acc[g][i] = vzero();
@@ -724,9 +725,11 @@ inline void score_tile(const float* q, int64_t D, const KV* const key[4], float*
   for (int g = 0; g < ROWS; ++g) _mm_storeu_ps(out[g], vsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
 }
 
-// out[g][j] (VECTORS vectors of D from j0 on, for ROWS rows) = sum over the n slots of weight[g][i] * value_i.
+// out[g][j] (VECTORS vectors of D from j0 on, for ROWS rows) = sum over the n slots of weight[g][i] * value_i. (Each
+// value vector is loaded once and used for the ROWS rows; prefill_attention's value_tile, with more rows than vectors,
+// holds the vectors and broadcasts each row's weight instead.)
 template <typename KV, int ROWS, int VECTORS>
-inline void value_tile(const float* const weight[ROWS], const KV* v, int64_t v_stride, int64_t n, int64_t j0,
+inline void slot_value_tile(const float* const weight[ROWS], const KV* v, int64_t v_stride, int64_t n, int64_t j0,
                        float* const out[ROWS]) {
   Vf acc[ROWS][VECTORS];
   for (int g = 0; g < ROWS; ++g) {
@@ -766,35 +769,34 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
   alignas(64) float scores[MAX_ROWS][SLOTS_PER_CHUNK + 4];
   for (int64_t i = 0; i < n; i += 4) {
     const int64_t end = std::min(i + 4, n);
+    bool visible[4] = {true, true, true, true};
     if (mask != nullptr) {
-      bool visible = false;
-      for (int64_t slot = i; slot < end; ++slot) visible |= mask[(start + slot) * mask_stride];
-      if (!visible) continue;  // (their scores are set to -inf below)
+      for (int64_t slot = i; slot < end; ++slot) visible[slot - i] = mask[(start + slot) * mask_stride];
     }
-    const KV* key[4];  // past the chunk's last slot, its last key again (scores beyond n are never read)
-    for (int c = 0; c < 4; ++c) key[c] = k + (start + std::min(i + c, n - 1)) * k_stride;
-    // The values of these slots are asked for now, while the scores are computed, so that they arrive alongside the
-    // keys instead of after them (over 512 / 4096 slots read from memory, the tiles alone ran 0.99x / 1.04-1.06x the
-    // previous kernel's pace, with this 1.08-1.14x / 1.16-1.20x).
-    for (int64_t slot = i; slot < end; ++slot) {
-      const char* row = reinterpret_cast<const char*>(v + (start + slot) * v_stride);
-      for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(KV)); line += 64) {
-        _mm_prefetch(row + line, _MM_HINT_T0);
+    if (std::any_of(visible, visible + (end - i), [](bool seen) { return seen; })) {  // (else nothing to score)
+      const KV* key[4];  // past the chunk's last slot, its last key again (scores beyond n are never read)
+      for (int c = 0; c < 4; ++c) key[c] = k + (start + std::min(i + c, n - 1)) * k_stride;
+      // The values of these slots are asked for now, while the scores are computed, so that they arrive alongside
+      // the keys instead of after them (over 512 / 4096 slots read from memory, the tiles alone ran 0.99x /
+      // 1.04-1.06x the previous kernel's pace, with this 1.08-1.14x / 1.16-1.20x).
+      for (int64_t slot = i; slot < end; ++slot) {
+        const char* row = reinterpret_cast<const char*>(v + (start + slot) * v_stride);
+        for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(KV)); line += 64) {
+          _mm_prefetch(row + line, _MM_HINT_T0);
+        }
+      }
+      for (int64_t g0 = 0; g0 < G; g0 += 3) {
+        with_rows(std::min<int64_t>(3, G - g0), [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          float* out[R];
+          for (int g = 0; g < R; ++g) out[g] = scores[g0 + g] + i;
+          slot_score_tile<KV, R>(q + g0 * D, D, key, out);
+        });
       }
     }
-    for (int64_t g0 = 0; g0 < G; g0 += 3) {
-      with_rows(std::min<int64_t>(3, G - g0), [&](auto rows) {
-        constexpr int R = decltype(rows)::value;
-        float* out[R];
-        for (int g = 0; g < R; ++g) out[g] = scores[g0 + g] + i;
-        score_tile<KV, R>(q + g0 * D, D, key, out);
-      });
-    }
-  }
-  if (mask != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (!mask[(start + i) * mask_stride]) {
-        for (int64_t g = 0; g < G; ++g) scores[g][i] = -INFINITY;
+    for (int64_t slot = i; slot < end; ++slot) {  // a masked slot's score: -inf (weight 0)
+      if (!visible[slot - i]) {
+        for (int64_t g = 0; g < G; ++g) scores[g][slot] = -INFINITY;
       }
     }
   }
@@ -823,9 +825,10 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
       float* out[R];
       for (int g = 0; g < R; ++g) weight[g] = scores[g0 + g], out[g] = acc + (g0 + g) * D;
       int64_t j = 0;  // (the chunk's values, 8 KB for D = 64 in fp16, stay in L1 from one tile to the next)
-      for (; j + 4 <= vectors; j += 4) value_tile<KV, R, 4>(weight, v + start * v_stride, v_stride, n, LANES * j, out);
-      for (; j + 2 <= vectors; j += 2) value_tile<KV, R, 2>(weight, v + start * v_stride, v_stride, n, LANES * j, out);
-      for (; j < vectors; ++j) value_tile<KV, R, 1>(weight, v + start * v_stride, v_stride, n, LANES * j, out);
+      const KV* chunk_values = v + start * v_stride;
+      for (; j + 4 <= vectors; j += 4) slot_value_tile<KV, R, 4>(weight, chunk_values, v_stride, n, LANES * j, out);
+      for (; j + 2 <= vectors; j += 2) slot_value_tile<KV, R, 2>(weight, chunk_values, v_stride, n, LANES * j, out);
+      for (; j < vectors; ++j) slot_value_tile<KV, R, 1>(weight, chunk_values, v_stride, n, LANES * j, out);
     });
   }
 }
@@ -1524,7 +1527,8 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& positions, const
   return hidden;
 }
 
-// body(begin, end) over ranges of `rows` on every thread: a prompt chunk's rows (the grain keeps a few on the caller's).
+// body(begin, end) over ranges of `rows` on every thread: a prompt chunk's rows (the grain keeps a few on the
+// caller's).
 template <typename Body>
 void for_rows(int64_t rows, const Body& body) {
   at::parallel_for(0, rows, 16, body);
