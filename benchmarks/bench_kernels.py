@@ -11,7 +11,7 @@ they fit (30 layers of 512 slots are 12 MB) and read from memory (128 MB written
 
     python benchmarks/bench_kernels.py [--formats w4a8 q5 q5k q6 q8] [--shape 4864x896] [--rows 1 8 64 512]
     python benchmarks/bench_kernels.py --stream
-    python benchmarks/bench_kernels.py --attention 512 4096
+    python benchmarks/bench_kernels.py --attention 512 4096 [--kv-dtype int8]
     python benchmarks/bench_kernels.py --threads 1 2 --formats w4a8 q8 --shape 3072x576  # what a second thread adds
 
 Prints per format and row count the best time a call of --repeats, the products a second (GMAC/s) and the blocks'
@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from gpt4.cache import quantize_slots
 from gpt4.kernels import BLOCK_LAYOUTS, load_w4a8
 
 
@@ -53,14 +54,17 @@ def best_seconds(fn, repeats: int, work: float) -> float:
     return best
 
 
-def time_attention(slot_counts: list[int], thread_counts: list[int], repeats: int, generator) -> None:
-    """decode_attention over 30 layers' fp16 caches (1, 3, slots, 64) of 3 query rows: one step's 30 calls, the
-    median of 5 steps, best of `repeats`, with the caches where the last step left them and read from memory."""
+def time_attention(slot_counts: list[int], thread_counts: list[int], repeats: int, generator,
+                   kv_dtype: str = "float16") -> None:
+    """decode_attention over 30 layers' caches (1, 3, slots, 64) of 3 query rows, fp16 or int8 rows (KVCache's): one
+    step's 30 calls, the median of 5 steps, best of `repeats`, with the caches where the last step left them and read
+    from memory."""
     evict = torch.zeros(32 * 2**20)  # 128 MB, written between steps: more than the last-level cache
-    print("| slots | threads | warm ms a step | from memory ms a step | cache GB/s from memory |")
+    print(f"| slots | threads | warm ms a step | from memory ms a step | cache GB/s from memory |  ({kv_dtype} cache)")
     print("|---:|---:|---:|---:|---:|")
     for slots in slot_counts:
-        caches = [torch.randn(2, 1, 3, slots, 64, generator=generator).half() for _ in range(30)]
+        caches = [torch.randn(2, 1, 3, slots, 64, generator=generator) for _ in range(30)]
+        caches = [quantize_slots(c) if kv_dtype == "int8" else c.half() for c in caches]
         q = torch.randn(1, 3, 3, 64, generator=generator)
 
         def step_ms(cold: bool) -> float:
@@ -90,7 +94,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--stream", action="store_true", help="a decode step's 96 MB of distinct layers, one row")
     parser.add_argument("--attention", type=int, nargs="+", metavar="SLOTS",
-                        help="time decode attention over 30 layers' fp16 caches of these many slots instead")
+                        help="time decode attention over 30 layers' caches of these many slots instead")
+    parser.add_argument("--kv-dtype", default="float16", choices=["float16", "int8"],
+                        help="--attention's cache: float16, or int8 rows (--kv-dtype int8's)")
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="intra-op thread counts, taken in turn (default: PyTorch's)")
     args = parser.parse_args()
@@ -102,7 +108,7 @@ def main() -> None:
     ops, generator = torch.ops.gpt4_kernels, torch.Generator().manual_seed(0)
 
     if args.attention:
-        time_attention(args.attention, args.threads, args.repeats, generator)
+        time_attention(args.attention, args.threads, args.repeats, generator, args.kv_dtype)
         return
     if args.stream:
         layers = [random_blocks("w4a8", 3072, 576, generator) for _ in range(60)]

@@ -42,10 +42,11 @@ def add_dtype_and_quant_flags(p: argparse.ArgumentParser, quant: str = "auto", d
                    help=f"{DTYPE_HELP} (default: {dtype})")
     p.add_argument("--quant", default=quant, choices=["auto", "none", "int8", "int4", "w8a8", "w4a8"],
                    help=f"quantized linear layers: {QUANT_HELP} (default: {quant})")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
                    help="the KV cache's dtype; auto: float16 for a float32 model whose decode steps attend through "
                         "our kernel (w4a8's: half the bytes, as llama.cpp caches), bfloat16 for a bfloat16 model "
-                        "decoding eagerly on AMX, float32 otherwise (default: auto)")
+                        "decoding eagerly on AMX, float32 otherwise; int8: rows of 8-bit values with a scale each "
+                        "(a float32 model decoding eagerly; 0.53x float16's bytes, for long contexts) (default: auto)")
 
 
 def add_model_flags(p: argparse.ArgumentParser, quant: str = "auto", dtype: str = "auto") -> None:
@@ -74,8 +75,12 @@ def add_aot_flag(p: argparse.ArgumentParser) -> None:
 
 def compile_mode(args) -> str | bool:
     """from_pretrained's compile argument from --compile / --max-autotune / --aot."""
-    if sum(map(bool, (args.compile, args.max_autotune, args.aot))) > 1:
+    compiled = sum(map(bool, (args.compile, args.max_autotune, args.aot)))
+    if compiled > 1:
         raise GPT4Error("Choose one of --compile, --max-autotune and --aot.")
+    if compiled and getattr(args, "kv_dtype", None) == "int8":  # (checked before loading and compiling)
+        raise GPT4Error("--kv-dtype int8 is read by the eager decode step's kernels; compiled steps attend over a "
+                        "float cache: drop --compile / --max-autotune / --aot, or choose another --kv-dtype.")
     return "max-autotune" if args.max_autotune else "aot" if args.aot else args.compile
 
 
@@ -128,8 +133,8 @@ def set_kv_dtype(args, model) -> None:
 
     if args.kv_dtype == "auto":
         return
-    if args.kv_dtype == "float16" and model.dtype != torch.float32:
-        raise GPT4Error(f"--kv-dtype float16 is for float32 models; this one computes in "
+    if args.kv_dtype in ("float16", "int8") and model.dtype != torch.float32:
+        raise GPT4Error(f"--kv-dtype {args.kv_dtype} is for float32 models; this one computes in "
                         f"{str(model.dtype).removeprefix('torch.')}: add --dtype float32, or choose another "
                         "--kv-dtype.")
     model.kv_cache_dtype = getattr(torch, args.kv_dtype)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, dequantize_slots
 from .config import GPT4Config
 from .quant import BlocksLinear, Int8Linear, blocks_kernel_multiplies, dequantizes_prompt_chunks
 
@@ -141,6 +141,8 @@ class Attention(nn.Module):
         prefill_kernel = kernels and S > 1 and q.dtype == torch.float32 and not q.requires_grad
         if k.dtype == torch.float16 and not (decode_kernel or prefill_kernel):  # a half cache (see
             k, v = k.to(q.dtype), v.to(q.dtype)  # GPT4LMHeadModel._cache_dtype): SDPA in the model's dtype
+        elif k.dtype == torch.int8 and not (decode_kernel or prefill_kernel):  # an int8 cache's rows (KVCache)
+            k, v = dequantize_slots(k, q.dtype), dequantize_slots(v, q.dtype)
         shared_kv = self.n_kv_heads != self.n_heads  # SDPA pairs each KV head with several query heads
         if S == 1 and shared_kv:
             # One query per row (a decode step): the query heads sharing a KV head become that head's query rows,
@@ -148,8 +150,8 @@ class Attention(nn.Module):
             # rather than per query head: 1.5-2x faster here for 8 rows (8 x 9 heads over 80 slots: 49 -> 29 us
             # a layer), up to 1.5x for one row at 576 slots, never slower.
             q, shared_kv = q.reshape(B, self.n_kv_heads, -1, self.head_dim), False  # (B, Hkv, Hq / Hkv, D)
-        if decode_kernel:  # (over a half cache, float32 queries: only the cached keys and values are rounded)
-            q = q.to(torch.float32 if k.dtype == torch.float16 else k.dtype)
+        if decode_kernel:  # (over a half or int8 cache, float32 queries: only the cached keys and values are rounded)
+            q = q.to(torch.float32 if k.dtype in (torch.float16, torch.int8) else k.dtype)
             y = torch.ops.gpt4_kernels.decode_attention(q, k, v, mask, self.head_dim ** -0.5)
         elif prefill_kernel:  # (B, Hq, S, D), a view of (B, S, Hq, D): the transpose below is free
             y = torch.ops.gpt4_kernels.prefill_attention(q, k, v, mask, self.head_dim ** -0.5)
@@ -297,9 +299,12 @@ class GPT4LMHeadModel(nn.Module):
     def cache_dtype(self) -> torch.dtype:
         """The dtype of new KV caches: kv_cache_dtype where set, else the one _cache_dtype chooses."""
         dtype = self.kv_cache_dtype or self._cache_dtype()
-        if dtype == torch.float16 and self.dtype != torch.float32:
-            raise ValueError(f"A float16 KV cache is for float32 models; this one computes in "
-                             f"{str(self.dtype).removeprefix('torch.')}.")
+        if dtype in (torch.float16, torch.int8) and self.dtype != torch.float32:
+            raise ValueError(f"A {str(dtype).removeprefix('torch.')} KV cache is for float32 models; this one "
+                             f"computes in {str(self.dtype).removeprefix('torch.')}.")
+        if dtype == torch.int8 and self._compiled_decode is not None:
+            raise ValueError("An int8 KV cache is read by the eager decode steps; a compiled step attends through "
+                             "SDPA over a float cache. Decode eagerly, or choose another KV cache dtype.")
         return dtype
 
     def _cache_dtype(self) -> torch.dtype:

@@ -166,3 +166,16 @@ def test_kv_dtype_chooses_the_caches_dtype_and_auto_says_what_it_chose(capsys):
     assert "--kv-dtype" not in capsys.readouterr().err
     assert main(["generate", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--kv-dtype", "float16"]) == 1
     assert "--kv-dtype float16 is for float32 models" in capsys.readouterr().err
+
+
+def test_kv_dtype_int8_generates_and_is_refused_where_it_cannot_be_read(capsys):
+    """--kv-dtype int8 (rows of int8 values with a scale per 32): the defaults generate with it; a bf16 model and a
+    compiled step (checked before loading or compiling anything) are refused, saying what to do."""
+    from gpt4.cli import main
+
+    assert main(["generate", "The capital of France is", "--max-new-tokens", "4", "--kv-dtype", "int8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--kv-dtype", "int8"]) == 1
+    assert "--kv-dtype int8 is for float32 models" in capsys.readouterr().err
+    assert main(["generate", "hi", "--kv-dtype", "int8", "--compile"]) == 1
+    assert "drop --compile" in capsys.readouterr().err

@@ -1,12 +1,13 @@
 """Our decode attention kernel (gpt4_kernels.decode_attention) against torch's SDPA: the same softmax(q k^T / sqrt(d))
 v for one decode step, chunked and merged across threads, under masks, from strided cache slices, in fp32 and bf16,
-and over an fp16 cache."""
+and over an fp16 cache and an int8 one (SDPA over its rows dequantized)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel
+from gpt4.cache import dequantize_slots, quantize_slots
 
 from .conftest import greedy_with_and_without_attention_kernels, skip_without_w4a8
 
@@ -28,15 +29,29 @@ SHAPES = [(1, 3, 3, 64, 512), (2, 3, 3, 64, 70), (3, 2, 1, 32, 1), (1, 1, 16, 25
           (2, 2, 4, 128, 100), (1, 2, 7, 48, 131), (2, 1, 2, 80, 67)]
 
 
-# (query dtype, cache dtype, tolerance): a float16 cache's queries stay float32, its keys and values alone rounded.
+def as_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values (..., D) as a KV cache of cache_dtype holds them (an int8 cache: its rows, KVCache's)."""
+    return quantize_slots(x) if cache_dtype == torch.int8 else x.to(cache_dtype)
+
+
+def as_float(cache: torch.Tensor) -> torch.Tensor:
+    """The float32 values a cache's slots stand for: what SDPA gets."""
+    return dequantize_slots(cache, torch.float32) if cache.dtype == torch.int8 else cache.float()
+
+
+# (query dtype, cache dtype, tolerance): a float16 or int8 cache's queries stay float32, its keys and values alone
+# rounded (an int8 cache's head size: a multiple of its groups of 32).
 @pytest.mark.parametrize("dtype,cache_dtype,tolerance", [(torch.float32, torch.float32, 1e-5),
                                                          (torch.bfloat16, torch.bfloat16, 1e-2),
-                                                         (torch.float32, torch.float16, 1e-5)])
+                                                         (torch.float32, torch.float16, 1e-5),
+                                                         (torch.float32, torch.int8, 1e-5)])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_attention_equals_sdpa(decode_attention, shape, dtype, cache_dtype, tolerance):
     batch, heads, rows, size, slots = shape
+    if cache_dtype == torch.int8 and size % 32:
+        pytest.skip("int8 rows hold groups of 32")
     generator = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, batch, heads, slots + 37, size, generator=generator).to(cache_dtype)  # a longer cache
+    cache = as_cache(torch.randn(2, batch, heads, slots + 37, size, generator=generator), cache_dtype)  # longer
     k, v = cache[0, :, :, :slots], cache[1, :, :, :slots]  # its first slots: strided views, as the model passes
     q = torch.randn(batch, heads, rows, size, generator=generator).to(dtype) * 3  # sharper softmax
     mask = torch.rand(batch, 1, 1, slots, generator=generator) < 0.6
@@ -44,7 +59,7 @@ def test_decode_attention_equals_sdpa(decode_attention, shape, dtype, cache_dtyp
     if slots > 130:
         mask[0, ..., 1:130] = False  # whole chunks of 64 with no slot to attend
     for m in (None, mask, mask[:1]):  # no mask, one per row, one for all rows
-        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+        want = F.scaled_dot_product_attention(q.float(), as_float(k), as_float(v), attn_mask=m)
         got = decode_attention(q, k, v, m, size ** -0.5)
         assert got.dtype == dtype and got.shape == q.shape
         torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
@@ -54,8 +69,15 @@ def test_decode_attention_refuses_what_it_cannot_compute(decode_attention):
     q, k = torch.randn(1, 2, 3, 64), torch.randn(1, 2, 10, 64)
     with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
         decode_attention(q, k.bfloat16(), k.bfloat16(), None, 0.125)
-    with pytest.raises(RuntimeError, match="q float32 and k, v float16"):
+    with pytest.raises(RuntimeError, match="q float32 and k, v float16 or int8"):
         decode_attention(q.bfloat16(), k.half(), k.half(), None, 0.125)
+    rows = quantize_slots(k)
+    with pytest.raises(RuntimeError, match="q float32 and k, v float16 or int8"):
+        decode_attention(q.bfloat16(), rows, rows, None, 0.125)
+    with pytest.raises(RuntimeError, match="int8 rows"):  # rows of another head size
+        decode_attention(q, rows[..., :-1], rows[..., :-1], None, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 32"):  # int8 rows of 48 values: a group and a half
+        decode_attention(q[..., :48], k[..., :54].to(torch.int8), k[..., :54].to(torch.int8), None, 0.125)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         decode_attention(q[..., :40], k[..., :40], k[..., :40], None, 0.125)
     with pytest.raises(RuntimeError, match="mask must be bool"):

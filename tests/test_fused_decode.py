@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import gpt4.quant
 from gpt4 import GPT4LMHeadModel
-from gpt4.cache import KVCache
+from gpt4.cache import KVCache, dequantize_slots, quantize_slots
 from gpt4.model import attention_mask_for
 from gpt4.quant import DEQUANTIZE_ROWS, bf16_matmul_is_native, blocks_kernel_multiplies, quantize_
 
@@ -34,8 +34,22 @@ def random_cache(model, batch: int, slots: int, dtype: torch.dtype) -> KVCache:
     cache = KVCache(model.config, batch, slots, dtype=dtype)
     generator = torch.Generator().manual_seed(1)
     for t in cache.keys + cache.values:
-        t.copy_(torch.randn(t.shape, generator=generator))
+        if dtype == torch.int8:  # rows of int8 values and their scales
+            t.copy_(quantize_slots(torch.randn(*t.shape[:-1], model.config.head_dim, generator=generator)))
+        else:
+            t.copy_(torch.randn(t.shape, generator=generator))
     return cache
+
+
+def assert_caches_close(got: KVCache, want: KVCache) -> None:
+    """The values the two caches' slots hold (an int8 cache's dequantized: keys a few ulps apart may round to
+    neighbouring steps, 1/127 of their group's largest value)."""
+    for a, b in zip(got.keys + got.values, want.keys + want.values):
+        if a.dtype == torch.int8:
+            a, b = dequantize_slots(a, torch.float32), dequantize_slots(b, torch.float32)
+            torch.testing.assert_close(a, b, atol=float(b.abs().max()) / 127, rtol=0)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 
 
 def both_steps(model, ids, positions, kv_length, cache, mask):
@@ -47,16 +61,17 @@ def both_steps(model, ids, positions, kv_length, cache, mask):
     return (eager, eager_cache), (fused, fused_cache)
 
 
-def assert_logits_close(fused, eager):
+def assert_logits_close(fused, eager, share=1e-2):
     """Measured here: bf16 bit for bit; fp32 within 3e-7 of the largest logit (a multiply-add fused, a sum in
     another order), except where such a difference moves an activation across a rounding boundary of its int8
     quantization: 1e-3 of it then (one case in these tests). A wrong weight, slot or mask costs 0.1 or more."""
-    torch.testing.assert_close(fused, eager, atol=1e-2 * float(eager.abs().max()), rtol=0)
+    torch.testing.assert_close(fused, eager, atol=share * float(eager.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("dtype,cache_dtype", [
     (torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
-    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])  # (float16 caches are for float32 models)
+    (torch.float32, torch.int8), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+# (float16 and int8 caches are for float32 models)
 @pytest.mark.parametrize("family,overrides", [
     ("llama-gqa-untied", {}),  # 2 query heads per KV head
     ("llama3-rope-scaling", {}),  # one KV head for 4 query heads, scaled rotations
@@ -77,8 +92,7 @@ def test_fused_step_equals_the_eager_layers(family, overrides, dtype, cache_dtyp
             if step_mask is not None and rows == 1 else step_mask)
         assert fused.dtype == torch.float32 and fused.shape == eager.shape == (rows, model.config.vocab_size)
         assert_logits_close(fused, eager)
-        for got, want in zip(fused_cache.keys + fused_cache.values, eager_cache.keys + eager_cache.values):
-            torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+        assert_caches_close(fused_cache, eager_cache)
         for got, old in zip(fused_cache.keys + fused_cache.values, cache.keys + cache.values):
             written = (got != old).any(-1).any(1)  # (B, T): the slots the step wrote, in any KV head
             for row in range(cache.batch_size):
@@ -114,7 +128,7 @@ def count_fused_prompt_chunks(monkeypatch) -> list:
 
 @pytest.mark.parametrize("dtype,cache_dtype", [
     (torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
-    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+    (torch.float32, torch.int8), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("family,overrides", [
     ("llama-gqa-untied", {}), ("llama3-rope-scaling", {}), ("qwen2", dict(output_bias=True, mlp_bias=True)),
     ("mistral", {}), ("llama-tied", {})])
@@ -139,9 +153,8 @@ def test_fused_prompt_chunks_equal_the_eager_layers(family, overrides, dtype, ca
         assert fused.dtype == eager.dtype == dtype and fused.shape == eager.shape == (2, stop - start, 128)
         assert_logits_close(fused.float(), eager.float())
     assert len(calls) == 2
-    for got, want, old in zip(fused_cache.keys + fused_cache.values, eager_cache.keys + eager_cache.values,
-                              cache.keys + cache.values):
-        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    assert_caches_close(fused_cache, eager_cache)
+    for got, old in zip(fused_cache.keys + fused_cache.values, cache.keys + cache.values):
         written = (got != old).any(-1).any(1)  # (B, T)
         assert [written[row].nonzero().flatten().tolist() for row in range(3)] == [list(range(19))] * 2 + [[]]
 
@@ -302,10 +315,16 @@ def test_the_fused_step_refuses_what_it_cannot_compute():
     with pytest.raises(RuntimeError, match="one dtype"):
         step(keys=[k.bfloat16() for k in cache.keys])
     half = [t.half() for t in cache.keys]
-    with pytest.raises(RuntimeError, match="float16 for a float32 x"):  # (a bf16 model's queries would be rounded)
-        torch.ops.gpt4_kernels.decode_layers(x.bfloat16(), torch.tensor([3, 4]), None, half, half, 5,
-                                             fused_model("llama-gqa-untied", torch.bfloat16)._fused_decode[0],
-                                             biases, inv_freq, config.num_attention_heads, config.norm_eps)
+    bf16_weights = fused_model("llama-gqa-untied", torch.bfloat16)._fused_decode[0]
+    for caches in (half, KVCache(config, 2, 16, dtype=torch.int8).keys):  # (a bf16 model's queries would be rounded)
+        with pytest.raises(RuntimeError, match="float16 or int8 rows for a float32 x"):
+            torch.ops.gpt4_kernels.decode_layers(x.bfloat16(), torch.tensor([3, 4]), None, caches, caches, 5,
+                                                 bf16_weights, biases, inv_freq, config.num_attention_heads,
+                                                 config.norm_eps)
+    short = [t[..., :-1] for t in KVCache(config, 2, 16, dtype=torch.int8).keys]  # a byte short of the scales
+    with pytest.raises(RuntimeError, match="a float32 scale for each 32"):
+        torch.ops.gpt4_kernels.decode_layers(x, torch.tensor([3, 4]), None, short, short, 5, weights, biases,
+                                             inv_freq, config.num_attention_heads, config.norm_eps)
 
 
 def test_a_float32_model_that_decodes_through_the_kernel_caches_keys_and_values_in_float16():
@@ -320,18 +339,37 @@ def test_a_float32_model_that_decodes_through_the_kernel_caches_keys_and_values_
     assert model.new_cache(1, 8).keys[0].dtype == torch.float32
     assert tiny_model("llama-gqa-untied").new_cache(1, 8).keys[0].dtype == torch.float32  # attention through SDPA
     bf16 = fused_model("llama-gqa-untied", torch.bfloat16)
-    bf16.kv_cache_dtype = torch.float16
-    with pytest.raises(ValueError, match="float16 KV cache is for float32 models"):
-        bf16.new_cache(1, 8)
+    for dtype in ("float16", "int8"):
+        bf16.kv_cache_dtype = getattr(torch, dtype)
+        with pytest.raises(ValueError, match=f"{dtype} KV cache is for float32 models"):
+            bf16.new_cache(1, 8)
 
 
-def test_a_float16_cache_gives_the_logits_of_a_float32_one():
-    """To the rounding of the cached keys and values: a prompt in two chunks (the second attends through the cache:
-    SDPA over its slots widened to float32), eager and fused decode steps, and a draft's check."""
+def test_an_int8_cache_is_for_eager_steps_and_heads_of_groups_of_32():
+    """An int8 cache holds rows of D values and a float32 scale per 32 (KVCache): 0.5625x float16's bytes. A compiled
+    step (SDPA over float caches) and a head size that is not a multiple of 32 are refused with what to do."""
+    model = fused_model("llama-gqa-untied", torch.float32)
+    model.kv_cache_dtype = torch.int8
+    cache = model.new_cache(2, 8)
+    assert cache.keys[0].dtype == torch.int8 and cache.keys[0].shape == (2, 2, 8, 32 + 4)
+    model._compiled_decode = "a compiled step"  # (only its presence matters here)
+    with pytest.raises(ValueError, match="eager decode steps"):
+        model.new_cache(1, 8)
+    small = tiny_model("llama-gqa-untied")  # heads of 8
+    small.kv_cache_dtype = torch.int8
+    with pytest.raises(ValueError, match="multiple of 32; this model's is 8"):
+        small.new_cache(1, 8)
+
+
+@pytest.mark.parametrize("cache_dtype,share", [(torch.float16, 1e-2), (torch.int8, 2e-2)])
+def test_a_float16_or_int8_cache_gives_the_logits_of_a_float32_one(cache_dtype, share):
+    """To the rounding of the cached keys and values: a prompt in two chunks (the second attends through the cache),
+    eager and fused decode steps, and a draft's check. (int8's steps of 1/127 of a group's largest value moved a
+    logit by up to 1.03e-2 of the largest, float16's less than 1e-2.)"""
     model = fused_model("llama-gqa-untied", torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
     logits = {}
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, cache_dtype):
         model.kv_cache_dtype = dtype
         with torch.inference_mode():
             cache = model.new_cache(1, 40)
@@ -345,5 +383,5 @@ def test_a_float16_cache_gives_the_logits_of_a_float32_one():
             out.append(model.verify_logits(torch.tensor([[7, 8, 9]]), torch.arange(24, 27)[None], cache, 27))
         assert cache.keys[0].dtype == dtype
         logits[dtype] = out
-    for half, full in zip(logits[torch.float16], logits[torch.float32]):
-        assert_logits_close(half, full)
+    for rounded, full in zip(logits[cache_dtype], logits[torch.float32]):
+        assert_logits_close(rounded, full, share)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpt4 import GenerationConfig, quant
+from gpt4.cache import KVCache, dequantize_slots, quantize_slots
 from gpt4.generation import generate_tokens
 from gpt4.generation.sampling import apply_penalties, argmax, warp
 from gpt4.quant import quantize_
@@ -44,6 +45,45 @@ def test_cached_logits_equal_recomputed_logits():
         for i, t in enumerate(tokens[:-1]):
             h = model.hidden_states(torch.tensor([[t]]), torch.tensor([[8 + i]]), cache)
             torch.testing.assert_close(model.lm_head(h[:, -1])[0], logits[i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_cache_rounds_each_group_of_32_to_127_steps_of_its_largest_value():
+    """KVCache's int8 rows (quantize_slots): D int8 values, then a float32 scale per 32; dequantized, each value within
+    half a step (max|x| / 254 of its group) of the original; a group of zeros stays zeros (no 0 / 0)."""
+    x = torch.randn(2, 3, 5, 64) * torch.tensor([1.0, 50.0]).repeat_interleave(32)  # groups of different scales
+    x[0, 0, 0, 32:] = 0
+    rows = quantize_slots(x)
+    assert rows.dtype == torch.int8 and rows.shape == (2, 3, 5, 64 + 8)
+    back = dequantize_slots(rows, torch.float32)
+    step = x.unflatten(-1, (2, 32)).abs().amax(-1, keepdim=True) / 127  # (2, 3, 5, 2, 1)
+    assert ((back - x).unflatten(-1, (2, 32)).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert (back[0, 0, 0, 32:] == 0).all() and not back.isnan().any()
+    config = tiny_model("llama-gqa-untied", hidden_size=128).config  # 4 heads of 32, 2 KV heads
+    cache = KVCache(config, 2, 8, dtype=torch.int8)
+    k, v = torch.randn(2, 2, 3, 32), torch.randn(2, 2, 3, 32)
+    keys, values = cache.update(0, k, v, torch.tensor([[0, 1, 2], [4, 5, 6]]), kv_length=7)
+    torch.testing.assert_close(dequantize_slots(keys[1, :, 4:7], torch.float32), k[1], atol=0.02, rtol=0)
+    torch.testing.assert_close(dequantize_slots(values[0, :, :3], torch.float32), v[0], atol=0.02, rtol=0)
+    assert (keys[1, :, :4] == 0).all()  # untouched slots
+
+
+def test_an_int8_cache_decodes_through_sdpa_with_the_logits_of_a_float_one():
+    """A model without our attention kernels (SDPA over the rows dequantized): a prompt in two chunks and decode
+    steps give a float32 cache's logits to the rounding of the cached values."""
+    model = tiny_model("llama-gqa-untied", hidden_size=128)
+    ids = torch.randint(0, 96, (1, 14), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for dtype in (torch.float32, torch.int8):
+        model.kv_cache_dtype = dtype
+        cache = model.new_cache(1, 20)
+        with torch.no_grad():
+            out = [model.hidden_states(ids[:, :8], torch.arange(8)[None], cache, kv_length=8),
+                   model.hidden_states(ids[:, 8:12], torch.arange(8, 12)[None], cache, kv_length=12)]
+            out += [model.decode_logits(ids[:, i:i + 1], torch.tensor([[i]]), cache, i + 1) for i in (12, 13)]
+        assert cache.keys[0].dtype == dtype
+        logits[dtype] = [model.lm_head(h[0]) for h in out[:2]] + out[2:]
+    for rounded, full in zip(logits[torch.int8], logits[torch.float32]):
+        torch.testing.assert_close(rounded, full, atol=2e-2 * float(full.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("amx", [False, True])

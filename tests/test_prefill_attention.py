@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt4 import GPT4LMHeadModel
+from gpt4.cache import dequantize_slots, quantize_slots
 
 from .conftest import greedy_with_and_without_attention_kernels, skip_without_w4a8
 
@@ -23,7 +24,8 @@ def prefill_attention():
 def sdpa(q, k, v, mask):
     """The reference in float32, each KV head repeated for the query heads that share it."""
     group = q.shape[1] // k.shape[1]
-    k, v = (t.float().repeat_interleave(group, dim=1) for t in (k, v))
+    k, v = (dequantize_slots(t, torch.float32) if t.dtype == torch.int8 else t.float() for t in (k, v))
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
@@ -33,14 +35,17 @@ SHAPES = [(1, 9, 3, 256, 256, 64), (1, 9, 3, 256, 512, 64), (2, 14, 2, 37, 37, 6
           (1, 8, 1, 19, 19, 16), (3, 4, 4, 5, 300, 128), (1, 6, 2, 2, 70, 48)]
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_prefill_attention_equals_sdpa(prefill_attention, shape, cache_dtype):
     batch, heads, kv_heads, queries, keys, size = shape
+    if cache_dtype == torch.int8 and size % 32:
+        pytest.skip("int8 rows hold groups of 32")
     generator = torch.Generator().manual_seed(0)
     # q as a view of the chunk's qkv rows (B, S, heads, D) -> (B, heads, S, D), the keys a cache's first slots
     q = (torch.randn(batch, queries, heads, size, generator=generator) * 3).transpose(1, 2)  # sharper softmax
-    cache = torch.randn(2, batch, kv_heads, keys + 40, size, generator=generator).to(cache_dtype)
+    cache = torch.randn(2, batch, kv_heads, keys + 40, size, generator=generator)
+    cache = quantize_slots(cache) if cache_dtype == torch.int8 else cache.to(cache_dtype)  # (int8: KVCache's rows)
     k, v = cache[0, :, :, :keys], cache[1, :, :, :keys]
     masks = [None] if queries == keys else []
     positions = torch.arange(keys - queries, keys)  # the chunk's last: causal over the cache
@@ -70,6 +75,11 @@ def test_prefill_attention_refuses_what_it_cannot_compute(prefill_attention):
     q, k = torch.randn(1, 4, 8, 64), torch.randn(1, 2, 8, 64)
     with pytest.raises(RuntimeError, match="q must be float32"):
         prefill_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), None, 0.125)
+    rows = quantize_slots(k)
+    with pytest.raises(RuntimeError, match="int8 rows"):  # rows of another head size
+        prefill_attention(q, rows[..., :-4], rows[..., :-4], None, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 32"):  # int8 rows of 48 values: a group and a half
+        prefill_attention(q[..., :48], rows[..., :54], rows[..., :54], None, 0.125)
     with pytest.raises(RuntimeError, match="Hq a multiple of Hkv"):
         prefill_attention(q[:, :3], k, k, None, 0.125)
     with pytest.raises(RuntimeError, match="multiple of 16"):

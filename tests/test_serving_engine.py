@@ -116,16 +116,22 @@ def test_n_choices_share_the_prefill():
     assert outs[1][1].tokens[0] == [s[0] for s in generate_tokens(model, [[9] * 11], config)]
 
 
-def test_a_bf16_cache_serves_shared_prefills_and_leaving_rows(monkeypatch):
-    """The engine's row operations on a bf16 cache (a bf16 model on an AMX CPU): a prefill shared by n choices is
-    copied to their rows, which then decode alike, and a row moves into the hole a finished one leaves."""
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "int8"])
+def test_a_bf16_or_int8_cache_serves_shared_prefills_and_leaving_rows(cache_dtype, monkeypatch):
+    """The engine's row operations on a bf16 cache (a bf16 model on an AMX CPU) and on an int8 one (rows of values and
+    scales): a prefill shared by n choices is copied to their rows, which then decode alike, and a row moves into the
+    hole a finished one leaves."""
     import torch
 
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    model = tiny_model("llama-gqa-untied").to(torch.bfloat16)
+    if cache_dtype == "bfloat16":
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+        model = tiny_model("llama-gqa-untied").to(torch.bfloat16)
+    else:
+        model = tiny_model("llama-gqa-untied", hidden_size=128)  # heads of 32: int8 rows hold groups of 32
+        model.kv_cache_dtype = torch.int8
     model.generation_config = GenerationConfig(eos_token_id=None)
     model.tokenizer = Tok()
-    assert model.new_cache(1, 8).keys[0].dtype == torch.bfloat16
+    assert model.new_cache(1, 8).keys[0].dtype == getattr(torch, cache_dtype)
     engine = Engine(model, max_batch=4).start()
     try:
         # Rows 0-1: the two choices; row 2 leaves after 5 tokens, and row 3 moves into it.

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -114,6 +115,9 @@ inline Vi dot_bytes(Vi acc, const Vi* q, const int32_t* xg, int n) {
 // The same for any u in 0..255 (Q8Block's q + 128). WIDE_DOT_OFFSET: where it gives the sum of (u - 128) x s instead.
 inline Vi dot4_wide(Vi acc, Vi u, Vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
 constexpr bool WIDE_DOT_OFFSET = false;
+inline Vf vload(const int8_t* p) {  // LANES bytes as floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline void store_int8(int8_t* out, Vi v) {  // LANES int32 in -128..127 as bytes
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(v));
 }
@@ -227,6 +231,9 @@ inline Vi dot4_wide(Vi acc, Vi u, Vi s) {
       acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(s, q)), _mm256_set1_epi16(1)));
 }
 constexpr bool WIDE_DOT_OFFSET = true;
+inline Vf vload(const int8_t* p) {  // LANES bytes as floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline void store_int8(int8_t* out, Vi v) {
   const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(words, words));
@@ -697,6 +704,34 @@ inline Vf exp_nonpositive(Vf x) {
   return vzero_below_floor(x, vscale_pow2(p, n));
 }
 
+// An int8 KV cache (`--kv-dtype int8`, as llama.cpp's q8_0 cache): each slot's row of a head holds D int8 values q,
+// then a float32 scale s for each group of 32 of them, x = s q (s = max|x| / 127 over the group, as the activations'
+// groups): 72 bytes for D = 64, against float16's 128. (One scale for a key's 64 values cost 0.28% of perplexity
+// over 4096 tokens, groups of 32 0.08%: keys have a few large channels.) The kernels take such caches as int8
+// tensors (B, H, T, D + D / 8) and read a row's values through slot_values; store_slot writes a row.
+constexpr int64_t SLOT_GROUP = 32;
+
+template <typename KV>
+constexpr int64_t slot_row_size(int64_t D) {  // a slot's row, in KVs: D values, and an int8 row's scales
+  return std::is_same_v<KV, int8_t> ? D + D / SLOT_GROUP * static_cast<int64_t>(sizeof(float)) : D;
+}
+
+template <typename KV>
+inline Vf slot_values(const KV* row, int64_t d, int64_t D) {  // a slot's values d..d + LANES - 1 as floats
+  if constexpr (std::is_same_v<KV, int8_t>) {
+    float scale;
+    std::memcpy(&scale, row + D + d / SLOT_GROUP * static_cast<int64_t>(sizeof(float)), sizeof scale);
+    return vmul(vload(row + d), vset(scale));
+  } else {
+    return vload(row + d);
+  }
+}
+
+// The head size of a cache tensor (B, H, T, row) in a dtype the kernels take.
+int64_t cache_head_size(const at::Tensor& cache) {
+  return cache.scalar_type() == at::kChar ? cache.size(3) * SLOT_GROUP / (SLOT_GROUP + sizeof(float)) : cache.size(3);
+}
+
 constexpr int64_t SLOTS_PER_CHUNK = 64;  // cache slots a task attends to (partial softmax, merged afterwards)
 constexpr int64_t MAX_ROWS = 16, MAX_DIM = 256;
 
@@ -715,11 +750,12 @@ inline void slot_score_tile(const float* q, int64_t D, const KV* const key[4], f
     for (int i = 0; i < 4; ++i) acc[g][i] = vzero();
   }
   for (int64_t j = 0; j < D; j += LANES) {
-    Vf k[4];
-    for (int i = 0; i < 4; ++i) k[i] = vload(key[i] + j);
-    for (int g = 0; g < ROWS; ++g) {
-      const Vf qv = vload(q + g * D + j);
-      for (int i = 0; i < 4; ++i) acc[g][i] = vfmadd(qv, k[i], acc[g][i]);
+    // A key at a time, 12 sums, the ROWS query vectors and the key in 16 registers: with the 4 keys held and a query
+    // vector loaded a row, a 17th spilled one sum to the stack, whose store and reload every iteration chained the
+    // loop (1.08x over 4096 slots, 1.14x over 512 in cache, with the maxima below taken in vectors).
+    for (int i = 0; i < 4; ++i) {
+      const Vf k = slot_values(key[i], j, D);
+      for (int g = 0; g < ROWS; ++g) acc[g][i] = vfmadd(vload(q + g * D + j), k, acc[g][i]);
     }
   }
   for (int g = 0; g < ROWS; ++g) _mm_storeu_ps(out[g], vsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
@@ -729,8 +765,8 @@ inline void slot_score_tile(const float* q, int64_t D, const KV* const key[4], f
 // value vector is loaded once and used for the ROWS rows; prefill_attention's value_tile, with more rows than vectors,
 // holds the vectors and broadcasts each row's weight instead.)
 template <typename KV, int ROWS, int VECTORS>
-inline void slot_value_tile(const float* const weight[ROWS], const KV* v, int64_t v_stride, int64_t n, int64_t j0,
-                       float* const out[ROWS]) {
+inline void slot_value_tile(const float* const weight[ROWS], const KV* v, int64_t v_stride, int64_t n, int64_t D,
+                            int64_t j0, float* const out[ROWS]) {
   Vf acc[ROWS][VECTORS];
   for (int g = 0; g < ROWS; ++g) {
     for (int j = 0; j < VECTORS; ++j) acc[g][j] = vzero();
@@ -739,7 +775,7 @@ inline void slot_value_tile(const float* const weight[ROWS], const KV* v, int64_
     Vf w[ROWS];
     for (int g = 0; g < ROWS; ++g) w[g] = vset(weight[g][i]);  // 0 for a masked slot
     for (int j = 0; j < VECTORS; ++j) {
-      const Vf value = vload(v + i * v_stride + j0 + LANES * j);
+      const Vf value = slot_values(v + i * v_stride, j0 + LANES * j, D);
       for (int g = 0; g < ROWS; ++g) acc[g][j] = vfmadd(w[g], value, acc[g][j]);
     }
   }
@@ -776,12 +812,19 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
     if (std::any_of(visible, visible + (end - i), [](bool seen) { return seen; })) {  // (else nothing to score)
       const KV* key[4];  // past the chunk's last slot, its last key again (scores beyond n are never read)
       for (int c = 0; c < 4; ++c) key[c] = k + (start + std::min(i + c, n - 1)) * k_stride;
-      // The values of these slots are asked for now, while the scores are computed, so that they arrive alongside
-      // the keys instead of after them (over 512 / 4096 slots read from memory, the tiles alone ran 0.99x /
-      // 1.04-1.06x the previous kernel's pace, with this 1.08-1.14x / 1.16-1.20x).
+      // The keys 16 slots on are asked for now (past the chunk: the next one's, this thread's next task as a rule;
+      // over 4096 slots 1.07-1.08x), and the values of these slots, while the scores are computed, so that they
+      // arrive alongside the keys instead of after them (over 512 / 4096 slots read from memory, the tiles alone ran
+      // 0.99x / 1.04-1.06x the previous kernel's pace, with this 1.08-1.14x / 1.16-1.20x).
+      for (int64_t slot = i; slot < i + 4; ++slot) {  // (a prefetch past the cache's end is dropped, never a fault)
+        const char* row = reinterpret_cast<const char*>(k + (start + slot + 16) * k_stride);
+        for (int64_t line = 0; line < slot_row_size<KV>(D) * static_cast<int64_t>(sizeof(KV)); line += 64) {
+          _mm_prefetch(row + line, _MM_HINT_T0);
+        }
+      }
       for (int64_t slot = i; slot < end; ++slot) {
         const char* row = reinterpret_cast<const char*>(v + (start + slot) * v_stride);
-        for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(KV)); line += 64) {
+        for (int64_t line = 0; line < slot_row_size<KV>(D) * static_cast<int64_t>(sizeof(KV)); line += 64) {
           _mm_prefetch(row + line, _MM_HINT_T0);
         }
       }
@@ -801,8 +844,11 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
     }
   }
   for (int64_t g = 0; g < G; ++g) {  // the softmax's weights in place of the scores
-    float top = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) top = std::max(top, scores[g][i]);
+    Vf tops = vset(-INFINITY);  // (one scalar max after another: a chain of n dependent instructions)
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) tops = vmax(tops, vload(scores[g] + i));
+    float top = vmaxval(tops);
+    for (; i < n; ++i) top = std::max(top, scores[g][i]);
     max[g] = top;
     Vf total = vzero();
     if (top == -INFINITY) {  // every slot of the chunk is masked: every weight 0
@@ -826,17 +872,17 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
       for (int g = 0; g < R; ++g) weight[g] = scores[g0 + g], out[g] = acc + (g0 + g) * D;
       int64_t j = 0;  // (the chunk's values, 8 KB for D = 64 in fp16, stay in L1 from one tile to the next)
       const KV* chunk_values = v + start * v_stride;
-      for (; j + 4 <= vectors; j += 4) slot_value_tile<KV, R, 4>(weight, chunk_values, v_stride, n, LANES * j, out);
-      for (; j + 2 <= vectors; j += 2) slot_value_tile<KV, R, 2>(weight, chunk_values, v_stride, n, LANES * j, out);
-      for (; j < vectors; ++j) slot_value_tile<KV, R, 1>(weight, chunk_values, v_stride, n, LANES * j, out);
+      for (; j + 4 <= vectors; j += 4) slot_value_tile<KV, R, 4>(weight, chunk_values, v_stride, n, D, LANES * j, out);
+      for (; j + 2 <= vectors; j += 2) slot_value_tile<KV, R, 2>(weight, chunk_values, v_stride, n, D, LANES * j, out);
+      for (; j < vectors; ++j) slot_value_tile<KV, R, 1>(weight, chunk_values, v_stride, n, D, LANES * j, out);
     });
   }
 }
 
-// The queries and results of attention over a cache of KV: float32 over a float16 cache (its keys and values rounded
-// to halves for half the bytes, the queries not), else KV, as the eager step's q.to(k.dtype).
+// The queries and results of attention over a cache of KV: float32 over a float16 or int8 cache (its keys and values
+// rounded for fewer bytes, the queries not), else KV, as the eager step's q.to(k.dtype).
 template <typename KV>
-using Query = std::conditional_t<std::is_same_v<KV, at::Half>, float, KV>;
+using Query = std::conditional_t<std::is_same_v<KV, at::Half> || std::is_same_v<KV, int8_t>, float, KV>;
 
 // One decode step's attention (see decode_attention): the tensors as pointers and strides (in elements).
 template <typename KV>
@@ -907,22 +953,26 @@ void attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Te
 // One decode step's attention per KV head: q (B, H, G, D), the G query rows of each of the B x H KV heads (the query
 // heads that share it); k, v (B, H, T, D), the first T cache slots (any strides but the last); mask None or bool
 // (B or 1, 1, 1, T), true where a slot may be attended. softmax(q k^T * scale) v, (B, H, G, D) in q's dtype; q, k and
-// v float32 or bfloat16 (one dtype), or k and v float16 and q float32; computed in float32. The slots are split into
+// v float32 or bfloat16 (one dtype), or k and v float16 or int8 rows (slot_values) and q float32; computed in
+// float32. The slots are split into
 // chunks of 64 that the threads share (one sequence's 3 KV heads would keep only 3 tasks), merged at the end.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
-                  q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "decode_attention: q must be (B, H, G, D) and k, v (B, H, T, D)");
+                  q.size(1) == k.size(1) && q.size(3) == cache_head_size(k),
+              "decode_attention: q must be (B, H, G, D) and k, v (B, H, T, D), or int8 rows (B, H, T, D + D / 8)");
   const at::ScalarType kv_dtype = k.scalar_type();
   TORCH_CHECK(v.scalar_type() == kv_dtype &&
                   ((q.scalar_type() == kv_dtype && (kv_dtype == at::kFloat || kv_dtype == at::kBFloat16)) ||
-                   (q.scalar_type() == at::kFloat && kv_dtype == at::kHalf)),
-              "decode_attention: q, k and v must all be float32 or all bfloat16, or q float32 and k, v float16");
+                   (q.scalar_type() == at::kFloat && (kv_dtype == at::kHalf || kv_dtype == at::kChar))),
+              "decode_attention: q, k and v must all be float32 or all bfloat16, or q float32 and k, v float16 or "
+              "int8");
   const int64_t G = q.size(2), D = q.size(3), T = k.size(2);
   TORCH_CHECK(G >= 1 && G <= MAX_ROWS && D % 16 == 0 && D <= MAX_DIM && T >= 1,
               "decode_attention: at most ", MAX_ROWS, " query rows per head, a head size that is a multiple of 16 up "
               "to ", MAX_DIM, ", and at least one slot");
+  TORCH_CHECK(kv_dtype != at::kChar || (D % SLOT_GROUP == 0 && k.size(3) == slot_row_size<int8_t>(D)),
+              "decode_attention: int8 rows need a head size that is a multiple of ", SLOT_GROUP);
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v rows must be contiguous");
   const bool* mask_data = nullptr;
   int64_t mask_batch_stride = 0, mask_stride = 0;
@@ -941,6 +991,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     attention_of_tensors<float>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
   } else if (kv_dtype == at::kHalf) {
     attention_of_tensors<at::Half>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
+  } else if (kv_dtype == at::kChar) {
+    attention_of_tensors<int8_t>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
   } else {
     attention_of_tensors<at::BFloat16>(queries, k, v, mask_data, mask_batch_stride, mask_stride, scale, y);
   }
@@ -1149,8 +1201,8 @@ void prefill_attention_impl(const PrefillArgs<KV>& a, const std::vector<Visible>
       const KV* value = a.v + b * a.v_batch + h * a.v_head + t0 * a.v_slot;
       for (int64_t t = 0; t < PREFILL_KEYS; ++t) {
         for (int64_t d = 0; d < D; d += LANES) {
-          vstore(block.data() + t * D + d, t < n ? vload(key + t * a.k_slot + d) : vzero());
-          if (convert_values && t < n) vstore(values + (bh * a.T + t0 + t) * D + d, vload(value + t * a.v_slot + d));
+          vstore(block.data() + t * D + d, t < n ? slot_values(key + t * a.k_slot, d, D) : vzero());
+          if (convert_values && t < n) vstore(values + (bh * a.T + t0 + t) * D + d, slot_values(value + t * a.v_slot, d, D));
         }
       }
       float* out = keys_t + bh * D * keys + t0;
@@ -1210,8 +1262,8 @@ void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, cons
   prefill_attention_impl(a, kinds);
 }
 
-// A prompt chunk's attention: q (B, Hq, S, D) float32, k and v (B, Hkv, T, D) float32, float16 or bfloat16 (a
-// cache's first T slots, or the chunk's own keys and values), Hq a multiple of Hkv (query head j uses KV head
+// A prompt chunk's attention: q (B, Hq, S, D) float32, k and v (B, Hkv, T, D) float32, float16 or bfloat16, or int8
+// rows (B, Hkv, T, D + D / 8: slot_values) (a cache's first T slots, or the chunk's own keys and values), Hq a multiple of Hkv (query head j uses KV head
 // j / (Hq / Hkv)), each tensor's rows contiguous (any other strides); mask None (causal: query s sees keys 0..s, S ==
 // T) or bool (B or 1, 1, S, T), true where a key may be attended. softmax(q k^T * scale) v in float32, returned as
 // (B, Hq, S, D): a view of a contiguous (B, S, Hq, D), the layout the output projection reads. A query that may see
@@ -1221,15 +1273,19 @@ at::Tensor prefill_attention_reusing(const at::Tensor& q, const at::Tensor& k, c
                                      const std::optional<at::Tensor>& mask, double scale,
                                      std::vector<Visible>& kinds) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
-                  q.size(3) == k.size(3) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
-              "prefill_attention: q must be (B, Hq, S, D) and k, v (B, Hkv, T, D), Hq a multiple of Hkv");
+                  q.size(3) == cache_head_size(k) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "prefill_attention: q must be (B, Hq, S, D) and k, v (B, Hkv, T, D) (or int8 rows (B, Hkv, T, D + D / "
+              "8)), Hq a multiple of Hkv");
   const at::ScalarType kv_dtype = k.scalar_type();
   TORCH_CHECK(q.scalar_type() == at::kFloat && v.scalar_type() == kv_dtype &&
-                  (kv_dtype == at::kFloat || kv_dtype == at::kHalf || kv_dtype == at::kBFloat16),
-              "prefill_attention: q must be float32 and k, v float32, float16 or bfloat16");
+                  (kv_dtype == at::kFloat || kv_dtype == at::kHalf || kv_dtype == at::kBFloat16 ||
+                   kv_dtype == at::kChar),
+              "prefill_attention: q must be float32 and k, v float32, float16, bfloat16 or int8 rows");
   const int64_t S = q.size(2), D = q.size(3), T = k.size(2);
   TORCH_CHECK(D % 16 == 0 && D <= MAX_DIM && S >= 1 && T >= 1,
               "prefill_attention: a head size that is a multiple of 16 up to ", MAX_DIM, ", a query and a key");
+  TORCH_CHECK(kv_dtype != at::kChar || (D % SLOT_GROUP == 0 && k.size(3) == slot_row_size<int8_t>(D)),
+              "prefill_attention: int8 rows need a head size that is a multiple of ", SLOT_GROUP);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "prefill_attention: q, k and v rows must be contiguous");
   if (mask.has_value()) {
@@ -1245,6 +1301,8 @@ at::Tensor prefill_attention_reusing(const at::Tensor& q, const at::Tensor& k, c
     prefill_attention_of_tensors<float>(q, k, v, mask, static_cast<float>(scale), y, kinds);
   } else if (kv_dtype == at::kHalf) {
     prefill_attention_of_tensors<at::Half>(q, k, v, mask, static_cast<float>(scale), y, kinds);
+  } else if (kv_dtype == at::kChar) {
+    prefill_attention_of_tensors<int8_t>(q, k, v, mask, static_cast<float>(scale), y, kinds);
   } else {
     prefill_attention_of_tensors<at::BFloat16>(q, k, v, mask, static_cast<float>(scale), y, kinds);
   }
@@ -1337,6 +1395,25 @@ void convert(const From* in, int64_t count, To* out) {  // count: a multiple of 
   for (int64_t i = 0; i < count; i += LANES) vstore(out + i, vload(in + i));
 }
 
+// KVCache.update for one head's new key or value x (D of T) into its slot's row: converted, or an int8 row (see
+// slot_values) quantized as cache.quantize_slots does, each group of 32: q = round(x * (127 / max|x|)),
+// s = max|x| / 127.
+template <typename T, typename KV>
+void store_slot(const T* x, int64_t D, KV* slot) {
+  if constexpr (std::is_same_v<KV, int8_t>) {
+    for (int64_t g = 0; g < D; g += SLOT_GROUP) {
+      Vf top = vzero();
+      for (int64_t d = g; d < g + SLOT_GROUP; d += LANES) top = vmax(top, vabs(vload(x + d)));
+      const float amax = vmaxval(top), scale = amax / 127.f;
+      const Vf inverse = vset(amax > 0 ? 127.f / amax : 0.f);
+      for (int64_t d = g; d < g + SLOT_GROUP; d += LANES) store_int8(slot + d, vround_int(vmul(vload(x + d), inverse)));
+      std::memcpy(slot + D + g / SLOT_GROUP * static_cast<int64_t>(sizeof scale), &scale, sizeof scale);
+    }
+  } else {
+    convert(x, D, slot);
+  }
+}
+
 template <typename T>
 void add_into(T* x, const T* y, int64_t count) {  // the residual stream: x + y, rounded to T
   for (int64_t i = 0; i < count; i += LANES) vstore(x + i, vadd(vload(x + i), vload(y + i)));
@@ -1361,7 +1438,7 @@ void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, co
                         int64_t mask_slot, at::TensorList keys, at::TensorList values, int64_t kv_length,
                         at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                         const float* inv_freq, int64_t Hq, float eps) {
-  const int64_t layers = keys.size(), Hkv = keys[0].size(1), D = keys[0].size(3), half = D / 2;
+  const int64_t layers = keys.size(), Hkv = keys[0].size(1), D = cache_head_size(keys[0]), half = D / 2;
   const int64_t NQ = Hq * D, NQKV = (Hq + 2 * Hkv) * D, I = weights[4].size(0) * 8;
   std::vector<float> cos(B * half), sin(B * half);
   rotation_angles<T>(positions, 0, B, inv_freq, half, cos.data(), sin.data());
@@ -1377,10 +1454,10 @@ void decode_layers_impl(T* X, int64_t B, int64_t H, const int64_t* positions, co
       T* row = qkv.data() + b * NQKV;  // q heads, k heads, v heads
       rotate(row, Hq + Hkv, D, cos.data() + b * half, sin.data() + b * half);
       for (int64_t kv = 0; kv < Hkv; ++kv) {  // KVCache.update: slot positions[b] of row b
-        convert(row + NQ + kv * D, D, k_cache + b * keys[l].stride(0) + kv * keys[l].stride(1) +
-                                          positions[b] * keys[l].stride(2));
-        convert(row + NQ + (Hkv + kv) * D, D, v_cache + b * values[l].stride(0) + kv * values[l].stride(1) +
-                                                  positions[b] * values[l].stride(2));
+        store_slot(row + NQ + kv * D, D, k_cache + b * keys[l].stride(0) + kv * keys[l].stride(1) +
+                                             positions[b] * keys[l].stride(2));
+        store_slot(row + NQ + (Hkv + kv) * D, D, v_cache + b * values[l].stride(0) + kv * values[l].stride(1) +
+                                                     positions[b] * values[l].stride(2));
       }
       convert(row, NQ, q_kv.data() + b * NQ);  // (Hq, D) = (Hkv, G, D): each KV head's query rows
     }
@@ -1424,10 +1501,13 @@ int64_t check_layers(const char* op, at::ScalarType dtype, int64_t B, int64_t H,
                   biases.size() == 4 * keys.size(),
               op, ": each layer needs a key cache, a value cache, 6 weights and 4 biases (or None)");
   TORCH_CHECK(keys[0].dim() == 4, op, ": caches must be (B, KV heads, slots, head size)");
-  const int64_t Hkv = keys[0].size(1), D = keys[0].size(3);
+  const int64_t Hkv = keys[0].size(1), D = cache_head_size(keys[0]), row = keys[0].size(3);
   const at::ScalarType kv_dtype = keys[0].scalar_type();
-  TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16 || (kv_dtype == at::kHalf && dtype == at::kFloat),
-              op, ": caches must be float32 or bfloat16, or float16 for a float32 x");
+  TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16 ||
+                  ((kv_dtype == at::kHalf || kv_dtype == at::kChar) && dtype == at::kFloat),
+              op, ": caches must be float32 or bfloat16, or float16 or int8 rows for a float32 x");
+  TORCH_CHECK(kv_dtype != at::kChar || row == slot_row_size<int8_t>(D),
+              op, ": int8 caches' rows must hold a head's values, then a float32 scale for each 32 of them");
   TORCH_CHECK(Hkv >= 1 && n_heads % Hkv == 0 && n_heads / Hkv <= MAX_ROWS && D % 32 == 0 && D <= MAX_DIM,
               op, ": at most ", MAX_ROWS, " query heads per KV head, and a head size that is a multiple of 32 up to ",
               MAX_DIM);
@@ -1435,8 +1515,8 @@ int64_t check_layers(const char* op, at::ScalarType dtype, int64_t B, int64_t H,
   for (const at::TensorList caches : {keys, values}) {
     for (const at::Tensor& cache : caches) {
       TORCH_CHECK(cache.dim() == 4 && cache.size(0) >= B && cache.size(1) == Hkv && cache.size(2) >= kv_length &&
-                      cache.size(3) == D && cache.stride(3) == 1 && cache.scalar_type() == kv_dtype,
-                  op, ": every cache must be (at least ", B, " rows, ", Hkv, ", at least ", kv_length, ", ", D,
+                      cache.size(3) == row && cache.stride(3) == 1 && cache.scalar_type() == kv_dtype,
+                  op, ": every cache must be (at least ", B, " rows, ", Hkv, ", at least ", kv_length, ", ", row,
                   ") of one dtype, rows contiguous");
     }
   }
@@ -1479,6 +1559,8 @@ void with_types(at::ScalarType dtype, at::ScalarType kv_dtype, const Run& run) {
       run(float{}, float{});
     } else if (kv_dtype == at::kHalf) {
       run(float{}, at::Half{});
+    } else if (kv_dtype == at::kChar) {
+      run(float{}, int8_t{});
     } else {
       run(float{}, at::BFloat16{});
     }
@@ -1489,7 +1571,8 @@ void with_types(at::ScalarType dtype, at::ScalarType kv_dtype, const Run& run) {
 
 // A decode step through all L layers: x (B, hidden), the new tokens' embeddings, float32 or bfloat16 (the model's
 // dtype T); positions (B) int64, each below kv_length; mask None or bool (B or 1, 1, 1, kv_length); keys, values: L
-// caches (at least B rows, Hkv, at least kv_length slots, D), float32 or bfloat16 (or float16 under a float32 x),
+// caches (at least B rows, Hkv, at least kv_length slots, D), float32 or bfloat16 (or, under a float32 x, float16 or
+// int8 rows of D + D / 8: slot_values),
 // whose slot positions[b] of row b each layer writes; weights: per layer the attention norm (hidden), the qkv blocks
 // ((n_heads + 2 Hkv) D outputs, q then k then v heads), o's, the MLP norm, up's (gate then up: 2 I outputs), down's;
 // biases: per layer qkv's, o's, up's, down's, or None; inv_freq (D / 2) float32. Returns the hidden states after the
@@ -1543,7 +1626,7 @@ void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std
                          const c10::List<std::optional<at::Tensor>>& biases, const float* inv_freq, int64_t Hq,
                          int64_t I, float eps) {
   const int64_t B = hidden.size(0), S = hidden.size(1), H = hidden.size(2), rows = B * S;
-  const int64_t Hkv = keys[0].size(1), D = keys[0].size(3), half = D / 2;
+  const int64_t Hkv = keys[0].size(1), D = cache_head_size(keys[0]), half = D / 2;
   const int64_t NQ = Hq * D, NQKV = (Hq + 2 * Hkv) * D;
   const at::ScalarType dtype = hidden.scalar_type(), kv_dtype = keys[0].scalar_type();
   T* X = hidden.data_ptr<T>();
@@ -1580,10 +1663,10 @@ void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std
         rotate(row, Hq + Hkv, D, cos.data() + t * half, sin.data() + t * half);
         const int64_t b = t / S;
         for (int64_t kv = 0; kv < Hkv; ++kv) {
-          convert(row + NQ + kv * D, D, key_cache.data_ptr<KV>() + b * key_cache.stride(0) +
-                                            kv * key_cache.stride(1) + positions[t] * key_cache.stride(2));
-          convert(row + NQ + (Hkv + kv) * D, D, value_cache.data_ptr<KV>() + b * value_cache.stride(0) +
-                                                    kv * value_cache.stride(1) + positions[t] * value_cache.stride(2));
+          store_slot(row + NQ + kv * D, D, key_cache.data_ptr<KV>() + b * key_cache.stride(0) +
+                                               kv * key_cache.stride(1) + positions[t] * key_cache.stride(2));
+          store_slot(row + NQ + (Hkv + kv) * D, D, value_cache.data_ptr<KV>() + b * value_cache.stride(0) +
+                                                       kv * value_cache.stride(1) + positions[t] * value_cache.stride(2));
         }
       }
     });
