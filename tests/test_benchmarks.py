@@ -97,14 +97,17 @@ def test_the_kernel_benchmark_times_each_row_count_at_each_thread_count():
 
 
 def test_the_kernel_benchmark_times_decode_attention_at_each_slot_count():
-    """benchmarks/bench_kernels.py --attention: a line per slot count, warm and from memory, in that order."""
+    """benchmarks/bench_kernels.py --attention: a line per slot count, warm and from memory, in that order, over an
+    fp16 cache or an int8 one."""
     script = BENCHMARKS / "bench_kernels.py"
-    run = subprocess.run([sys.executable, str(script), "--attention", "8", "70", "--threads", "1", "--repeats", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [(int(slots), int(threads)) for slots, threads, *_ in rows] == [(8, 1), (70, 1)]
-    assert all(float(value) > 0 for row in rows for value in row[2:])
+    for kv_dtype in ("float16", "int8"):
+        run = subprocess.run([sys.executable, str(script), "--attention", "8", "70", "--threads", "1", "--repeats",
+                              "1", "--kv-dtype", kv_dtype], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert f"({kv_dtype} cache)" in run.stdout
+        rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+        assert [(int(slots), int(threads)) for slots, threads, *_ in rows] == [(8, 1), (70, 1)]
+        assert all(float(value) > 0 for row in rows for value in row[2:])
     refused = subprocess.run([sys.executable, str(script), "--attention", "0"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--attention: slot counts of at least 1" in refused.stderr
 
@@ -121,6 +124,21 @@ def test_the_ab_benchmark_times_a_prompt_through_each_mode_in_turns():
     lines = [line for line in run.stdout.splitlines() if line.startswith("a 40-token prompt")]
     assert [line.split(":")[0] for line in lines] == ["a 40-token prompt, w4a8 eager", "a 40-token prompt, w4a8 layers"]
     assert all(float(line.split("median ")[1].split()[0]) > 0 for line in lines)
+
+
+def test_the_kv_cache_quality_script_scores_each_dtype_through_the_cache():
+    """benchmarks/kv_cache_quality.py: a row per cache dtype, perplexities near one another, the first dtype agreeing
+    with itself everywhere; too short a text refused."""
+    script = BENCHMARKS / "kv_cache_quality.py"
+    run = subprocess.run([sys.executable, str(script), "--tokens", "300", "--quant", "none", "--dtypes", "float32",
+                          "int8"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith(("| float32", "| int8"))]
+    assert [name.strip() for name, *_ in rows] == ["float32", "int8"]
+    (full, same), (rounded, agree) = [(float(p), float(a.strip(" %"))) for _, p, a in rows]
+    assert same == 100 and 1 < full and abs(rounded - full) < 0.02 * full and agree > 90
+    refused = subprocess.run([sys.executable, str(script), "--tokens", "1"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--tokens: at least 2" in refused.stderr
 
 
 def test_the_inference_benchmark_without_its_reference_names_it_and_writes_nothing(tmp_path):
