@@ -105,7 +105,8 @@ def test_the_kernel_benchmark_times_decode_attention_at_each_slot_count():
                               "1", "--kv-dtype", kv_dtype], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         assert f"({kv_dtype} cache)" in run.stdout
-        rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+        lines = run.stdout.splitlines()
+        rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and line[2].isdigit()]
         assert [(int(slots), int(threads)) for slots, threads, *_ in rows] == [(8, 1), (70, 1)]
         assert all(float(value) > 0 for row in rows for value in row[2:])
     refused = subprocess.run([sys.executable, str(script), "--attention", "0"], capture_output=True, text=True)

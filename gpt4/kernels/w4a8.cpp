@@ -707,9 +707,11 @@ inline Vf exp_nonpositive(Vf x) {
 // An int8 KV cache (`--kv-dtype int8`, as llama.cpp's q8_0 cache): each slot's row of a head holds D int8 values q,
 // then a float32 scale s for each group of 32 of them, x = s q (s = max|x| / 127 over the group, as the activations'
 // groups): 72 bytes for D = 64, against float16's 128. (One scale for a key's 64 values cost 0.28% of perplexity
-// over 4096 tokens, groups of 32 0.08%: keys have a few large channels.) The kernels take such caches as int8
-// tensors (B, H, T, D + D / 8) and read a row's values through slot_values; store_slot writes a row.
+// over 4096 tokens, groups of 32 0.08%: keys have a few large channels; Qwen2.5's key biases make them large enough
+// that groups of 32 cost 2.2%, docs/performance.md, run 32.) The kernels take such caches as int8 tensors
+// (B, H, T, D + D / 8) and read a row's values through slot_values; store_slot writes a row.
 constexpr int64_t SLOT_GROUP = 32;
+static_assert(SLOT_GROUP % LANES == 0, "a vector's values share one scale");
 
 template <typename KV>
 constexpr int64_t slot_row_size(int64_t D) {  // a slot's row, in KVs: D values, and an int8 row's scales
@@ -729,7 +731,8 @@ inline Vf slot_values(const KV* row, int64_t d, int64_t D) {  // a slot's values
 
 // The head size of a cache tensor (B, H, T, row) in a dtype the kernels take.
 int64_t cache_head_size(const at::Tensor& cache) {
-  return cache.scalar_type() == at::kChar ? cache.size(3) * SLOT_GROUP / (SLOT_GROUP + sizeof(float)) : cache.size(3);
+  constexpr int64_t scale_bytes = sizeof(float);
+  return cache.scalar_type() == at::kChar ? cache.size(3) * SLOT_GROUP / (SLOT_GROUP + scale_bytes) : cache.size(3);
 }
 
 constexpr int64_t SLOTS_PER_CHUNK = 64;  // cache slots a task attends to (partial softmax, merged afterwards)
@@ -954,8 +957,8 @@ void attention_of_tensors(const at::Tensor& q, const at::Tensor& k, const at::Te
 // heads that share it); k, v (B, H, T, D), the first T cache slots (any strides but the last); mask None or bool
 // (B or 1, 1, 1, T), true where a slot may be attended. softmax(q k^T * scale) v, (B, H, G, D) in q's dtype; q, k and
 // v float32 or bfloat16 (one dtype), or k and v float16 or int8 rows (slot_values) and q float32; computed in
-// float32. The slots are split into
-// chunks of 64 that the threads share (one sequence's 3 KV heads would keep only 3 tasks), merged at the end.
+// float32. The slots are split into chunks of 64 that the threads share (one sequence's 3 KV heads would keep only 3
+// tasks), merged at the end.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
@@ -1202,7 +1205,9 @@ void prefill_attention_impl(const PrefillArgs<KV>& a, const std::vector<Visible>
       for (int64_t t = 0; t < PREFILL_KEYS; ++t) {
         for (int64_t d = 0; d < D; d += LANES) {
           vstore(block.data() + t * D + d, t < n ? slot_values(key + t * a.k_slot, d, D) : vzero());
-          if (convert_values && t < n) vstore(values + (bh * a.T + t0 + t) * D + d, slot_values(value + t * a.v_slot, d, D));
+          if (convert_values && t < n) {
+            vstore(values + (bh * a.T + t0 + t) * D + d, slot_values(value + t * a.v_slot, d, D));
+          }
         }
       }
       float* out = keys_t + bh * D * keys + t0;
@@ -1263,12 +1268,12 @@ void prefill_attention_of_tensors(const at::Tensor& q, const at::Tensor& k, cons
 }
 
 // A prompt chunk's attention: q (B, Hq, S, D) float32, k and v (B, Hkv, T, D) float32, float16 or bfloat16, or int8
-// rows (B, Hkv, T, D + D / 8: slot_values) (a cache's first T slots, or the chunk's own keys and values), Hq a multiple of Hkv (query head j uses KV head
-// j / (Hq / Hkv)), each tensor's rows contiguous (any other strides); mask None (causal: query s sees keys 0..s, S ==
-// T) or bool (B or 1, 1, S, T), true where a key may be attended. softmax(q k^T * scale) v in float32, returned as
-// (B, Hq, S, D): a view of a contiguous (B, S, Hq, D), the layout the output projection reads. A query that may see
-// no key gets zeros, as from SDPA on CPU. kinds: visible_blocks of an earlier call with the same S, T, Hq / Hkv and
-// mask (prefill_layers' layers), or empty, then filled.
+// rows (B, Hkv, T, D + D / 8: slot_values) (a cache's first T slots, or the chunk's own keys and values), Hq a
+// multiple of Hkv (query head j uses KV head j / (Hq / Hkv)), each tensor's rows contiguous (any other strides); mask
+// None (causal: query s sees keys 0..s, S == T) or bool (B or 1, 1, S, T), true where a key may be attended.
+// softmax(q k^T * scale) v in float32, returned as (B, Hq, S, D): a view of a contiguous (B, S, Hq, D), the layout
+// the output projection reads. A query that may see no key gets zeros, as from SDPA on CPU. kinds: visible_blocks of
+// an earlier call with the same S, T, Hq / Hkv and mask (prefill_layers' layers), or empty, then filled.
 at::Tensor prefill_attention_reusing(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const std::optional<at::Tensor>& mask, double scale,
                                      std::vector<Visible>& kinds) {
@@ -1406,7 +1411,9 @@ void store_slot(const T* x, int64_t D, KV* slot) {
       for (int64_t d = g; d < g + SLOT_GROUP; d += LANES) top = vmax(top, vabs(vload(x + d)));
       const float amax = vmaxval(top), scale = amax / 127.f;
       const Vf inverse = vset(amax > 0 ? 127.f / amax : 0.f);
-      for (int64_t d = g; d < g + SLOT_GROUP; d += LANES) store_int8(slot + d, vround_int(vmul(vload(x + d), inverse)));
+      for (int64_t d = g; d < g + SLOT_GROUP; d += LANES) {
+        store_int8(slot + d, vround_int(vmul(vload(x + d), inverse)));
+      }
       std::memcpy(slot + D + g / SLOT_GROUP * static_cast<int64_t>(sizeof scale), &scale, sizeof scale);
     }
   } else {
@@ -1663,10 +1670,12 @@ void prefill_layers_impl(at::Tensor& hidden, const int64_t* positions, const std
         rotate(row, Hq + Hkv, D, cos.data() + t * half, sin.data() + t * half);
         const int64_t b = t / S;
         for (int64_t kv = 0; kv < Hkv; ++kv) {
-          store_slot(row + NQ + kv * D, D, key_cache.data_ptr<KV>() + b * key_cache.stride(0) +
-                                               kv * key_cache.stride(1) + positions[t] * key_cache.stride(2));
-          store_slot(row + NQ + (Hkv + kv) * D, D, value_cache.data_ptr<KV>() + b * value_cache.stride(0) +
-                                                       kv * value_cache.stride(1) + positions[t] * value_cache.stride(2));
+          KV* key_slot = key_cache.data_ptr<KV>() + b * key_cache.stride(0) + kv * key_cache.stride(1) +
+                         positions[t] * key_cache.stride(2);
+          KV* value_slot = value_cache.data_ptr<KV>() + b * value_cache.stride(0) + kv * value_cache.stride(1) +
+                           positions[t] * value_cache.stride(2);
+          store_slot(row + NQ + kv * D, D, key_slot);
+          store_slot(row + NQ + (Hkv + kv) * D, D, value_slot);
         }
       }
     });
