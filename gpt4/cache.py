@@ -32,7 +32,7 @@ def int8_row_size(head_dim: int) -> int:
 
 def quantize_slots(x: torch.Tensor) -> torch.Tensor:
     """Rows (..., D) of keys or values as int8 rows (..., D + D / 8): in each group of 32, q = round(x * (127 / max|x|))
-    and s = max|x| / 127 in float32 (bit for bit what the kernels' store_slot writes), the scales after the values."""
+    and s = max|x| / 127 in float32 (the arithmetic of the kernels' store_slot), the scales after the values."""
     groups = x.float().unflatten(-1, (-1, SLOT_GROUP))  # (..., D / 32, 32)
     amax = groups.abs().amax(-1, keepdim=True)  # (..., D / 32, 1)
     inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
