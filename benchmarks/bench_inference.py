@@ -118,6 +118,7 @@ def workload(perplexity_tokens: int, long_context: int = 0):
     from pydoc_data.topics import topics
 
     from gpt4 import GPT4LMHeadModel
+    from kv_cache_quality import long_text_ids  # (this folder: the script's own, on sys.path)
 
     tok = GPT4LMHeadModel.from_pretrained(os.environ["GPT4_BENCH_MODEL"], load_tokenizer=True).tokenizer
     import inspect
@@ -131,14 +132,8 @@ def workload(perplexity_tokens: int, long_context: int = 0):
     scored = tok.encode("\n\n".join(topics[k] for k in sorted(topics)[:8]))[:perplexity_tokens]
     starts = range(0, len(scored) - PERPLEXITY_WINDOW + 1, PERPLEXITY_WINDOW)
     windows = [scored[i:i + PERPLEXITY_WINDOW] for i in starts]
-    # The long prompt: the topics from the 9th on, as many as it takes.
-    long_prompt = []
-    for key in sorted(topics)[8:]:
-        if len(long_prompt) >= long_context:
-            break
-        long_prompt += tok.encode(topics[key] + "\n\n")
     return {"ctx512": long_ids, "ctx16": long_ids[:16], "streams": streams, "windows": windows, "copy": copy_ids,
-            "long": long_prompt[:long_context]}
+            "long": long_text_ids(tok, long_context)}  # the topics from the 9th on, as many as it takes
 
 
 def prompt_lookup_module():

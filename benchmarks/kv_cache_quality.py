@@ -23,6 +23,7 @@ from gpt4 import GPT4LMHeadModel
 
 
 def long_text_ids(tokenizer, count: int) -> list[int]:
+    """The first `count` tokens of pydoc's topics from the 9th on (also bench_inference.py's --long-context prompt)."""
     ids: list[int] = []
     for key in sorted(topics)[8:]:
         if len(ids) >= count:

@@ -819,18 +819,14 @@ void attend_chunk(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
       // over 4096 slots 1.07-1.08x), and the values of these slots, while the scores are computed, so that they
       // arrive alongside the keys instead of after them (over 512 / 4096 slots read from memory, the tiles alone ran
       // 0.99x / 1.04-1.06x the previous kernel's pace, with this 1.08-1.14x / 1.16-1.20x).
-      for (int64_t slot = i; slot < i + 4; ++slot) {  // (a prefetch past the cache's end is dropped, never a fault)
-        const char* row = reinterpret_cast<const char*>(k + (start + slot + 16) * k_stride);
+      const auto request = [D](const KV* slot_row) {  // a slot's row into L1 (past the cache's end: dropped, no fault)
+        const char* row = reinterpret_cast<const char*>(slot_row);
         for (int64_t line = 0; line < slot_row_size<KV>(D) * static_cast<int64_t>(sizeof(KV)); line += 64) {
           _mm_prefetch(row + line, _MM_HINT_T0);
         }
-      }
-      for (int64_t slot = i; slot < end; ++slot) {
-        const char* row = reinterpret_cast<const char*>(v + (start + slot) * v_stride);
-        for (int64_t line = 0; line < slot_row_size<KV>(D) * static_cast<int64_t>(sizeof(KV)); line += 64) {
-          _mm_prefetch(row + line, _MM_HINT_T0);
-        }
-      }
+      };
+      for (int64_t slot = i; slot < i + 4; ++slot) request(k + (start + slot + 16) * k_stride);
+      for (int64_t slot = i; slot < end; ++slot) request(v + (start + slot) * v_stride);
       for (int64_t g0 = 0; g0 < G; g0 += 3) {
         with_rows(std::min<int64_t>(3, G - g0), [&](auto rows) {
           constexpr int R = decltype(rows)::value;
